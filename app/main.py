@@ -1,0 +1,53 @@
+"""The web application: `create_app(settings)` and the lifespan that wires everything.
+
+`uvicorn app.main:app` works: `app` is built on first access (PEP 562), so
+importing this module creates nothing and reads no environment.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import cache
+from typing import TypedDict
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.api import ops
+from app.metrics import Metrics
+from app.services import Services, configure_logging, open_services
+from app.settings import Settings, load_settings
+
+
+class State(TypedDict):
+    services: Services
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        async with open_services(settings, Metrics(), start_poller=settings.poller_enabled) as services:
+            yield {"services": services}
+
+    app = FastAPI(
+        title="fxrates",
+        summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
+    )
+    app.include_router(ops.router)
+    return app
+
+
+@cache
+def _app_from_environment() -> FastAPI:
+    configure_logging()
+    return create_app(load_settings())
+
+
+def __getattr__(name: str) -> FastAPI:
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,35 @@
+"""The service's Prometheus metrics, in a registry of its own built by the lifespan (no import-time globals)."""
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.upstream_calls = Counter(
+            "fxrates_upstream_calls", "Requests to the upstream by outcome.", ["outcome"], registry=r
+        )
+        self.poll_pairs = Counter(
+            "fxrates_poll_pairs", "Pairs refreshed by the poller by outcome.", ["outcome"], registry=r
+        )
+        self.poll_cycle_seconds = Histogram(
+            "fxrates_poll_cycle_seconds",
+            "Duration of one poll cycle.",
+            registry=r,
+            buckets=(0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300),
+        )
+        self.last_successful_cycle = Gauge(
+            "fxrates_poll_last_success_timestamp_seconds",
+            "When the last fully successful cycle ended.",
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "fxrates_cache_lookups", "Rate lookups by the layer that answered.", ["layer"], registry=r
+        )
+        self.cache_errors = Counter("fxrates_cache_errors", "Cache operations that failed (Redis down).", registry=r)
+        self.publish_errors = Counter("fxrates_publish_errors", "Events that could not be published.", registry=r)

@@ -1,0 +1,78 @@
+"""The rate cache: in-process for one process without Redis, Redis when `REDIS_URL` is set.
+
+A cache is never the only copy of a rate (the database is), so a Redis that
+is down only costs lookups: it is logged and counted, and reads fall through.
+"""
+
+import json
+import logging
+import time
+from typing import Protocol
+
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.currencies import Pair
+from app.rates.rate import StoredRate
+
+log = logging.getLogger(__name__)
+
+
+class RateCache(Protocol):
+    layer: str
+
+    async def get(self, pair: Pair) -> StoredRate | None: ...
+
+    async def set(self, rate: StoredRate) -> None: ...
+
+
+class MemoryCache:
+    layer = "memory"
+
+    def __init__(self, ttl_s: float) -> None:
+        self._ttl_s = ttl_s
+        self._entries: dict[Pair, tuple[float, StoredRate]] = {}
+
+    async def get(self, pair: Pair) -> StoredRate | None:
+        entry = self._entries.get(pair)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    async def set(self, rate: StoredRate) -> None:
+        current = self._entries.get(rate.pair)
+        # Writers may finish out of order; an older rate never replaces a newer one.
+        if current is None or current[1].last_updated <= rate.last_updated:
+            self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
+
+
+class RedisCache:
+    layer = "redis"
+
+    def __init__(self, redis: Redis, ttl_s: int, errors: Counter, prefix: str = "fxrates:rate:") -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._errors = errors
+        self._prefix = prefix
+
+    def _key(self, pair: Pair) -> str:
+        return f"{self._prefix}{pair.source}:{pair.destination}"
+
+    async def get(self, pair: Pair) -> StoredRate | None:
+        try:
+            raw = await self._redis.get(self._key(pair))
+        except (RedisError, OSError) as error:
+            self._failed("read", error)
+            return None
+        return None if raw is None else StoredRate.from_cache(json.loads(raw))
+
+    async def set(self, rate: StoredRate) -> None:
+        try:
+            await self._redis.set(self._key(rate.pair), json.dumps(rate.to_cache()), ex=self._ttl_s)
+        except (RedisError, OSError) as error:
+            self._failed("write", error)
+
+    def _failed(self, operation: str, error: Exception) -> None:
+        self._errors.inc()
+        log.warning("redis cache %s failed, carrying on without it: %s", operation, error)

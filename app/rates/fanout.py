@@ -1,0 +1,48 @@
+"""Publishing rate events to every process: broadcaster on `redis://` when Redis is set, `memory://` otherwise.
+
+Each event is serialised once, here, whatever the number of listeners.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from broadcaster import Broadcast
+from prometheus_client import Counter
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from app.rates.rate import StoredRate
+from app.rates.wire import AllRatesUpdate, RateItem, RateUpdate
+
+log = logging.getLogger(__name__)
+
+RATES_CHANNEL = "fxrates.rates"
+
+
+@asynccontextmanager
+async def create_broadcast(redis_url: str | None) -> AsyncIterator[Broadcast]:
+    async with Broadcast(redis_url or "memory://") as broadcast:
+        yield broadcast
+
+
+class Fanout:
+    def __init__(self, broadcast: Broadcast, errors: Counter) -> None:
+        self._broadcast = broadcast
+        self._errors = errors
+
+    async def publish_rate(self, rate: StoredRate, previous: StoredRate | None) -> None:
+        # A rate is published the moment it is stored, so it is fresh by definition.
+        item = RateItem.of(rate, stale=False)
+        await self._publish(RateUpdate(rate=item, previous_rate=previous.rate if previous else None))
+
+    async def publish_cycle(self, update: AllRatesUpdate) -> None:
+        await self._publish(update)
+
+    async def _publish(self, event: BaseModel) -> None:
+        try:
+            await self._broadcast.publish(RATES_CHANNEL, event.model_dump_json())
+        except (RedisError, OSError) as error:
+            # The rate is already stored and cached; only the push is lost, and the next cycle repairs it.
+            self._errors.inc()
+            log.warning("could not publish %s: %s", type(event).__name__, error)

@@ -1,0 +1,141 @@
+"""The poller: refreshes every configured pair on a fixed, drift-free schedule (CONTRACT.md §5)."""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Self
+
+from app.currencies import Pair
+from app.metrics import Metrics
+from app.rates.store import RateStore, utc_now
+from app.rates.wire import AllRatesUpdate
+from app.upstream.errors import UpstreamError
+from app.upstream.provider import Provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CycleReport:
+    ok: int
+    failed: int
+    changed: int
+    duration_s: float
+
+    @property
+    def all_ok(self) -> bool:
+        return self.failed == 0
+
+
+class Poller:
+    """Runs cycles in a task of its own while entered as an async context manager.
+
+    The process-wide upstream limit lives in the provider, so a cycle simply asks
+    for every pair at once and the limit decides how many are in flight.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        store: RateStore,
+        pairs: list[Pair],
+        *,
+        interval_s: float,
+        amount: Decimal,
+        metrics: Metrics,
+    ) -> None:
+        self._provider = provider
+        self._store = store
+        self._pairs = pairs
+        self._interval_s = interval_s
+        self._amount = amount
+        self._metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+        self._saving: set[asyncio.Task[object]] = set()
+        self.last_success: float | None = None  # time.time() of the last cycle where every pair succeeded
+
+    async def run_cycle(self) -> CycleReport:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(self._refresh(pair) for pair in self._pairs))
+        report = CycleReport(
+            ok=sum(outcome is not None for outcome in outcomes),
+            failed=sum(outcome is None for outcome in outcomes),
+            changed=sum(bool(outcome) for outcome in outcomes),
+            duration_s=time.perf_counter() - started,
+        )
+        self._metrics.poll_cycle_seconds.observe(report.duration_s)
+        if report.all_ok:
+            self.last_success = time.time()
+            self._metrics.last_successful_cycle.set(self.last_success)
+        log.info(
+            "poll cycle: %d ok, %d failed, %d changed in %.2fs",
+            report.ok,
+            report.failed,
+            report.changed,
+            report.duration_s,
+        )
+        await self._store.publish_cycle(AllRatesUpdate(as_of=utc_now(), count=report.ok, changed=report.changed))
+        return report
+
+    async def _refresh(self, pair: Pair) -> bool | None:
+        """True when the value changed, False when it held, None when the pair failed."""
+        try:
+            quote = await self._provider.fetch(pair, self._amount)
+            # A write once started is finished even if the poller is stopped meanwhile: no lost write.
+            saving = asyncio.ensure_future(self._store.save(quote))
+            self._saving.add(saving)
+            saving.add_done_callback(self._saving.discard)
+            result = await asyncio.shield(saving)
+        except UpstreamError as error:
+            self._metrics.poll_pairs.labels(outcome="failed").inc()
+            log.warning("poll %s failed, keeping its last good rate: %s", pair, error)
+            return None
+        except Exception:
+            # Anything else (a database hiccup) also fails only this pair; the cycle goes on.
+            self._metrics.poll_pairs.labels(outcome="failed").inc()
+            log.exception("poll %s failed unexpectedly, keeping its last good rate", pair)
+            return None
+        self._metrics.poll_pairs.labels(outcome="ok").inc()
+        return result.changed
+
+    async def run(self) -> None:
+        """Cycle forever; each cycle starts one interval after the previous one started."""
+        next_start = time.monotonic()
+        while True:
+            await self.run_cycle()
+            next_start += self._interval_s
+            # A cycle that overran its interval starts the next one at once, without piling up.
+            next_start = max(next_start, time.monotonic())
+            await asyncio.sleep(next_start - time.monotonic())
+
+    async def __aenter__(self) -> Self:
+        if self._task is not None:
+            raise RuntimeError("Poller is already running")
+        self._task = asyncio.create_task(self.run(), name="fxrates-poller")
+        self._task.add_done_callback(_log_crash)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            # Our own cancel; if the caller itself is being cancelled, pass that on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        finally:
+            await asyncio.gather(*self._saving, return_exceptions=True)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the poller stopped", exc_info=task.exception())

@@ -1,0 +1,97 @@
+"""SQL for the rate tables, and nothing else: no cache, no events, no commits."""
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.currencies import Pair
+from app.rates.models import ExchangeRate, ExchangeRateHistory
+from app.rates.rate import StoredRate
+from app.upstream.quote import Quote
+
+
+def to_stored(row: ExchangeRate) -> StoredRate:
+    return StoredRate(
+        pair=Pair(row.source_currency, row.destination_currency),
+        rate=row.rate,
+        destination_per_source=row.destination_per_source,
+        source_amount=row.source_amount,
+        destination_amount=row.destination_amount,
+        provider=row.provider,
+        last_updated=row.last_updated,
+    )
+
+
+def _quote_values(quote: Quote) -> dict[str, object]:
+    return {
+        "source_currency": quote.pair.source,
+        "destination_currency": quote.pair.destination,
+        "rate": quote.rate,
+        "destination_per_source": quote.destination_per_source,
+        "source_amount": quote.source_amount,
+        "destination_amount": quote.destination_amount,
+        "provider": quote.provider,
+    }
+
+
+async def insert_if_absent(session: AsyncSession, quote: Quote, now: datetime) -> bool:
+    """Insert the pair's first row; False when a row is already there (the caller then updates it)."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(ExchangeRate)
+        .values(**_quote_values(quote), last_updated=now, created_at=now)
+        .on_conflict_do_nothing(index_elements=["source_currency", "destination_currency"])
+        .returning(ExchangeRate.id)
+    )
+    return (await session.execute(statement)).first() is not None
+
+
+async def lock_current(session: AsyncSession, pair: Pair) -> ExchangeRate:
+    """The pair's row, locked until the transaction ends, so two writers take turns."""
+    statement = (
+        select(ExchangeRate)
+        .where(ExchangeRate.source_currency == pair.source, ExchangeRate.destination_currency == pair.destination)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return (await session.execute(statement)).scalar_one()
+
+
+def update_current(row: ExchangeRate, quote: Quote, now: datetime) -> None:
+    for name, value in _quote_values(quote).items():
+        setattr(row, name, value)
+    row.last_updated = now
+
+
+def append_history(session: AsyncSession, quote: Quote, observed_at: datetime) -> None:
+    session.add(ExchangeRateHistory(**_quote_values(quote), observed_at=observed_at))
+
+
+async def get_current(session: AsyncSession, pair: Pair) -> StoredRate | None:
+    row = await session.scalar(
+        select(ExchangeRate).where(
+            ExchangeRate.source_currency == pair.source, ExchangeRate.destination_currency == pair.destination
+        )
+    )
+    return None if row is None else to_stored(row)
+
+
+async def list_current(session: AsyncSession, source: str | None = None) -> list[StoredRate]:
+    statement = select(ExchangeRate).order_by(ExchangeRate.source_currency, ExchangeRate.destination_currency)
+    if source is not None:
+        statement = statement.where(ExchangeRate.source_currency == source)
+    return [to_stored(row) for row in await session.scalars(statement)]
+
+
+async def list_history(session: AsyncSession, pair: Pair) -> list[ExchangeRateHistory]:
+    statement = (
+        select(ExchangeRateHistory)
+        .where(
+            ExchangeRateHistory.source_currency == pair.source,
+            ExchangeRateHistory.destination_currency == pair.destination,
+        )
+        .order_by(ExchangeRateHistory.observed_at, ExchangeRateHistory.id)
+    )
+    return list(await session.scalars(statement))

@@ -1,0 +1,92 @@
+"""The one writer of rates: database first, then the cache, then the event.
+
+Publish after commit: a subscriber must never see a rate that rolls back, and
+the cache is written only once the database holds the value.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.currencies import Pair
+from app.rates import repository
+from app.rates.cache import RateCache
+from app.rates.fanout import Fanout
+from app.rates.rate import StoredRate
+from app.rates.wire import AllRatesUpdate
+from app.upstream.quote import Quote
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    rate: StoredRate
+    previous: StoredRate | None
+
+    @property
+    def changed(self) -> bool:
+        return self.previous is None or self.previous.destination_per_source != self.rate.destination_per_source
+
+
+class RateStore:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        cache: RateCache,
+        fanout: Fanout,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._sessions = sessions
+        self._cache = cache
+        self._fanout = fanout
+        self._clock = clock
+
+    async def save(self, quote: Quote) -> SaveResult:
+        """Store `quote` as the pair's current rate, appending to history when the value changed."""
+        now = self._clock()
+        async with self._sessions.begin() as session:
+            previous: StoredRate | None = None
+            if not await repository.insert_if_absent(session, quote, now):
+                row = await repository.lock_current(session, quote.pair)
+                previous = repository.to_stored(row)
+                repository.update_current(row, quote, now)
+            result = SaveResult(
+                rate=StoredRate(
+                    pair=quote.pair,
+                    rate=quote.rate,
+                    destination_per_source=quote.destination_per_source,
+                    source_amount=quote.source_amount,
+                    destination_amount=quote.destination_amount,
+                    provider=quote.provider,
+                    last_updated=now,
+                ),
+                previous=previous,
+            )
+            if result.changed:
+                repository.append_history(session, quote, now)
+        await self._cache.set(result.rate)
+        await self._fanout.publish_rate(result.rate, previous)
+        return result
+
+    async def publish_cycle(self, update: AllRatesUpdate) -> None:
+        await self._fanout.publish_cycle(update)
+
+    async def get(self, pair: Pair) -> StoredRate | None:
+        """The pair's current rate from the cache, else the database (and then cached)."""
+        cached = await self._cache.get(pair)
+        if cached is not None:
+            return cached
+        async with self._sessions() as session:
+            stored = await repository.get_current(session, pair)
+        if stored is not None:
+            await self._cache.set(stored)
+        return stored
+
+    async def all(self, source: str | None = None) -> list[StoredRate]:
+        async with self._sessions() as session:
+            return await repository.list_current(session, source)

@@ -1,0 +1,54 @@
+"""The wire format of a rate (CONTRACT.md §4's rate item) and the events that carry it.
+
+Decimals go out as JSON numbers. Rates carry at most 12 significant digits, so
+a float prints them digit for digit.
+"""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, PlainSerializer
+
+from app.rates.rate import StoredRate
+
+Number = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+
+
+class RateItem(BaseModel):
+    source_currency: str
+    destination_currency: str
+    rate: Number
+    source_amount: Number
+    destination_amount: Number
+    destination_per_source: Number
+    last_updated: datetime
+    stale: bool
+    provider: str
+
+    @classmethod
+    def of(cls, rate: StoredRate, *, stale: bool) -> "RateItem":
+        return cls(
+            source_currency=rate.pair.source,
+            destination_currency=rate.pair.destination,
+            rate=rate.rate,
+            source_amount=rate.source_amount,
+            destination_amount=rate.destination_amount,
+            destination_per_source=rate.destination_per_source,
+            last_updated=rate.last_updated,
+            stale=stale,
+            provider=rate.provider,
+        )
+
+
+class RateUpdate(BaseModel):
+    type: Literal["rate_update"] = "rate_update"
+    rate: RateItem
+    previous_rate: Number | None
+
+
+class AllRatesUpdate(BaseModel):
+    type: Literal["all_rates_update"] = "all_rates_update"
+    as_of: datetime
+    count: int
+    changed: int

@@ -1,0 +1,143 @@
+"""The service's configuration (CONTRACT.md §1), validated once at start-up.
+
+Only the entry points (`app.main`, `app.poller`) build a `Settings`; everything
+else is handed the values it needs.
+"""
+
+import sys
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.currencies import Pair, normalise_currency
+
+
+class Environment(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    environment: Environment = Environment.development
+    database_url: str = "sqlite+aiosqlite:///./rates.db"
+    redis_url: str | None = None
+    flutterwave_secret_key: SecretStr | None = Field(default=None, validate_default=True)
+    flutterwave_base_url: str = "https://api.flutterwave.com"
+    rates_source_currencies: CommaList = ["USD", "CAD", "GBP", "EUR"]
+    rates_destination_currencies: CommaList = [
+        "XOF",
+        "XAF",
+        "EGP",
+        "ETB",
+        "GHS",
+        "KES",
+        "MAD",
+        "NGN",
+        "ZAR",
+        "UGX",
+        "ZMW",
+    ]
+    poll_interval_seconds: float = Field(default=600, gt=0)
+    poller_enabled: bool = True
+    rate_stale_after_seconds: float = Field(default=600, gt=0)
+    cache_ttl_seconds: int | None = Field(default=None, gt=0, validate_default=True)
+    upstream_timeout_seconds: float = Field(default=30, gt=0)
+    upstream_max_attempts: int = Field(default=3, ge=1, le=10)
+    upstream_concurrency: int = Field(default=4, ge=1, le=64)
+    upstream_quote_amount: Decimal = Field(default=Decimal(1000), gt=0)
+    cors_allow_origins: CommaList = ["*"]
+    db_auto_migrate: bool = True
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("flutterwave_secret_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("flutterwave_secret_key")
+    @classmethod
+    def _key_required_in_production(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None and info.data.get("environment") == Environment.production:
+            raise ValueError("is required when ENVIRONMENT=production (demo rates are refused there)")
+        return value
+
+    @field_validator("rates_source_currencies", "rates_destination_currencies", "cors_allow_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("rates_source_currencies", "rates_destination_currencies")
+    @classmethod
+    def _iso_4217(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one currency code")
+        return list(dict.fromkeys(normalise_currency(code) for code in value))
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    @field_validator("cache_ttl_seconds")
+    @classmethod
+    def _twice_the_poll_interval(cls, value: int | None, info: ValidationInfo) -> int:
+        if value is not None:
+            return value
+        # A cached rate must outlive one missed poll, so readers keep a hit while the poller retries.
+        interval_s: float = info.data.get("poll_interval_seconds", 600)
+        return max(1, round(2 * interval_s))
+
+    @property
+    def cache_ttl_s(self) -> int:
+        assert self.cache_ttl_seconds is not None  # filled in by its validator
+        return self.cache_ttl_seconds
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """Every polled pair, sources in order, a currency never paired with itself."""
+        return [
+            Pair(source, destination)
+            for source in self.rates_source_currencies
+            for destination in self.rates_destination_currencies
+            if source != destination
+        ]
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad variable, without echoing its value (it may be the secret)."""
+    parts = []
+    for item in error.errors():
+        name = str(item["loc"][0]).upper() if item["loc"] else "configuration"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{name} {message}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, or stop the process with one line naming the bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        print(f"fxrates: {describe_error(error)}", file=sys.stderr)  # noqa: T201 - logging is not set up yet
+        raise SystemExit(2) from None

@@ -1,0 +1,1 @@
+"""Rate sources: the Flutterwave client and the demo provider. Knows nothing of storage or the web."""
