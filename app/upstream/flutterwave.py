@@ -86,7 +86,9 @@ class FlutterwaveClient:
         self._limiter = limiter
         self._max_attempts = max_attempts
         self._calls = calls
-        self._backoff = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s)
+        self._backoff = wait_exponential_jitter(
+            multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
+        )
         self._retry_after_max_s = retry_after_max_s
 
     async def fetch(self, pair: Pair, amount: Decimal) -> Quote:

@@ -1,0 +1,106 @@
+"""Fixtures on the real parts: PostgreSQL, Redis, SQLite files and the fake Flutterwave.
+
+PostgreSQL: each test gets a database of its own, created empty and dropped after.
+Redis: tests use DB number 9 only, flushed before and after each test that asks for it.
+"""
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from app.db import create_engine, migrate
+from app.settings import Settings
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+
+POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFlutterwave]:
+    with FakeFlutterwave(slow_s=3.0) as server:
+        yield server
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database, dropped on exit."""
+    name = f"fxrates_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    async with postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """An empty database of each kind the service runs on."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}"
+    else:
+        async with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+async def migrated_url(database_url: str) -> str:
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+    return database_url
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    client = Redis.from_url(TEST_REDIS_URL)
+    await client.flushdb()
+    try:
+        yield TEST_REDIS_URL
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+def make_settings(fake: FakeFlutterwave, sqlite_url: str) -> Callable[..., Settings]:
+    """Settings for a test: the fake upstream, a fresh SQLite file, no poller, quick timeouts; then overrides."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "environment": "test",
+            "database_url": sqlite_url,
+            "redis_url": None,
+            "flutterwave_secret_key": SECRET_KEY,
+            "flutterwave_base_url": fake.url,
+            "poller_enabled": False,
+            "upstream_timeout_seconds": 1.0,
+            "upstream_max_attempts": 3,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return build

@@ -1,0 +1,100 @@
+"""The whole app on its embedded defaults, and start-up refusing bad configuration in one line."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+
+from app.db import PROJECT_ROOT
+from app.main import create_app
+from app.services import Services
+from app.settings import Settings
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The environment without any of the service's variables, then `values`."""
+    names = set(Settings.model_fields) | {"FLUTTERWAVE_SECRET_KEY"}
+    env = {key: value for key, value in os.environ.items() if key.lower() not in names}
+    env.update(values)
+    return env
+
+
+async def test_demo_rates_for_all_44_pairs_with_no_key_and_no_redis(tmp_path: Path) -> None:
+    settings = Settings(
+        _env_file=None,
+        environment="development",
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db",
+        redis_url=None,
+        flutterwave_secret_key=None,
+        poll_interval_seconds=600,
+    )  # type: ignore[call-arg]
+    app: FastAPI = create_app(settings)
+    async with app.router.lifespan_context(app) as state:
+        services: Services = state["services"]
+        deadline = time.monotonic() + 10
+        while len(rates := await services.store.all()) < 44:
+            assert time.monotonic() < deadline, f"only {len(rates)} of 44 pairs stored"
+            await asyncio.sleep(0.02)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fxrates") as client:
+            health = await client.get("/healthz")
+    assert health.status_code == 200
+    assert {rate.provider for rate in rates} == {"demo"}
+    assert {str(rate.pair) for rate in rates} == {str(pair) for pair in settings.pairs}
+    assert all(rate.destination_per_source * rate.rate > 0 for rate in rates)
+
+
+def start_up(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=PROJECT_ROOT,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_without_a_key_fails_start_up_in_one_line(tmp_path: Path) -> None:
+    for command in (["uvicorn", "app.main:app", "--port", "0"], ["app.poller", "--once"]):
+        result = start_up(command, ENVIRONMENT="production", DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/r.db")
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "FLUTTERWAVE_SECRET_KEY" in lines[0]
+        assert "Traceback" not in result.stderr
+
+
+def test_an_invalid_value_names_its_variable_and_never_echoes_the_key() -> None:
+    result = start_up(
+        ["app.poller", "--once"],
+        POLL_INTERVAL_SECONDS="-5",
+        UPSTREAM_CONCURRENCY="lots",
+        FLUTTERWAVE_SECRET_KEY="FLWSECK-very-secret-X",
+    )
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert "POLL_INTERVAL_SECONDS" in line and "UPSTREAM_CONCURRENCY" in line
+    assert "very-secret" not in result.stderr
+
+
+def test_the_key_is_never_in_a_repr() -> None:
+    settings = Settings(_env_file=None, flutterwave_secret_key="FLWSECK-very-secret-X")  # type: ignore[call-arg]
+    assert "very-secret" not in repr(settings) and "very-secret" not in str(settings.model_dump())
+
+
+def test_currency_lists_are_comma_separated_and_checked() -> None:
+    settings = Settings(_env_file=None, rates_source_currencies="usd, gbp", rates_destination_currencies="ngn")  # type: ignore[call-arg]
+    assert [str(pair) for pair in settings.pairs] == ["USD/NGN", "GBP/NGN"]
+    result = start_up(["app.poller", "--once"], RATES_DESTINATION_CURRENCIES="NGN,XYZ")
+    assert result.returncode != 0 and "RATES_DESTINATION_CURRENCIES" in result.stderr and "XYZ" in result.stderr
+
+
+def test_cache_ttl_defaults_to_twice_the_poll_interval() -> None:
+    assert Settings(_env_file=None, poll_interval_seconds=30).cache_ttl_s == 60  # type: ignore[call-arg]
+    assert Settings(_env_file=None, cache_ttl_seconds=5).cache_ttl_s == 5  # type: ignore[call-arg]

@@ -1,0 +1,136 @@
+"""The store on both databases: exact decimals, UTC timestamps, history only on change, publish after commit."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from broadcaster import Broadcast
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.currencies import Pair
+from app.db import create_engine, create_sessionmaker
+from app.metrics import Metrics
+from app.rates import repository
+from app.rates.cache import MemoryCache, RedisCache
+from app.rates.fanout import RATES_CHANNEL, Fanout, create_broadcast
+from app.rates.store import RateStore
+from app.upstream.quote import Quote
+
+USD_NGN = Pair("USD", "NGN")
+
+
+def quote(destination_per_source: str, rate: str = "0.000666667", pair: Pair = USD_NGN) -> Quote:
+    return Quote(
+        pair=pair,
+        rate=Decimal(rate),
+        destination_per_source=Decimal(destination_per_source),
+        source_amount=Decimal("0.666667"),
+        destination_amount=Decimal(1000),
+        provider="flutterwave",
+    )
+
+
+@pytest.fixture
+async def engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(migrated_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+async def broadcast() -> AsyncIterator[Broadcast]:
+    async with create_broadcast(None) as broadcast:
+        yield broadcast
+
+
+@pytest.fixture
+def store(engine: AsyncEngine, broadcast: Broadcast) -> RateStore:
+    metrics = Metrics()
+    return RateStore(create_sessionmaker(engine), MemoryCache(60), Fanout(broadcast, metrics.publish_errors))
+
+
+async def test_exact_decimals_round_trip(store: RateStore, engine: AsyncEngine) -> None:
+    await store.save(quote("1530.251234567891", rate="0.000666667"))
+    async with create_sessionmaker(engine)() as session:
+        stored = await repository.get_current(session, USD_NGN)
+        (point,) = await repository.list_history(session, USD_NGN)
+    assert stored is not None
+    assert str(stored.rate) == "0.000666667"
+    assert str(stored.destination_per_source) == "1530.251234567891"
+    assert str(point.destination_per_source) == "1530.251234567891"
+    assert str(stored.source_amount) == "0.666667"
+
+
+async def test_timestamps_come_back_utc_aware(store: RateStore, engine: AsyncEngine) -> None:
+    before = datetime.now(UTC)
+    await store.save(quote("1530.25"))
+    async with create_sessionmaker(engine)() as session:
+        stored = await repository.get_current(session, USD_NGN)
+    assert stored is not None
+    assert stored.last_updated.tzinfo is not None and stored.last_updated.utcoffset().total_seconds() == 0
+    assert before <= stored.last_updated <= datetime.now(UTC)
+
+
+async def test_history_grows_only_on_change(store: RateStore, engine: AsyncEngine) -> None:
+    first = await store.save(quote("1530.25"))
+    same = await store.save(quote("1530.25"))
+    moved = await store.save(quote("1531.5"))
+    assert (first.changed, same.changed, moved.changed) == (True, False, True)
+    assert same.previous is not None and same.previous.destination_per_source == Decimal("1530.25")
+    assert same.rate.last_updated > first.rate.last_updated
+    async with create_sessionmaker(engine)() as session:
+        points = await repository.list_history(session, USD_NGN)
+        current = await repository.list_current(session)
+    assert [p.destination_per_source for p in points] == [Decimal("1530.25"), Decimal("1531.5")]
+    assert len(current) == 1 and current[0].destination_per_source == Decimal("1531.5")
+
+
+async def test_concurrent_writers_of_one_pair_leave_one_row(store: RateStore, engine: AsyncEngine) -> None:
+    await asyncio.gather(*(store.save(quote(f"1530.{n}")) for n in range(1, 9)))
+    async with create_sessionmaker(engine)() as session:
+        current = await repository.list_current(session)
+        points = await repository.list_history(session, USD_NGN)
+    assert len(current) == 1
+    assert len(points) == 8
+
+
+async def test_a_subscriber_sees_the_rate_only_once_it_is_committed(
+    store: RateStore, engine: AsyncEngine, broadcast: Broadcast
+) -> None:
+    async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
+        await store.save(quote("1530.25"))
+        event = await asyncio.wait_for(subscriber.get(), timeout=5)
+        # By the time the event is out, another session already reads the value.
+        async with create_sessionmaker(engine)() as session:
+            stored = await repository.get_current(session, USD_NGN)
+    assert stored is not None and stored.destination_per_source == Decimal("1530.25")
+    assert '"type":"rate_update"' in event.message
+    assert '"destination_per_source":1530.25' in event.message
+    assert '"previous_rate":null' in event.message
+
+
+async def test_get_falls_back_to_the_database_and_fills_the_cache(engine: AsyncEngine, broadcast: Broadcast) -> None:
+    writer = RateStore(create_sessionmaker(engine), MemoryCache(60), Fanout(broadcast, Metrics().publish_errors))
+    await writer.save(quote("1530.25"))
+    cold_cache = MemoryCache(60)
+    reader = RateStore(create_sessionmaker(engine), cold_cache, Fanout(broadcast, Metrics().publish_errors))
+    stored = await reader.get(USD_NGN)
+    assert stored is not None and stored.destination_per_source == Decimal("1530.25")
+    assert await cold_cache.get(USD_NGN) == stored
+
+
+async def test_redis_cache_holds_the_rate_with_its_ttl(
+    redis_url: str, engine: AsyncEngine, broadcast: Broadcast
+) -> None:
+    from redis.asyncio import Redis
+
+    metrics = Metrics()
+    async with Redis.from_url(redis_url) as redis:
+        cache = RedisCache(redis, 1200, metrics.cache_errors, prefix="fxrates-test:")
+        store = RateStore(create_sessionmaker(engine), cache, Fanout(broadcast, metrics.publish_errors))
+        saved = await store.save(quote("1530.251234567891"))
+        assert await cache.get(USD_NGN) == saved.rate
+        ttl = await redis.ttl("fxrates-test:USD:NGN")
+    assert 1190 <= ttl <= 1200
