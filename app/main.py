@@ -7,36 +7,41 @@ importing this module creates nothing and reads no environment.
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
-from typing import TypedDict
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import ops
+from app.api import ops, rates
+from app.api.middleware import RequestMetrics
+from app.errors import add_error_handlers
 from app.metrics import Metrics
-from app.services import Services, configure_logging, open_services
+from app.services import configure_logging, open_services
 from app.settings import Settings, load_settings
 
 
-class State(TypedDict):
-    services: Services
-
-
 def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        async with open_services(settings, Metrics(), start_poller=settings.poller_enabled) as services:
-            yield {"services": services}
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with open_services(settings, metrics, start_poller=settings.poller_enabled) as services:
+            # Each field becomes `request.state.<name>` for the dependencies in app.api.deps.
+            yield {field: getattr(services, field) for field in services.__dataclass_fields__}
 
     app = FastAPI(
         title="fxrates",
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,
     )
+    add_error_handlers(app)
     app.add_middleware(
         CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
     )
+    app.add_middleware(RequestMetrics, requests=metrics.requests)
+    app.include_router(rates.router)
     app.include_router(ops.router)
     return app
 

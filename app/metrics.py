@@ -11,6 +11,9 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+        self.requests = Counter(
+            "fxrates_http_requests", "HTTP requests by route template and status.", ["route", "status"], registry=r
+        )
         self.upstream_calls = Counter(
             "fxrates_upstream_calls", "Requests to the upstream by outcome.", ["outcome"], registry=r
         )
@@ -25,7 +28,7 @@ class Metrics:
         )
         self.last_successful_cycle = Gauge(
             "fxrates_poll_last_success_timestamp_seconds",
-            "When the last fully successful cycle ended.",
+            "When the last cycle in which the upstream answered for a pair ended.",
             registry=r,
         )
         self.cache_lookups = Counter(

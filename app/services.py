@@ -6,19 +6,22 @@ command (`app.poller`).
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import create_engine, create_sessionmaker, migrate
 from app.metrics import Metrics
-from app.rates.cache import MemoryCache, RateCache, RedisCache
-from app.rates.fanout import Fanout, create_broadcast
+from app.rates.cache import MemoryCache, RedisCache, TieredCache
+from app.rates.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
+from app.rates.lookup import RateLookup
 from app.rates.poller import Poller
 from app.rates.store import RateStore
+from app.rates.wire import RateUpdate
 from app.settings import Settings
 from app.upstream.demo import DemoProvider
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client
@@ -26,15 +29,21 @@ from app.upstream.provider import Provider
 
 log = logging.getLogger(__name__)
 
+# With Redis, the in-process layer only spares Redis round trips: fan-out events keep it current,
+# and this short life bounds how long it could lag if an event were lost.
+SHARED_MEMORY_TTL_S = 5
+
 
 @dataclass(frozen=True, slots=True)
 class Services:
     settings: Settings
     metrics: Metrics
     engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
     redis: Redis | None
     provider: Provider
     store: RateStore
+    lookup: RateLookup
     poller: Poller
 
 
@@ -59,26 +68,64 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
 
 
 @asynccontextmanager
+async def running(coroutine: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """Run `coroutine` as a task for the duration of the block; a crash is logged, the task cancelled on exit."""
+    task = asyncio.create_task(coroutine, name=name)
+    task.add_done_callback(_log_crash)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task %s stopped", task.get_name(), exc_info=task.exception())
+
+
+@asynccontextmanager
 async def open_services(settings: Settings, metrics: Metrics, *, start_poller: bool) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
         engine = create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         if settings.db_auto_migrate:
             await migrate(engine)
+        sessions = create_sessionmaker(engine)
 
         redis: Redis | None = None
-        cache: RateCache
         if settings.redis_url:
-            redis = Redis.from_url(settings.redis_url)
+            redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
             stack.push_async_callback(redis.aclose)
-            cache = RedisCache(redis, settings.cache_ttl_s, metrics.cache_errors)
+            cache = TieredCache(
+                MemoryCache(min(SHARED_MEMORY_TTL_S, settings.cache_ttl_s)),
+                RedisCache(redis, settings.cache_ttl_s, metrics.cache_errors),
+            )
         else:
             log.info("REDIS_URL is unset: in-process cache and broadcast, correct for one process only")
-            cache = MemoryCache(settings.cache_ttl_s)
+            cache = TieredCache(MemoryCache(settings.cache_ttl_s), None)
 
         broadcast = await stack.enter_async_context(create_broadcast(settings.redis_url))
+        if redis is not None:
+
+            def forget_older(update: RateUpdate) -> None:
+                cache.memory.forget_older(rate_pair(update), update.rate.last_updated)
+
+            await stack.enter_async_context(running(follow_rate_updates(broadcast, forget_older), "cache-follower"))
+
         provider = await stack.enter_async_context(open_provider(settings, metrics))
-        store = RateStore(create_sessionmaker(engine), cache, Fanout(broadcast, metrics.publish_errors))
+        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors))
+        lookup = await stack.enter_async_context(
+            RateLookup(
+                cache,
+                sessions,
+                store,
+                provider,
+                metrics,
+                stale_after_s=settings.rate_stale_after_seconds,
+                amount=settings.upstream_quote_amount,
+            )
+        )
         poller = Poller(
             provider,
             store,
@@ -90,7 +137,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         if start_poller:
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
-        yield Services(settings, metrics, engine, redis, provider, store, poller)
+        yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, poller)
 
 
 def configure_logging() -> None:

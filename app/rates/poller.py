@@ -55,7 +55,8 @@ class Poller:
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Task[object]] = set()
-        self.last_success: float | None = None  # time.time() of the last cycle where every pair succeeded
+        self.started_at: float | None = None  # time.time() when the loop started
+        self.last_success: float | None = None  # time.time() of the last cycle in which the upstream answered
 
     async def run_cycle(self) -> CycleReport:
         started = time.perf_counter()
@@ -67,7 +68,7 @@ class Poller:
             duration_s=time.perf_counter() - started,
         )
         self._metrics.poll_cycle_seconds.observe(report.duration_s)
-        if report.all_ok:
+        if report.ok:
             self.last_success = time.time()
             self._metrics.last_successful_cycle.set(self.last_success)
         log.info(
@@ -103,6 +104,7 @@ class Poller:
 
     async def run(self) -> None:
         """Cycle forever; each cycle starts one interval after the previous one started."""
+        self.started_at = time.time()
         next_start = time.monotonic()
         while True:
             await self.run_cycle()

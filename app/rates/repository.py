@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -85,13 +85,38 @@ async def list_current(session: AsyncSession, source: str | None = None) -> list
     return [to_stored(row) for row in await session.scalars(statement)]
 
 
-async def list_history(session: AsyncSession, pair: Pair) -> list[ExchangeRateHistory]:
-    statement = (
-        select(ExchangeRateHistory)
-        .where(
-            ExchangeRateHistory.source_currency == pair.source,
-            ExchangeRateHistory.destination_currency == pair.destination,
-        )
-        .order_by(ExchangeRateHistory.observed_at, ExchangeRateHistory.id)
+def _history_of(pair: Pair) -> Select[ExchangeRateHistory]:
+    return select(ExchangeRateHistory).where(
+        ExchangeRateHistory.source_currency == pair.source,
+        ExchangeRateHistory.destination_currency == pair.destination,
     )
+
+
+async def list_history(
+    session: AsyncSession,
+    pair: Pair,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+) -> list[ExchangeRateHistory]:
+    """The pair's observations, oldest first, within [since, until]."""
+    statement = _history_of(pair).order_by(ExchangeRateHistory.observed_at, ExchangeRateHistory.id)
+    if since is not None:
+        statement = statement.where(ExchangeRateHistory.observed_at >= since)
+    if until is not None:
+        statement = statement.where(ExchangeRateHistory.observed_at <= until)
+    if limit is not None:
+        statement = statement.limit(limit)
     return list(await session.scalars(statement))
+
+
+async def history_at(session: AsyncSession, pair: Pair, at: datetime) -> ExchangeRateHistory | None:
+    """The observation in effect at `at`: the last one at or before it."""
+    statement = (
+        _history_of(pair)
+        .where(ExchangeRateHistory.observed_at <= at)
+        .order_by(ExchangeRateHistory.observed_at.desc(), ExchangeRateHistory.id.desc())
+        .limit(1)
+    )
+    point: ExchangeRateHistory | None = await session.scalar(statement)
+    return point

@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.currencies import Pair
 from app.rates import repository
-from app.rates.cache import RateCache
+from app.rates.cache import TieredCache
 from app.rates.fanout import Fanout
 from app.rates.rate import StoredRate
 from app.rates.wire import AllRatesUpdate
@@ -37,7 +36,7 @@ class RateStore:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        cache: RateCache,
+        cache: TieredCache,
         fanout: Fanout,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
@@ -75,17 +74,6 @@ class RateStore:
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
         await self._fanout.publish_cycle(update)
-
-    async def get(self, pair: Pair) -> StoredRate | None:
-        """The pair's current rate from the cache, else the database (and then cached)."""
-        cached = await self._cache.get(pair)
-        if cached is not None:
-            return cached
-        async with self._sessions() as session:
-            stored = await repository.get_current(session, pair)
-        if stored is not None:
-            await self._cache.set(stored)
-        return stored
 
     async def all(self, source: str | None = None) -> list[StoredRate]:
         async with self._sessions() as session:

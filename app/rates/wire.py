@@ -1,7 +1,7 @@
 """The wire format of a rate (CONTRACT.md §4's rate item) and the events that carry it.
 
-Decimals go out as JSON numbers. Rates carry at most 12 significant digits, so
-a float prints them digit for digit.
+Decimals go out as JSON numbers. Rates carry at most 12 significant digits and
+computed amounts at most 15, so a float prints them digit for digit.
 """
 
 from datetime import datetime
@@ -12,7 +12,13 @@ from pydantic import BaseModel, PlainSerializer
 
 from app.rates.rate import StoredRate
 
-Number = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+
+def _json_number(value: Decimal) -> int | float:
+    # Whole numbers print as Flutterwave prints them (1000, not 1000.0).
+    return int(value) if value == value.to_integral_value() else float(value)
+
+
+Number = Annotated[Decimal, PlainSerializer(_json_number, return_type=int | float, when_used="json")]
 
 
 class RateItem(BaseModel):

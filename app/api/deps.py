@@ -1,0 +1,52 @@
+"""What endpoints are handed: the lifespan's resources, as `Annotated` dependency aliases."""
+
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.rates.lookup import RateLookup
+from app.rates.store import RateStore
+from app.settings import Settings
+
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.state.settings
+    return settings
+
+
+def get_lookup(request: Request) -> RateLookup:
+    lookup: RateLookup = request.state.lookup
+    return lookup
+
+
+def get_store(request: Request) -> RateStore:
+    store: RateStore = request.state.store
+    return store
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
+    async with sessions() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+LookupDep = Annotated[RateLookup, Depends(get_lookup)]
+StoreDep = Annotated[RateStore, Depends(get_store)]
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def get_with_and_without_slash(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """Register a GET at `path` and at `path/`, both answering directly: clients of the Django service
+    call `/api/rates/`, and a redirect would cost them a round trip (or break a client that does not follow it)."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        router.add_api_route(path, endpoint, methods=["GET"], **options)
+        router.add_api_route(f"{path}/", endpoint, methods=["GET"], include_in_schema=False, **options)
+        return endpoint
+
+    return register

@@ -1,0 +1,214 @@
+"""REST: `/api/rates`, `/api/rates/all` and `/api/rates/history` (CONTRACT.md §3)."""
+
+import hashlib
+from collections.abc import Iterable
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app.api.deps import LookupDep, SessionDep, SettingsDep, StoreDep, get_with_and_without_slash
+from app.api.schemas import (
+    AllRatesData,
+    AllRatesEntry,
+    AllRatesMeta,
+    AllRatesQuery,
+    AllRatesResponse,
+    ErrorResponse,
+    HistoryData,
+    HistoryMeta,
+    HistoryPoint,
+    HistoryQuery,
+    HistoryResponse,
+    Money,
+    RateData,
+    RateMeta,
+    RateQuery,
+    RateResponse,
+)
+from app.errors import NotFound, error_body
+from app.rates import repository
+from app.rates.quoting import destination_for, source_for
+from app.rates.store import utc_now
+
+router = APIRouter(prefix="/api/rates", tags=["rates"])
+
+
+def _error(description: str, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {
+        "model": ErrorResponse,
+        "description": description,
+        "content": {"application/json": {"example": error_body(message, errors)}},
+    }
+
+
+INVALID = _error(
+    "A parameter is missing or malformed, a code is not ISO 4217, both sides are the same currency, "
+    "an amount is not positive, or both amounts were given",
+    "Invalid source_currency: 'XYZ' is not an ISO 4217 currency code.",
+    [{"field": "source_currency", "message": "'XYZ' is not an ISO 4217 currency code"}],
+)
+NOT_MODIFIED = {"description": "The rate is unchanged since the `ETag` given in `If-None-Match`; no body"}
+CACHED = {
+    "ETag": {"description": "Weak validator of this answer", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "`max-age` = seconds until the rate turns stale", "schema": {"type": "string"}},
+}
+
+
+def _etag(*parts: object) -> str:
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
+    return f'W/"{digest}"'
+
+
+def _matches(request: Request, etag: str) -> bool:
+    wanted = request.headers.get("if-none-match")
+    if not wanted:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in wanted.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
+def _validated(request: Request, response: Response, etag: str, max_age_s: float) -> Response | None:
+    """Set the caching headers; a 304 to send instead when the client already holds this answer."""
+    headers = {"ETag": etag, "Cache-Control": f"max-age={max(0, int(max_age_s))}"}
+    if _matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    response.headers.update(headers)
+    return None
+
+
+@get_with_and_without_slash(
+    router,
+    "",
+    response_model=RateResponse,
+    summary="One pair's rate, in Flutterwave's shape",
+    description="Looks in the cache, then the database, then the upstream. A stale rate is refreshed; if that "
+    "fails it is served with `meta.stale = true`. `data.rate` is source units per destination unit.",
+    responses={
+        200: {"headers": CACHED},
+        304: NOT_MODIFIED,
+        422: INVALID,
+        503: _error(
+            "No rate is stored for the pair and the upstream cannot give one now; see `Retry-After`",
+            "No rate for USD/NGN is stored yet and the upstream cannot give one now; try again shortly.",
+        ),
+    },
+)
+async def get_rate(
+    query: Annotated[RateQuery, Query()], lookup: LookupDep, request: Request, response: Response
+) -> RateResponse | Response:
+    found = await lookup.get(query.pair)
+    rate = found.rate
+    if query.source_amount is not None:
+        source_amount, destination_amount = query.source_amount, destination_for(rate, query.source_amount)
+    else:
+        destination_amount = query.amount if query.amount is not None else Decimal(1)
+        source_amount = source_for(rate, destination_amount)
+    age_s = rate.age_s(utc_now())
+    etag = _etag(rate.pair, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount)
+    max_age_s = 0 if found.stale else lookup.stale_after_s - age_s
+    if (not_modified := _validated(request, response, etag, max_age_s)) is not None:
+        return not_modified
+    return RateResponse(
+        data=RateData(
+            rate=rate.rate,
+            source=Money(currency=rate.pair.source, amount=source_amount),
+            destination=Money(currency=rate.pair.destination, amount=destination_amount),
+        ),
+        meta=RateMeta(
+            destination_per_source=rate.destination_per_source,
+            last_updated=rate.last_updated,
+            age_seconds=round(age_s, 3),
+            stale=found.stale,
+            served_from=found.served_from,
+            provider=rate.provider,
+        ),
+    )
+
+
+@get_with_and_without_slash(
+    router,
+    "/all",
+    response_model=AllRatesResponse,
+    summary="Every stored pair of one base currency",
+    description="Answers from what is stored; never waits on the upstream.",
+    responses={200: {"headers": CACHED}, 304: NOT_MODIFIED, 422: INVALID},
+)
+async def get_all_rates(
+    query: Annotated[AllRatesQuery, Query()],
+    store: StoreDep,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+) -> AllRatesResponse | Response:
+    now = utc_now()
+    rates = await store.all(source=query.base_currency)
+    if query.destination_currencies is not None:
+        wanted = set(query.destination_currencies)
+        rates = [rate for rate in rates if rate.pair.destination in wanted]
+    stale_after_s = settings.rate_stale_after_seconds
+    entries = {
+        rate.pair.destination: AllRatesEntry(
+            rate=rate.rate,
+            source=Money(currency=rate.pair.source, amount=rate.source_amount),
+            destination=Money(currency=rate.pair.destination, amount=rate.destination_amount),
+            destination_per_source=rate.destination_per_source,
+            last_updated=rate.last_updated,
+            stale=rate.age_s(now) > stale_after_s,
+            provider=rate.provider,
+        )
+        for rate in rates
+    }
+    etag = _etag(query.base_currency, *_versions(entries.items()))
+    fresh_for_s = min((stale_after_s - rate.age_s(now) for rate in rates), default=0.0)
+    if (not_modified := _validated(request, response, etag, fresh_for_s)) is not None:
+        return not_modified
+    return AllRatesResponse(
+        data=AllRatesData(base_currency=query.base_currency, rates=entries),
+        meta=AllRatesMeta(count=len(entries), as_of=now),
+    )
+
+
+def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:
+    return (f"{code}:{entry.last_updated.isoformat()}:{entry.stale}" for code, entry in entries)
+
+
+@get_with_and_without_slash(
+    router,
+    "/history",
+    response_model=HistoryResponse,
+    summary="What a pair was, over time",
+    description="Every observed change, oldest first. With `at`, the one point in effect at that moment "
+    "(the last observation at or before it). Moments without a zone are read as UTC.",
+    responses={
+        422: INVALID,
+        404: _error(
+            "With `at`: the pair had no rate yet at that moment",
+            "USD/NGN had no rate yet at 2020-01-01T00:00:00Z.",
+        ),
+    },
+)
+async def get_history(query: Annotated[HistoryQuery, Query()], session: SessionDep) -> HistoryResponse:
+    pair = query.pair
+    if query.at is not None:
+        point = await repository.history_at(session, pair, query.at)
+        if point is None:
+            raise NotFound(f"{pair} had no rate yet at {query.at.isoformat().replace('+00:00', 'Z')}.")
+        rows = [point]
+    else:
+        rows = await repository.list_history(session, pair, query.since, query.until, query.limit + 1)
+    truncated = len(rows) > query.limit
+    points = [
+        HistoryPoint(
+            at=row.observed_at,
+            rate=row.rate,
+            destination_per_source=row.destination_per_source,
+            source_amount=row.source_amount,
+            destination_amount=row.destination_amount,
+        )
+        for row in rows[: query.limit]
+    ]
+    return HistoryResponse(
+        data=HistoryData(source_currency=pair.source, destination_currency=pair.destination, points=points),
+        meta=HistoryMeta(count=len(points), truncated=truncated, at=query.at),
+    )

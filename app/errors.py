@@ -1,0 +1,104 @@
+"""The service's errors and the one place that turns them, and every other error, into HTTP answers.
+
+    ServiceError                  a request the service cannot answer as asked
+     ├── InvalidRequest      422  input the parameter validators cannot judge alone
+     ├── NotFound            404  nothing there (a pair with no rate yet at that moment)
+     └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
+
+Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
+(CONTRACT.md §3), validation errors add `errors`, a list naming each bad field.
+"""
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+
+
+class NotFound(ServiceError):
+    status_code = 404
+
+
+class RateUnavailable(ServiceError):
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+def error_body(message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"status": "error", "message": message, "data": None}
+    if errors is not None:
+        body["errors"] = errors
+    return body
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    # ("query", "source_currency") -> "source_currency"; a whole-body error keeps its place.
+    parts = [str(part) for part in loc if part not in ("query", "path", "body")]
+    return ".".join(parts) or str(loc[0] if loc else "request")
+
+
+def _describe(item: dict[str, Any]) -> str:
+    message = str(item["msg"]).removeprefix("Value error, ")
+    return message[0].upper() + message[1:] if message else "Invalid value"
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = [{"field": _field(tuple(item["loc"])), "message": _describe(item)} for item in error.errors()]
+    first = errors[0] if errors else {"field": "request", "message": "Invalid request"}
+    message = f"Invalid {first['field']}: {first['message'].rstrip('.')}."
+    return JSONResponse(error_body(message, errors), status_code=422)
+
+
+async def _service_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ServiceError)
+    return JSONResponse(error_body(error.message), status_code=error.status_code, headers=error.headers())
+
+
+_HTTP_MESSAGES = {404: "No such endpoint.", 405: "Method not allowed; this API answers GET."}
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    detail = error.detail if isinstance(error.detail, str) else None
+    message = _HTTP_MESSAGES.get(error.status_code) or (detail or "Request failed.")
+    return JSONResponse(error_body(message), status_code=error.status_code, headers=error.headers)
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse(error_body("Internal error; it has been logged."), status_code=500)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

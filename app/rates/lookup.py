@@ -1,0 +1,175 @@
+"""Finding a pair's rate for a reader: memory, then Redis, then the database, then the upstream.
+
+A stored rate older than `stale_after_s` is refreshed from the upstream. The
+refresh is shared: however many requests want the same pair at once, the
+process makes one upstream call (single flight), and it is shielded, so one
+client hanging up does not cancel it for the others. A refresh that fails
+leaves the stored rate to be served marked stale, and the pair rests for a
+cool-down before the upstream is asked again, so a failing upstream does not
+make every reader wait through its retries.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Literal, Self
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.currencies import Pair
+from app.errors import RateUnavailable
+from app.metrics import Metrics
+from app.rates import repository
+from app.rates.cache import TieredCache
+from app.rates.rate import StoredRate
+from app.rates.store import RateStore, utc_now
+from app.upstream.errors import RateLimited, UpstreamError
+from app.upstream.provider import Provider
+
+log = logging.getLogger(__name__)
+
+Layer = Literal["memory", "redis", "database", "upstream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    rate: StoredRate
+    served_from: Layer
+    stale: bool
+
+
+class RateLookup:
+    def __init__(
+        self,
+        cache: TieredCache,
+        sessions: async_sessionmaker[AsyncSession],
+        store: RateStore,
+        provider: Provider,
+        metrics: Metrics,
+        *,
+        stale_after_s: float,
+        amount: Decimal,
+        stale_wait_s: float = 2.0,
+        cooldown_s: float = 5.0,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._cache = cache
+        self._sessions = sessions
+        self._store = store
+        self._provider = provider
+        self._metrics = metrics
+        self._stale_after_s = stale_after_s
+        self._amount = amount
+        self._stale_wait_s = stale_wait_s
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._refreshing: dict[Pair, asyncio.Task[StoredRate]] = {}
+        self._resting_until: dict[Pair, float] = {}
+
+    @property
+    def stale_after_s(self) -> float:
+        return self._stale_after_s
+
+    def is_stale(self, rate: StoredRate) -> bool:
+        return rate.age_s(self._clock()) > self._stale_after_s
+
+    async def get(self, pair: Pair) -> Found:
+        """The pair's current rate; raises `RateUnavailable` when none is stored and the upstream fails."""
+        stored = await self._stored(pair)
+        if stored is not None and not self.is_stale(stored[0]):
+            self._metrics.cache_lookups.labels(layer=stored[1]).inc()
+            return Found(stored[0], stored[1], stale=False)
+
+        resting_s = self._resting_until.get(pair, 0.0) - time.monotonic()
+        if resting_s <= 0:
+            refresh = self._refresh(pair)
+            try:
+                if stored is None:
+                    fresh = await asyncio.shield(refresh)
+                else:
+                    # A reader with a stale rate in hand waits a little for a fresh one, not for every retry.
+                    fresh = await asyncio.wait_for(asyncio.shield(refresh), self._stale_wait_s)
+            except (UpstreamError, TimeoutError):
+                resting_s = max(0.0, self._resting_until.get(pair, 0.0) - time.monotonic())
+            else:
+                self._metrics.cache_lookups.labels(layer="upstream").inc()
+                return Found(fresh, "upstream", stale=False)
+
+        if stored is None:
+            raise RateUnavailable(
+                f"No rate for {pair} is stored yet and the upstream cannot give one now; try again shortly.",
+                retry_after_s=resting_s or self._cooldown_s,
+            )
+        self._metrics.cache_lookups.labels(layer=stored[1]).inc()
+        return Found(stored[0], stored[1], stale=True)
+
+    async def _stored(self, pair: Pair) -> tuple[StoredRate, Layer] | None:
+        """The freshest stored rate, going deeper only while what was found is stale."""
+        layers: list[tuple[Layer, Callable[[Pair], Awaitable[StoredRate | None]]]] = [
+            ("memory", self._cache.memory.get)
+        ]
+        if self._cache.shared is not None:
+            layers.append(("redis", self._cache.shared.get))
+        layers.append(("database", self._from_database))
+        best: tuple[StoredRate, Layer] | None = None
+        for layer, read in layers:
+            rate = await read(pair)
+            if rate is not None and (best is None or rate.last_updated > best[0].last_updated):
+                best = (rate, layer)
+            if best is not None and not self.is_stale(best[0]):
+                break
+        if best is not None and best[1] != "memory":
+            if best[1] == "database":
+                await self._cache.set(best[0])
+            else:
+                await self._cache.memory.set(best[0])
+        return best
+
+    async def _from_database(self, pair: Pair) -> StoredRate | None:
+        async with self._sessions() as session:
+            return await repository.get_current(session, pair)
+
+    def _refresh(self, pair: Pair) -> asyncio.Task[StoredRate]:
+        task = self._refreshing.get(pair)
+        if task is None:
+            task = asyncio.create_task(self._fetch_and_store(pair), name=f"refresh {pair}")
+            self._refreshing[pair] = task
+            task.add_done_callback(lambda done: self._refreshed(pair, done))
+        return task
+
+    def _refreshed(self, pair: Pair, task: asyncio.Task[StoredRate]) -> None:
+        self._refreshing.pop(pair, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here, so a refresh that every reader stopped waiting for is not reported as lost.
+            error = task.exception()
+            if not isinstance(error, UpstreamError):
+                log.error("refreshing %s failed", pair, exc_info=error)
+
+    async def _fetch_and_store(self, pair: Pair) -> StoredRate:
+        try:
+            quote = await self._provider.fetch(pair, self._amount)
+        except UpstreamError as error:
+            rest_s = self._cooldown_s
+            if isinstance(error, RateLimited) and error.retry_after_s is not None:
+                rest_s = max(rest_s, error.retry_after_s)
+            self._resting_until[pair] = time.monotonic() + rest_s
+            log.warning("on-demand refresh of %s failed, resting it %.0fs: %s", pair, rest_s, error)
+            raise
+        self._resting_until.pop(pair, None)
+        return (await self._store.save(quote)).rate
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
