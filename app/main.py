@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api import ops, rates
+from app.api import ops, rates, ws
 from app.api.middleware import RequestMetrics
 from app.errors import add_error_handlers
 from app.metrics import Metrics
@@ -43,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(RequestMetrics, requests=metrics.requests)
     app.include_router(rates.router)
     app.include_router(ops.router)
+    app.include_router(ws.router)
     return app
 
 

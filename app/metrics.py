@@ -35,4 +35,8 @@ class Metrics:
             "fxrates_cache_lookups", "Rate lookups by the layer that answered.", ["layer"], registry=r
         )
         self.cache_errors = Counter("fxrates_cache_errors", "Cache operations that failed (Redis down).", registry=r)
+        self.websocket_clients = Gauge("fxrates_websocket_clients", "Connected WebSocket clients.", registry=r)
+        self.websocket_slow_closed = Counter(
+            "fxrates_websocket_slow_closed", "WebSocket clients closed for not reading their updates.", registry=r
+        )
         self.publish_errors = Counter("fxrates_publish_errors", "Events that could not be published.", registry=r)

@@ -18,8 +18,10 @@ from app.db import create_engine, create_sessionmaker, migrate
 from app.metrics import Metrics
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
+from app.rates.hub import Hub
 from app.rates.lookup import RateLookup
 from app.rates.poller import Poller
+from app.rates.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
 from app.settings import Settings
@@ -44,6 +46,7 @@ class Services:
     provider: Provider
     store: RateStore
     lookup: RateLookup
+    hub: Hub
     poller: Poller
 
 
@@ -111,7 +114,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             def forget_older(update: RateUpdate) -> None:
                 cache.memory.forget_older(rate_pair(update), update.rate.last_updated)
 
-            await stack.enter_async_context(running(follow_rate_updates(broadcast, forget_older), "cache-follower"))
+            follower = follow_rate_updates(broadcast, forget_older, on_resync=cache.memory.clear)
+            await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
         store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors))
@@ -126,18 +130,26 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 amount=settings.upstream_quote_amount,
             )
         )
-        poller = Poller(
-            provider,
+        hub = Hub(
+            broadcast,
             store,
-            settings.pairs,
-            interval_s=settings.poll_interval_seconds,
-            amount=settings.upstream_quote_amount,
-            metrics=metrics,
+            stale_after_s=settings.rate_stale_after_seconds,
+            clients_gauge=metrics.websocket_clients,
+            slow_closed=metrics.websocket_slow_closed,
+        )
+        await stack.enter_async_context(running(hub.run(), "websocket-hub"))
+        schedule: Schedule = (
+            SharedSchedule(redis, settings.poll_interval_seconds, settings.poller_lock_ttl_seconds)
+            if redis is not None
+            else LocalSchedule(settings.poll_interval_seconds)
+        )
+        poller = Poller(
+            provider, store, settings.pairs, schedule, amount=settings.upstream_quote_amount, metrics=metrics
         )
         if start_poller:
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
-        yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, poller)
+        yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, hub, poller)
 
 
 def configure_logging() -> None:

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     ]
     poll_interval_seconds: float = Field(default=600, gt=0)
     poller_enabled: bool = True
+    poller_lock_ttl_seconds: float = Field(default=30, gt=0)
     rate_stale_after_seconds: float = Field(default=600, gt=0)
     cache_ttl_seconds: int | None = Field(default=None, gt=0, validate_default=True)
     upstream_timeout_seconds: float = Field(default=30, gt=0)

@@ -3,8 +3,9 @@
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
 
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore
@@ -13,22 +14,22 @@ from app.settings import Settings
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: HTTPConnection) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def get_lookup(request: Request) -> RateLookup:
+def get_lookup(request: HTTPConnection) -> RateLookup:
     lookup: RateLookup = request.state.lookup
     return lookup
 
 
-def get_store(request: Request) -> RateStore:
+def get_store(request: HTTPConnection) -> RateStore:
     store: RateStore = request.state.store
     return store
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
     sessions: async_sessionmaker[AsyncSession] = request.state.sessions
     async with sessions() as session:
         yield session

@@ -50,17 +50,18 @@ async def _redis(redis: Redis | None) -> str | None:
     return None
 
 
-def _poller(poller: Poller, enabled: bool, interval_s: float) -> str | None:
+async def _poller(poller: Poller, enabled: bool, interval_s: float) -> str | None:
     if not enabled or poller.started_at is None:
         return None
-    # Three missed cycles (at least a minute) before the poller counts as failing, so one slow cycle is no outage.
+    # Three missed cycles (at least a minute) before polling counts as failing, so one slow cycle is no outage.
     allowed_s = max(3 * interval_s, 60.0)
-    since = poller.last_success or poller.started_at
+    last_success = await poller.schedule.last_success()
+    since = max(last_success or 0.0, poller.started_at)
     if time.time() - since <= allowed_s:
         return None
-    if poller.last_success is None:
+    if last_success is None:
         return f"no successful cycle since start {time.time() - poller.started_at:.0f}s ago"
-    return f"last successful cycle {time.time() - poller.last_success:.0f}s ago"
+    return f"last successful cycle {time.time() - last_success:.0f}s ago"
 
 
 READY_EXAMPLE = {"status": "success", "message": "Ready", "data": {"database": "ok", "redis": "ok", "poller": "ok"}}
@@ -85,17 +86,17 @@ NOT_READY_EXAMPLE = {
 )
 async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     state = request.state
-    database, redis = await asyncio.gather(_database(state.engine), _redis(state.redis))
-    failures = {
-        "database": database,
-        "redis": redis,
-        "poller": _poller(state.poller, settings.poller_enabled, settings.poll_interval_seconds),
-    }
+    poller: Poller = state.poller
+    database, redis, polling = await asyncio.gather(
+        _database(state.engine),
+        _redis(state.redis),
+        _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
+    )
+    failures = {"database": database, "redis": redis, "poller": polling}
     data: dict[str, Any] = {part: problem or "ok" for part, problem in failures.items()}
     if settings.redis_url is None:
         data["redis"] = "not configured"
-    if not settings.poller_enabled:
-        data["poller"] = "disabled"
+    data["poller"] = f"{polling or 'ok'} ({poller.schedule.role})" if settings.poller_enabled else "disabled"
     failing = [f"{part} {problem}" for part, problem in failures.items() if problem]
     if failing:
         body = {"status": "error", "message": f"Not ready: {'; '.join(failing)}.", "data": data}

@@ -38,6 +38,9 @@ class MemoryCache:
         if current is None or current[1].last_updated <= rate.last_updated:
             self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def forget_older(self, pair: Pair, than: datetime) -> None:
         """Drop the pair's entry if another process has since stored a newer rate."""
         current = self._entries.get(pair)

@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 
 from app.currencies import Pair
 from app.rates.rate import StoredRate
-from app.rates.wire import AllRatesUpdate, RateItem, RateUpdate
+from app.rates.redis_backend import ResilientRedisBackend
+from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RateUpdate
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,12 @@ RATES_CHANNEL = "fxrates.rates"
 
 @asynccontextmanager
 async def create_broadcast(redis_url: str | None) -> AsyncIterator[Broadcast]:
-    async with Broadcast(redis_url or "memory://") as broadcast:
+    """`memory://` for one process; with Redis, a backend that reconnects and resynchronises (see redis_backend)."""
+    if redis_url is None:
+        broadcast = Broadcast("memory://")
+    else:
+        broadcast = Broadcast(backend=ResilientRedisBackend(redis_url, resync_message=RESYNC))
+    async with broadcast:
         yield broadcast
 
 
@@ -49,19 +55,20 @@ class Fanout:
             log.warning("could not publish %s: %s", type(event).__name__, error)
 
 
-async def follow_rate_updates(broadcast: Broadcast, on_update: Callable[[RateUpdate], None]) -> None:
-    """Hand every `rate_update` that any process publishes to `on_update`, until cancelled."""
+async def follow_rate_updates(
+    broadcast: Broadcast, on_update: Callable[[RateUpdate], None], on_resync: Callable[[], None]
+) -> None:
+    """Hand every `rate_update` any process publishes to `on_update`, and a fan-out comeback to `on_resync`."""
     async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
         while True:
             event = await subscriber.get()
-            if '"rate_update"' not in event.message:
-                continue
-            try:
-                update = RateUpdate.model_validate_json(event.message)
-            except ValidationError:
-                log.warning("ignoring a malformed rate_update on %s", RATES_CHANNEL)
-                continue
-            on_update(update)
+            if event.message == RESYNC:
+                on_resync()
+            elif '"rate_update"' in event.message:
+                try:
+                    on_update(RateUpdate.model_validate_json(event.message))
+                except ValidationError:
+                    log.warning("ignoring a malformed rate_update on %s", RATES_CHANNEL)
 
 
 def rate_pair(update: RateUpdate) -> Pair:

@@ -10,6 +10,7 @@ from typing import Self
 
 from app.currencies import Pair
 from app.metrics import Metrics
+from app.rates.schedule import Schedule
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import AllRatesUpdate
 from app.upstream.errors import UpstreamError
@@ -42,21 +43,20 @@ class Poller:
         provider: Provider,
         store: RateStore,
         pairs: list[Pair],
+        schedule: Schedule,
         *,
-        interval_s: float,
         amount: Decimal,
         metrics: Metrics,
     ) -> None:
         self._provider = provider
         self._store = store
         self._pairs = pairs
-        self._interval_s = interval_s
+        self.schedule = schedule
         self._amount = amount
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Task[object]] = set()
         self.started_at: float | None = None  # time.time() when the loop started
-        self.last_success: float | None = None  # time.time() of the last cycle in which the upstream answered
 
     async def run_cycle(self) -> CycleReport:
         started = time.perf_counter()
@@ -69,8 +69,8 @@ class Poller:
         )
         self._metrics.poll_cycle_seconds.observe(report.duration_s)
         if report.ok:
-            self.last_success = time.time()
-            self._metrics.last_successful_cycle.set(self.last_success)
+            await self.schedule.succeeded()
+            self._metrics.last_successful_cycle.set(time.time())
         log.info(
             "poll cycle: %d ok, %d failed, %d changed in %.2fs",
             report.ok,
@@ -103,15 +103,15 @@ class Poller:
         return result.changed
 
     async def run(self) -> None:
-        """Cycle forever; each cycle starts one interval after the previous one started."""
+        """Cycle until cancelled, whenever the schedule says it is this process's turn."""
         self.started_at = time.time()
-        next_start = time.monotonic()
         while True:
-            await self.run_cycle()
-            next_start += self._interval_s
-            # A cycle that overran its interval starts the next one at once, without piling up.
-            next_start = max(next_start, time.monotonic())
-            await asyncio.sleep(next_start - time.monotonic())
+            wait_s = await self.schedule.next_cycle_in()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
+                continue
+            async with self.schedule.cycle():
+                await self.run_cycle()
 
     async def __aenter__(self) -> Self:
         if self._task is not None:
@@ -136,6 +136,7 @@ class Poller:
                 raise
         finally:
             await asyncio.gather(*self._saving, return_exceptions=True)
+            await self.schedule.close()
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

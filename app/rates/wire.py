@@ -58,3 +58,34 @@ class AllRatesUpdate(BaseModel):
     as_of: datetime
     count: int
     changed: int
+
+
+class AllRates(BaseModel):
+    type: Literal["all_rates"] = "all_rates"
+    rates: list[RateItem]
+    as_of: datetime
+
+
+class RateReply(BaseModel):
+    type: Literal["rate"] = "rate"
+    rate: RateItem
+
+
+class Subscribed(BaseModel):
+    type: Literal["subscribed"] = "subscribed"
+    pairs: list[str]
+    min_change_bps: Number
+
+
+class Pong(BaseModel):
+    type: Literal["pong"] = "pong"
+
+
+class ErrorFrame(BaseModel):
+    type: Literal["error"] = "error"
+    code: Literal["bad_request", "not_found", "too_large"]
+    message: str
+
+
+# Published by this process's fan-out backend, never by a client: "Redis is back, refresh what you hold".
+RESYNC = '{"type":"resync"}'

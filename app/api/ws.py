@@ -1,0 +1,205 @@
+"""WebSocket `/ws/rates` (CONTRACT.md §4): a snapshot on connect, then every change, pushed.
+
+Each socket is served by a receiver and a sender in one task group, so when
+either ends (the client leaves, or stops reading and overflows its outbox) the
+other is cancelled with it.
+"""
+
+import asyncio
+import json
+import logging
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.websockets import WebSocketState
+
+from app.api.deps import LookupDep
+from app.currencies import Pair
+from app.errors import RateUnavailable
+from app.rates.hub import ALL, Hub, HubClient
+from app.rates.lookup import RateLookup
+from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+
+MAX_FRAME_BYTES = 64 * 1024
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+def get_hub(websocket: WebSocket) -> Hub:
+    hub: Hub = websocket.state.hub
+    return hub
+
+
+HubDep = Annotated[Hub, Depends(get_hub)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class GetAllRates(_Message):
+    type: Literal["get_all_rates"]
+
+
+class GetRate(_Message):
+    type: Literal["get_rate"]
+    source_currency: str
+    destination_currency: str
+
+
+class Subscribe(_Message):
+    type: Literal["subscribe"]
+    pairs: list[str] = Field(min_length=1, max_length=1000)
+    min_change_bps: Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False, strict=False)] | None = None
+
+
+class Unsubscribe(_Message):
+    type: Literal["unsubscribe"]
+    pairs: list[str] = Field(min_length=1, max_length=1000)
+
+
+class Ping(_Message):
+    type: Literal["ping"]
+
+
+ClientMessage = TypeAdapter(
+    Annotated[GetAllRates | GetRate | Subscribe | Unsubscribe | Ping, Field(discriminator="type")]
+)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _parse(text: str) -> GetAllRates | GetRate | Subscribe | Unsubscribe | Ping:
+    try:
+        raw: Any = json.loads(text, parse_float=Decimal)
+    except ValueError:
+        raise BadRequest("not JSON") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        raise BadRequest('a message is a JSON object with a string "type"')
+    try:
+        return ClientMessage.validate_python(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:]) or "type"
+        raise BadRequest(f"{where}: {first['msg']}") from None
+
+
+def _pair(text: str) -> Pair:
+    source, slash, destination = text.partition("/")
+    if not slash:
+        raise BadRequest(f"{text!r} is not a pair like 'USD/NGN'")
+    try:
+        return Pair.parse(source, destination)
+    except ValueError as error:
+        raise BadRequest(f"{text!r}: {error}") from None
+
+
+def _pairs(texts: list[str]) -> set[Pair] | None:
+    """The pairs named, or None for "*" (every pair)."""
+    if ALL in texts:
+        return None
+    return {_pair(text) for text in texts}
+
+
+def _subscribed(client: HubClient) -> str:
+    pairs = [ALL] if client.pairs is None else sorted(str(pair) for pair in client.pairs)
+    return Subscribed(pairs=pairs, min_change_bps=client.min_change_bps).model_dump_json()
+
+
+async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
+    message = _parse(text)
+    if isinstance(message, Ping):
+        client.send(Pong().model_dump_json())
+    elif isinstance(message, GetAllRates):
+        client.send_snapshot(await hub.snapshot())
+    elif isinstance(message, GetRate):
+        pair = _pair(f"{message.source_currency}/{message.destination_currency}")
+        try:
+            found = await lookup.get(pair)
+        except RateUnavailable:
+            client.send(ErrorFrame(code="not_found", message=f"No rate for {pair} is available.").model_dump_json())
+            return
+        frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
+        client.send(frame, pair, found.rate.destination_per_source)
+    elif isinstance(message, Subscribe):
+        wanted = _pairs(message.pairs)
+        # The first subscribe narrows the default "everything"; later ones add to it.
+        if wanted is None or (client.pairs is None and not client.subscribed_once):
+            client.pairs = wanted
+        elif client.pairs is not None:
+            client.pairs |= wanted
+        client.subscribed_once = True
+        if message.min_change_bps is not None:
+            client.min_change_bps = message.min_change_bps
+        client.send(_subscribed(client))
+    elif isinstance(message, Unsubscribe):
+        unwanted = _pairs(message.pairs)
+        if unwanted is None:
+            client.pairs = set()
+        else:
+            current = client.pairs if client.pairs is not None else set((await hub.snapshot()).values)
+            client.pairs = current - unwanted
+        client.subscribed_once = True
+        client.send(_subscribed(client))
+
+
+async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
+    while True:
+        text = await websocket.receive_text()
+        if len(text.encode()) > MAX_FRAME_BYTES:
+            client.close_code = CLOSE_TOO_BIG
+            return
+        try:
+            await _answer(text, client, hub, lookup)
+        except BadRequest as error:
+            client.send(ErrorFrame(code="bad_request", message=str(error)).model_dump_json())
+
+
+async def _send(websocket: WebSocket, client: HubClient) -> None:
+    while True:
+        await websocket.send_text(await client.outbox.get())
+
+
+async def _overflow(client: HubClient, hub: Hub) -> None:
+    # Watched apart from the sender, which may sit blocked on a client that stopped reading.
+    await client.outbox.overflowed.wait()
+    hub.slow_closed.inc()
+    client.close_code = CLOSE_TRY_AGAIN_LATER
+
+
+async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
+    await websocket.accept()
+    client = hub.join()
+    try:
+        client.send_snapshot(await hub.snapshot())
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_receive(websocket, client, hub, lookup)),
+                group.create_task(_send(websocket, client)),
+                group.create_task(_overflow(client, hub)),
+            ]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:
+                task.cancel()
+    except* (WebSocketDisconnect, OSError):
+        pass
+    finally:
+        hub.leave(client)
+    if client.close_code is not None and websocket.application_state is WebSocketState.CONNECTED:
+        try:
+            async with asyncio.timeout(5):
+                await websocket.close(client.close_code)
+        except (TimeoutError, RuntimeError, OSError):
+            log.info("a websocket client could not be closed cleanly; dropped")
+
+
+router.add_api_websocket_route("/ws/rates", serve)
+router.add_api_websocket_route("/ws/rates/", serve)

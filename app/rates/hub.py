@@ -1,0 +1,190 @@
+"""The process's one listener to the rate channel, fanning every event out to its connected clients.
+
+Each event arrives once, is parsed once, and the same frame text is queued for
+every client that wants it. Each client has a bounded outbox: one that stops
+reading fills it and is cut off, and nobody else waits for it.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+from broadcaster import Broadcast
+from prometheus_client import Counter, Gauge
+
+from app.currencies import Pair
+from app.rates.fanout import RATES_CHANNEL
+from app.rates.store import RateStore, utc_now
+from app.rates.wire import RESYNC, AllRates, RateItem
+
+log = logging.getLogger(__name__)
+
+ALL = "*"
+# A snapshot is rebuilt after any change, and at least this often so its `stale` flags stay true.
+SNAPSHOT_MAX_AGE_S = 1.0
+
+
+class Outbox:
+    """A bounded queue of frames for one client."""
+
+    def __init__(self, max_frames: int) -> None:
+        self._frames: deque[str] = deque()
+        self._max_frames = max_frames
+        self._ready = asyncio.Event()
+        self.overflowed = asyncio.Event()
+
+    def put(self, frame: str) -> None:
+        if self.overflowed.is_set():
+            return
+        if len(self._frames) >= self._max_frames:
+            # The client stopped reading: what it has not taken is dropped, and it is to be cut off.
+            self._frames.clear()
+            self.overflowed.set()
+            return
+        self._frames.append(frame)
+        self._ready.set()
+
+    async def get(self) -> str:
+        while not self._frames:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._frames.popleft()
+
+
+class Snapshot:
+    """Every stored rate as one `all_rates` frame, with the values it tells a client."""
+
+    def __init__(self, frame: str, values: dict[Pair, Decimal], built_at: float) -> None:
+        self.frame = frame
+        self.values = values
+        self.built_at = built_at
+
+
+class HubClient:
+    """One connected client: what it subscribed to, what it was last sent, and its outbox."""
+
+    def __init__(self, max_frames: int) -> None:
+        self.outbox = Outbox(max_frames)
+        self.pairs: set[Pair] | None = None  # None: every pair
+        self.min_change_bps = Decimal(0)
+        self.subscribed_once = False
+        self.close_code: int | None = None
+        self._sent_base: dict[Pair, Decimal] = {}  # a snapshot's values, shared with other clients, never written
+        self._sent: dict[Pair, Decimal] = {}
+        self._held: list[tuple[Pair, Decimal, str]] | None = []  # updates that arrive before the first snapshot
+
+    def last_sent(self, pair: Pair) -> Decimal | None:
+        return self._sent.get(pair, self._sent_base.get(pair))
+
+    def send_snapshot(self, snapshot: Snapshot) -> None:
+        self._sent_base, self._sent = snapshot.values, {}
+        self.outbox.put(snapshot.frame)
+        held, self._held = self._held, None
+        for pair, value, frame in held or ():
+            self.offer(pair, value, frame)
+
+    def send(self, frame: str, pair: Pair | None = None, value: Decimal | None = None) -> None:
+        if pair is not None and value is not None:
+            self._sent[pair] = value
+        self.outbox.put(frame)
+
+    def offer(self, pair: Pair, value: Decimal, frame: str) -> None:
+        """Queue a rate update if this client wants the pair and the move is big enough for it."""
+        if self._held is not None:
+            self._held.append((pair, value, frame))
+            return
+        if self.pairs is not None and pair not in self.pairs:
+            return
+        last = self.last_sent(pair)
+        if self.min_change_bps and last is not None and last:
+            moved_bps = abs(value - last) / last * 10_000
+            if moved_bps < self.min_change_bps:
+                return
+        self.send(frame, pair, value)
+
+
+class Hub:
+    def __init__(
+        self,
+        broadcast: Broadcast,
+        store: RateStore,
+        *,
+        stale_after_s: float,
+        clients_gauge: Gauge,
+        slow_closed: Counter,
+        max_frames: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._broadcast = broadcast
+        self._store = store
+        self._stale_after_s = stale_after_s
+        self._clients: set[HubClient] = set()
+        self._clients_gauge = clients_gauge
+        self.slow_closed = slow_closed
+        self._max_frames = max_frames
+        self._clock = clock
+        self._snapshot: Snapshot | None = None
+        self._snapshot_lock = asyncio.Lock()
+
+    def join(self) -> HubClient:
+        """A new client; it holds updates until it is sent its first snapshot."""
+        client = HubClient(self._max_frames)
+        self._clients.add(client)
+        self._clients_gauge.set(len(self._clients))
+        return client
+
+    def leave(self, client: HubClient) -> None:
+        self._clients.discard(client)
+        self._clients_gauge.set(len(self._clients))
+
+    async def snapshot(self) -> Snapshot:
+        current = self._snapshot
+        if current is not None and self._clock() - current.built_at < SNAPSHOT_MAX_AGE_S:
+            return current
+        async with self._snapshot_lock:
+            # Whoever waited on the lock takes the snapshot the holder just built.
+            current = self._snapshot
+            if current is not None and self._clock() - current.built_at < SNAPSHOT_MAX_AGE_S:
+                return current
+            built_at = self._clock()
+            now = utc_now()
+            rates = await self._store.all()
+            items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
+            frame = AllRates(rates=items, as_of=now).model_dump_json()
+            self._snapshot = Snapshot(frame, {rate.pair: rate.destination_per_source for rate in rates}, built_at)
+            return self._snapshot
+
+    async def run(self) -> None:
+        """Listen to the rate channel and fan each event out, until cancelled."""
+        async with self._broadcast.subscribe(RATES_CHANNEL) as subscriber:
+            while True:
+                event = await subscriber.get()
+                try:
+                    await self._dispatch(event.message)
+                except Exception:
+                    log.exception("could not fan out an event")
+
+    async def _dispatch(self, frame: str) -> None:
+        message: dict[str, Any] = json.loads(frame)
+        kind = message.get("type")
+        if kind == "rate_update":
+            self._snapshot = None
+            item = message["rate"]
+            pair = Pair(item["source_currency"], item["destination_currency"])
+            value = Decimal(str(item["destination_per_source"]))
+            for client in list(self._clients):
+                client.offer(pair, value, frame)
+        elif kind == "all_rates_update":
+            for client in list(self._clients):
+                client.send(frame)
+        elif frame == RESYNC:
+            # Redis was away: whatever changed meanwhile reaches every client as a fresh snapshot.
+            self._snapshot = None
+            snapshot = await self.snapshot()
+            for client in list(self._clients):
+                client.send_snapshot(snapshot)
