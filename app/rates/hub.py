@@ -76,7 +76,8 @@ class HubClient:
         self.close_code: int | None = None
         self._sent_base: dict[Pair, Decimal] = {}  # a snapshot's values, shared with other clients, never written
         self._sent: dict[Pair, Decimal] = {}
-        self._held: list[tuple[Pair, Decimal, str]] | None = []  # updates that arrive before the first snapshot
+        # Events that arrive before the first snapshot, passed on once it is sent: it must come first.
+        self._held: list[tuple[Pair | None, Decimal, str]] | None = []
 
     def last_sent(self, pair: Pair) -> Decimal | None:
         return self._sent.get(pair, self._sent_base.get(pair))
@@ -86,12 +87,22 @@ class HubClient:
         self.outbox.put(snapshot.frame)
         held, self._held = self._held, None
         for pair, value, frame in held or ():
-            self.offer(pair, value, frame)
+            if pair is None:
+                self.outbox.put(frame)
+            else:
+                self.offer(pair, value, frame)
 
     def send(self, frame: str, pair: Pair | None = None, value: Decimal | None = None) -> None:
         if pair is not None and value is not None:
             self._sent[pair] = value
         self.outbox.put(frame)
+
+    def push(self, frame: str) -> None:
+        """Queue an event every client gets (the end of a poll cycle)."""
+        if self._held is not None:
+            self._held.append((None, Decimal(0), frame))
+        else:
+            self.outbox.put(frame)
 
     def offer(self, pair: Pair, value: Decimal, frame: str) -> None:
         """Queue a rate update if this client wants the pair and the move is big enough for it."""
@@ -181,7 +192,7 @@ class Hub:
                 client.offer(pair, value, frame)
         elif kind == "all_rates_update":
             for client in list(self._clients):
-                client.send(frame)
+                client.push(frame)
         elif frame == RESYNC:
             # Redis was away: whatever changed meanwhile reaches every client as a fresh snapshot.
             self._snapshot = None

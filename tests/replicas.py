@@ -1,0 +1,113 @@
+"""Real uvicorn processes of the service on loopback, each started and stopped by its own PID."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from app.db import PROJECT_ROOT
+from app.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def service_env(**values: str) -> dict[str, str]:
+    """The inherited environment without any of the service's own variables, then `values`."""
+    names = {name.upper() for name in Settings.model_fields}
+    env = {key: value for key, value in os.environ.items() if key.upper() not in names}
+    env.update(values)
+    return env
+
+
+class Replica:
+    def __init__(self, log_dir: Path, name: str = "replica", **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/ws/rates"
+        self.env = service_env(ENVIRONMENT="test", **env)
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30) -> "Replica":
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--no-access-log",
+        ]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"replica did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def get(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def poller_role(self) -> str:
+        _, body = self.get("/readyz")
+        role: str = body["data"]["poller"]
+        return role
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown at all, as when a machine dies."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=5)
+        self.process = None
+
+
+def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> None:
+    """Until the replica serves `count` stored pairs across the four default bases."""
+    deadline = time.monotonic() + timeout_s
+    while (
+        sum(
+            replica.get(f"/api/rates/all?base_currency={base}")[1]["meta"]["count"]
+            for base in ("USD", "CAD", "GBP", "EUR")
+        )
+        < count
+    ):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the replica has not stored {count} rates:\n{replica.log()}")
+        time.sleep(0.05)
