@@ -11,8 +11,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
-from app.api import ops, rates, ws
+from app.api import board, ops, rates, ws
 from app.api.middleware import RequestMetrics
 from app.errors import add_error_handlers
 from app.metrics import Metrics
@@ -44,6 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(rates.router)
     app.include_router(ops.router)
     app.include_router(ws.router)
+    app.include_router(board.router)
+    app.mount("/static", StaticFiles(directory=board.WEB_DIR / "static"), name="static")
     return app
 
 

@@ -1,0 +1,348 @@
+// The rates board: every stored pair, live over /ws/rates, with 7-day sparklines, a quote box and a
+// "rate at" lookup. Plain modules, no build step, nothing fetched from outside the service.
+
+const SPARK_DAYS = 7;
+const MOVE_MARK_MS = 5000;
+const BACKOFF_START_MS = 500;
+const BACKOFF_MAX_MS = 30000;
+const OFFLINE_AFTER_ATTEMPTS = 6;
+
+const rows = new Map(); // "USD/NGN" -> {item, history: [{at, value}], element}
+const board = document.getElementById("board");
+const connection = document.getElementById("connection");
+
+// ---- formatting -------------------------------------------------------------------------------
+
+function digitsFor(value) {
+  if (value >= 1000) return 2;
+  if (value >= 1) return 4;
+  return Math.min(10, 3 - Math.floor(Math.log10(value)) + 2);
+}
+
+function formatNumber(value, digits = digitsFor(value)) {
+  return value.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+function formatAge(isoTime) {
+  const seconds = Math.max(0, Math.round((Date.now() - Date.parse(isoTime)) / 1000));
+  if (seconds < 60) return `${seconds} s ago`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ago`;
+  if (seconds < 86400) return `${Math.floor(seconds / 3600)} h ago`;
+  return `${Math.floor(seconds / 86400)} d ago`;
+}
+
+function formatUtc(isoTime) {
+  return new Date(isoTime).toISOString().replace("T", " ").replace(/\.\d+Z$/, " UTC");
+}
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name === "class") node.className = value;
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value);
+  }
+  node.append(...children);
+  return node;
+}
+
+// ---- charts -----------------------------------------------------------------------------------
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attributes = {}) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  return node;
+}
+
+function scale(points, width, height, pad) {
+  const times = points.map((p) => Date.parse(p.at));
+  const values = points.map((p) => p.value);
+  const [t0, t1] = [Math.min(...times), Math.max(...times)];
+  const [v0, v1] = [Math.min(...values), Math.max(...values)];
+  return points.map((p, i) => ({
+    x: pad + (t1 > t0 ? ((times[i] - t0) / (t1 - t0)) * (width - 2 * pad) : (width - 2 * pad) / 2),
+    y: pad + (v1 > v0 ? (1 - (p.value - v0) / (v1 - v0)) * (height - 2 * pad) : (height - 2 * pad) / 2),
+    point: p,
+  }));
+}
+
+function sparkline(points) {
+  const chart = svg("svg", { viewBox: "0 0 100 24", class: "spark", role: "img" });
+  if (points.length === 0) {
+    chart.setAttribute("aria-label", "no history yet");
+    return chart;
+  }
+  const first = points[0].value;
+  const last = points[points.length - 1].value;
+  chart.setAttribute("aria-label", `${points.length} points over ${SPARK_DAYS} days, ${formatNumber(first)} to ${formatNumber(last)}`);
+  const scaled = scale(points, 100, 24, 2);
+  chart.append(svg("polyline", { points: scaled.map((s) => `${s.x},${s.y}`).join(" "), fill: "none" }));
+  return chart;
+}
+
+function bigChart(points) {
+  const [width, height, pad] = [640, 280, 28];
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "big", role: "img" });
+  if (points.length === 0) {
+    chart.setAttribute("aria-label", "no history yet");
+    return chart;
+  }
+  const scaled = scale(points, width, height, pad);
+  const values = points.map((p) => p.value);
+  chart.setAttribute("aria-label", `${points.length} points from ${formatNumber(Math.min(...values))} to ${formatNumber(Math.max(...values))}`);
+  chart.append(svg("polyline", { points: scaled.map((s) => `${s.x},${s.y}`).join(" "), fill: "none" }));
+  for (const s of scaled) {
+    const dot = svg("circle", { cx: s.x, cy: s.y, r: 3.5 });
+    const tip = svg("title");
+    tip.textContent = `${formatUtc(s.point.at)}: ${formatNumber(s.point.value)}`;
+    dot.append(tip);
+    chart.append(dot);
+  }
+  const label = (text, x, y, anchor) => {
+    const node = svg("text", { x, y, "text-anchor": anchor });
+    node.textContent = text;
+    chart.append(node);
+  };
+  label(formatNumber(Math.max(...values)), 4, 14, "start");
+  label(formatNumber(Math.min(...values)), 4, height - 6, "start");
+  label(formatUtc(points[0].at), pad, height - 6, "start");
+  label(formatUtc(points[points.length - 1].at), width - pad, height - 6, "end");
+  return chart;
+}
+
+// ---- the board --------------------------------------------------------------------------------
+
+function groupFor(source) {
+  let group = board.querySelector(`section[data-source="${source}"]`);
+  if (group) return group.querySelector("tbody");
+  board.querySelector(".empty")?.remove();
+  const head = element("tr", {},
+    element("th", { scope: "col", text: "Pair" }),
+    element("th", { scope: "col", text: `1 ${source} =` }),
+    element("th", { scope: "col", text: "Updated" }),
+    element("th", { scope: "col", class: "spark-col", text: `${SPARK_DAYS} days` }),
+    element("th", { scope: "col", text: "Status" }));
+  group = element("section", { class: "group", "data-source": source, "aria-label": `From ${source}` },
+    element("h2", { text: `From ${source}` }),
+    element("table", {}, element("thead", {}, head), element("tbody")));
+  const sources = [...board.querySelectorAll("section.group")];
+  const after = sources.find((s) => s.dataset.source > source);
+  board.insertBefore(group, after ?? null);
+  return group.querySelector("tbody");
+}
+
+function createRow(pair, item) {
+  const tbody = groupFor(item.source_currency);
+  const tr = element("tr", { "data-pair": pair, tabindex: "0", "aria-label": `${pair}, open chart` },
+    element("th", { scope: "row", class: "pair", text: `${item.source_currency} → ${item.destination_currency}` }),
+    element("td", { class: "value" }, element("span", { class: "number" }), element("span", { class: "move" })),
+    element("td", { class: "age" }),
+    element("td", { class: "spark-col" }),
+    element("td", { class: "badges" }));
+  tr.addEventListener("click", () => openChart(pair));
+  tr.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") {
+      event.preventDefault();
+      openChart(pair);
+    }
+  });
+  const rowsOfGroup = [...tbody.querySelectorAll("tr")];
+  tbody.insertBefore(tr, rowsOfGroup.find((r) => r.dataset.pair > pair) ?? null);
+  return tr;
+}
+
+function render(pair) {
+  const row = rows.get(pair);
+  const { item } = row;
+  row.element.querySelector(".number").textContent = formatNumber(item.destination_per_source);
+  row.element.querySelector(".number").dataset.value = item.destination_per_source;
+  row.element.querySelector(".age").dataset.time = item.last_updated;
+  row.element.querySelector(".age").textContent = formatAge(item.last_updated);
+  const badges = row.element.querySelector(".badges");
+  badges.replaceChildren();
+  if (item.stale) badges.append(element("span", { class: "badge stale", text: "stale" }));
+  badges.append(element("span", { class: `badge provider ${item.provider}`, text: item.provider === "demo" ? "DEMO rate" : item.provider }));
+  row.element.querySelector("td.spark-col").replaceChildren(sparkline(row.history));
+  row.element.classList.toggle("is-stale", item.stale);
+}
+
+function markMove(pair, direction) {
+  const row = rows.get(pair);
+  const move = row.element.querySelector(".move");
+  move.textContent = direction > 0 ? "▲ up" : "▼ down";
+  row.element.dataset.moved = direction > 0 ? "up" : "down";
+  clearTimeout(row.moveTimer);
+  row.moveTimer = setTimeout(() => {
+    move.textContent = "";
+    delete row.element.dataset.moved;
+  }, MOVE_MARK_MS);
+}
+
+function upsert(item, { fromUpdate = false } = {}) {
+  const pair = `${item.source_currency}/${item.destination_currency}`;
+  let row = rows.get(pair);
+  if (!row) {
+    row = { item, history: [], element: createRow(pair, item) };
+    rows.set(pair, row);
+    loadHistory(pair);
+  }
+  const before = row.item.destination_per_source;
+  row.item = item;
+  const last = row.history[row.history.length - 1];
+  if (!last || last.value !== item.destination_per_source) {
+    row.history.push({ at: item.last_updated, value: item.destination_per_source });
+  }
+  render(pair);
+  if (fromUpdate && before !== item.destination_per_source) markMove(pair, item.destination_per_source - before);
+  fillCurrencyChoices();
+}
+
+async function loadHistory(pair) {
+  const [source, destination] = pair.split("/");
+  const since = new Date(Date.now() - SPARK_DAYS * 86400 * 1000).toISOString();
+  const url = `/api/rates/history?source_currency=${source}&destination_currency=${destination}&since=${encodeURIComponent(since)}&limit=5000`;
+  try {
+    const response = await fetch(url);
+    if (!response.ok) return;
+    const body = await response.json();
+    const row = rows.get(pair);
+    const points = body.data.points.map((p) => ({ at: p.at, value: p.destination_per_source }));
+    const known = new Set(points.map((p) => p.at));
+    row.history = [...points, ...row.history.filter((p) => !known.has(p.at) && p.at > (points.at(-1)?.at ?? ""))];
+    render(pair);
+  } catch {
+    // The sparkline stays as it was; the next update draws what is known.
+  }
+}
+
+function openChart(pair) {
+  const row = rows.get(pair);
+  const dialog = document.getElementById("chart-dialog");
+  document.getElementById("chart-title").textContent = `${pair.replace("/", " → ")}, last ${SPARK_DAYS} days`;
+  document.getElementById("chart").replaceChildren(bigChart(row.history));
+  dialog.querySelector("tbody").replaceChildren(...row.history.slice().reverse().map((p) =>
+    element("tr", {}, element("td", { text: formatUtc(p.at) }), element("td", { text: formatNumber(p.value) }))));
+  dialog.showModal();
+}
+
+setInterval(() => {
+  for (const cell of board.querySelectorAll("td.age[data-time]")) cell.textContent = formatAge(cell.dataset.time);
+}, 1000);
+
+// ---- the live connection ----------------------------------------------------------------------
+
+let attempts = 0;
+
+function setConnection(state) {
+  connection.dataset.state = state;
+  connection.querySelector(".label").textContent = state;
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const socket = new WebSocket(`${scheme}://${location.host}/ws/rates`);
+  socket.addEventListener("open", () => {
+    attempts = 0;
+    setConnection("live");
+  });
+  socket.addEventListener("message", (event) => receive(JSON.parse(event.data)));
+  socket.addEventListener("close", () => reconnectLater());
+}
+
+function reconnectLater() {
+  attempts += 1;
+  // Exponential backoff with full jitter, so a restarted service is not met by every board at once.
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** (attempts - 1));
+  const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+  setConnection(!navigator.onLine || attempts > OFFLINE_AFTER_ATTEMPTS ? "offline" : "reconnecting");
+  setTimeout(connect, delay);
+}
+
+function receive(message) {
+  if (message.type === "all_rates") {
+    for (const item of message.rates) upsert(item);
+    board.setAttribute("aria-busy", "false");
+  } else if (message.type === "rate_update") {
+    upsert(message.rate, { fromUpdate: true });
+  }
+}
+
+window.addEventListener("offline", () => setConnection("offline"));
+
+// ---- the quote box and the "rate at" lookup ---------------------------------------------------
+
+function fillCurrencyChoices() {
+  const sources = [...new Set([...rows.values()].map((r) => r.item.source_currency))].sort();
+  const destinations = [...new Set([...rows.values()].map((r) => r.item.destination_currency))].sort();
+  for (const form of document.querySelectorAll("#quote-form, #at-form")) {
+    fillSelect(form.elements.source, sources);
+    fillSelect(form.elements.destination, destinations);
+  }
+}
+
+const PREFERRED = { source: "USD", destination: "NGN" };
+
+function fillSelect(select, codes) {
+  if (select.options.length === codes.length) return;
+  const chosen = select.dataset.chosen ?? PREFERRED[select.name];
+  select.replaceChildren(...codes.map((code) => element("option", { value: code, text: code })));
+  if (codes.includes(chosen)) select.value = chosen;
+}
+
+async function getJson(url) {
+  const response = await fetch(url);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.message ?? `HTTP ${response.status}`);
+  return body;
+}
+
+document.getElementById("quote-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const output = document.getElementById("quote-result");
+  const { source, destination, amount, mode } = Object.fromEntries(new FormData(form));
+  const param = mode === "send" ? "source_amount" : "amount";
+  output.textContent = "…";
+  try {
+    const body = await getJson(`/api/rates?source_currency=${source}&destination_currency=${destination}&${param}=${encodeURIComponent(amount)}`);
+    const { data, meta } = body;
+    output.replaceChildren(
+      element("strong", { class: "quote-figure", text: `${formatNumber(data.source.amount, 2)} ${data.source.currency} → ${formatNumber(data.destination.amount, 2)} ${data.destination.currency}` }),
+      element("span", { text: ` at 1 ${source} = ${formatNumber(meta.destination_per_source)} ${destination}, updated ${formatAge(meta.last_updated)}${meta.stale ? " (stale)" : ""}${meta.provider === "demo" ? " · DEMO rate" : ""}` }));
+    output.dataset.sourceAmount = data.source.amount;
+    output.dataset.destinationAmount = data.destination.amount;
+  } catch (error) {
+    output.textContent = error.message;
+  }
+});
+
+document.getElementById("at-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const output = document.getElementById("at-result");
+  const { source, destination, at } = Object.fromEntries(new FormData(form));
+  const moment = new Date(at).toISOString();
+  output.textContent = "…";
+  try {
+    const body = await getJson(`/api/rates/history?source_currency=${source}&destination_currency=${destination}&at=${encodeURIComponent(moment)}`);
+    const [point] = body.data.points;
+    output.replaceChildren(
+      element("strong", { text: `1 ${source} = ${formatNumber(point.destination_per_source)} ${destination}` }),
+      element("span", { text: ` in effect at ${formatUtc(moment)} (observed ${formatUtc(point.at)})` }));
+    output.dataset.value = point.destination_per_source;
+  } catch (error) {
+    output.textContent = error.message;
+  }
+});
+
+for (const select of document.querySelectorAll("form select")) {
+  select.addEventListener("change", () => { select.dataset.chosen = select.value; });
+}
+
+const now = new Date();
+document.querySelector("#at-form input[name=at]").value =
+  new Date(now.getTime() - now.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+
+connect();

@@ -1,0 +1,168 @@
+"""The rates board in a real browser: Debian's chromium driven headless by Playwright, against a real service."""
+
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from app.currencies import Pair
+from app.db import PROJECT_ROOT
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.replicas import Replica, wait_for_rates
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"
+POLL_INTERVAL_S = 1.0
+# No background traffic: this machine's network is closed, and the page must not need one.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeFlutterwave]:
+    with FakeFlutterwave() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    folder = Path(tmp_path_factory.mktemp("board"))
+    replica = Replica(
+        folder,
+        DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
+        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
+        FLUTTERWAVE_BASE_URL=fake.url,
+        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
+    )
+    replica.start()
+    try:
+        wait_for_rates(replica)
+        yield replica
+    finally:
+        replica.stop()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        await browser.close()
+
+
+async def open_board(browser: Browser, service: Replica, width: int = 1280) -> tuple[Page, list[str]]:
+    page = await browser.new_page(viewport={"width": width, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.goto(service.url + "/")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(page.locator("tr[data-pair]")).to_have_count(44)
+    return page, errors
+
+
+async def test_the_board_shows_every_pair_without_errors_and_at_both_widths(browser: Browser, service: Replica) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    for width in (1280, 360):
+        page, errors = await open_board(browser, service, width)
+        await expect(page.locator("section.group")).to_have_count(4)
+        row = page.locator('tr[data-pair="USD/NGN"]')
+        await expect(row.locator(".number")).to_have_text("1,530.25")
+        await expect(row.locator(".badge.provider")).to_have_text("flutterwave")
+        await expect(row.locator("td.age")).to_contain_text("s ago")
+        await expect(row.locator("svg.spark")).to_have_count(1)
+        # Nothing sticks out sideways on a phone.
+        assert await page.evaluate("document.documentElement.scrollWidth") <= width
+        await page.screenshot(path=str(ARTIFACTS / f"board-{width}.png"), full_page=True)
+        assert errors == []
+        await page.close()
+
+
+async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
+    browser: Browser, service: Replica, fake: FakeFlutterwave
+) -> None:
+    page, errors = await open_board(browser, service)
+    pair = Pair("GBP", "KES")
+    row = page.locator(f'tr[data-pair="{pair}"]')
+    moved = fake.bump(pair, Decimal("1.02"))
+    bumped_at = time.monotonic()
+    await expect(row.locator(".number")).to_have_attribute("data-value", str(float(moved)), timeout=3000)
+    assert time.monotonic() - bumped_at <= POLL_INTERVAL_S + 1.5
+    await expect(row).to_have_attribute("data-moved", "up")
+    await expect(row.locator(".move")).to_have_text("▲ up")
+    assert errors == []
+
+
+async def test_the_quote_box_agrees_with_the_rest_api(browser: Browser, service: Replica) -> None:
+    page, _ = await open_board(browser, service)
+    form = page.locator("#quote-form")
+    await form.locator("select[name=source]").select_option("EUR")
+    await form.locator("select[name=destination]").select_option("MAD")
+    await form.locator("input[name=amount]").fill("250")
+    await form.locator("button[type=submit]").click()
+    result = page.locator("#quote-result")
+    await expect(result).to_have_attribute(
+        "data-destination-amount",
+        str(
+            float(
+                service.get("/api/rates?source_currency=EUR&destination_currency=MAD&source_amount=250")[1]["data"][
+                    "destination"
+                ]["amount"]
+            )
+        ),
+    )
+    await form.locator("input[value=receive]").check()
+    await form.locator("button[type=submit]").click()
+    rest = service.get("/api/rates?source_currency=EUR&destination_currency=MAD&amount=250")[1]
+    await expect(result).to_have_attribute("data-source-amount", str(rest["data"]["source"]["amount"]))
+    await expect(result).to_contain_text("EUR")
+
+
+async def test_the_rate_at_a_moment(browser: Browser, service: Replica) -> None:
+    page, _ = await open_board(browser, service)
+    form = page.locator("#at-form")
+    await form.locator("select[name=source]").select_option("USD")
+    await form.locator("select[name=destination]").select_option("ZAR")
+    await form.locator("button[type=submit]").click()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 5))
+    rest = service.get(f"/api/rates/history?source_currency=USD&destination_currency=ZAR&at={now}")[1]
+    expected = rest["data"]["points"][0]["destination_per_source"]
+    await expect(page.locator("#at-result")).to_have_attribute("data-value", str(expected))
+
+
+async def test_a_row_opens_its_chart_from_the_keyboard(browser: Browser, service: Replica) -> None:
+    page, _ = await open_board(browser, service)
+    row = page.locator('tr[data-pair="USD/NGN"]')
+    await row.focus()
+    await page.keyboard.press("Enter")
+    dialog = page.locator("#chart-dialog")
+    await expect(dialog).to_be_visible()
+    await expect(page.locator("#chart-title")).to_contain_text("USD → NGN")
+    await expect(dialog.locator("svg.big circle").first).to_be_attached()
+    await page.keyboard.press("Escape")
+    await expect(dialog).to_be_hidden()
+
+
+async def test_the_connection_indicator_follows_the_service(browser: Browser, service: Replica) -> None:
+    page, _ = await open_board(browser, service)
+    indicator = page.locator("#connection")
+    service.stop()
+    try:
+        await expect(indicator).to_have_attribute("data-state", "reconnecting", timeout=5000)
+        await expect(indicator).to_have_text("reconnecting")
+    finally:
+        service.start()
+    await expect(indicator).to_have_attribute("data-state", "live", timeout=15000)
+    # The fresh snapshot after reconnecting fills the board again.
+    await expect(page.locator("tr[data-pair]")).to_have_count(44)
