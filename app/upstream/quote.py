@@ -60,7 +60,7 @@ class Quote:
 
 
 def significant(value: Decimal, digits: int = SIGNIFICANT_DIGITS) -> Decimal:
-    """`value` rounded to `digits` significant digits, written without an exponent or trailing zeros."""
+    """`value` rounded to `digits` significant digits, without trailing zeros (nor a positive exponent)."""
     with localcontext() as context:
         context.prec = digits
         rounded = (+value).normalize()
