@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from app.api import board, ops, rates, ws
+from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
 from app.errors import add_error_handlers
 from app.metrics import Metrics
@@ -38,6 +39,8 @@ def create_app(settings: Settings) -> FastAPI:
         redirect_slashes=False,
     )
     add_error_handlers(app)
+    # Innermost: between CORS (which must still decorate every answer) and the router.
+    app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(
         CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
     )

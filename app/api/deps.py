@@ -1,4 +1,8 @@
-"""What endpoints are handed: the lifespan's resources, as `Annotated` dependency aliases."""
+"""What endpoints are handed: the lifespan's resources, as `Annotated` dependency aliases.
+
+They are `async def` on purpose: a plain `def` dependency runs in a worker thread, which costs more than
+the whole rest of a cached rate lookup.
+"""
 
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
@@ -7,6 +11,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.rates.hub import Hub
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore
 from app.settings import Settings
@@ -14,19 +19,24 @@ from app.settings import Settings
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-def get_settings(request: HTTPConnection) -> Settings:
+async def get_settings(request: HTTPConnection) -> Settings:
     settings: Settings = request.state.settings
     return settings
 
 
-def get_lookup(request: HTTPConnection) -> RateLookup:
+async def get_lookup(request: HTTPConnection) -> RateLookup:
     lookup: RateLookup = request.state.lookup
     return lookup
 
 
-def get_store(request: HTTPConnection) -> RateStore:
+async def get_store(request: HTTPConnection) -> RateStore:
     store: RateStore = request.state.store
     return store
+
+
+async def get_hub(request: HTTPConnection) -> Hub:
+    hub: Hub = request.state.hub
+    return hub
 
 
 async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
@@ -38,6 +48,7 @@ async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 StoreDep = Annotated[RateStore, Depends(get_store)]
+HubDep = Annotated[Hub, Depends(get_hub)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 

@@ -1,13 +1,13 @@
 """REST: `/api/rates`, `/api/rates/all` and `/api/rates/history` (CONTRACT.md §3)."""
 
-import hashlib
 from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import LookupDep, SessionDep, SettingsDep, StoreDep, get_with_and_without_slash
+from app.api.deps import HubDep, LookupDep, SessionDep, SettingsDep, get_with_and_without_slash
+from app.api.etags import etag, matches
 from app.api.schemas import (
     AllRatesData,
     AllRatesEntry,
@@ -55,26 +55,8 @@ CACHED = {
 }
 
 
-def _etag(*parts: object) -> str:
-    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=12).hexdigest()
-    return f'W/"{digest}"'
-
-
-def _matches(request: Request, etag: str) -> bool:
-    wanted = request.headers.get("if-none-match")
-    if not wanted:
-        return False
-    tags = {tag.strip().removeprefix("W/") for tag in wanted.split(",")}
-    return "*" in tags or etag.removeprefix("W/") in tags
-
-
-def _validated(request: Request, response: Response, etag: str, max_age_s: float) -> Response | None:
-    """Set the caching headers; a 304 to send instead when the client already holds this answer."""
-    headers = {"ETag": etag, "Cache-Control": f"max-age={max(0, int(max_age_s))}"}
-    if _matches(request, etag):
-        return Response(status_code=304, headers=headers)
-    response.headers.update(headers)
-    return None
+def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
+    return {"ETag": etag, "Cache-Control": f"max-age={max(0, int(max_age_s))}"}
 
 
 @get_with_and_without_slash(
@@ -94,9 +76,7 @@ def _validated(request: Request, response: Response, etag: str, max_age_s: float
         ),
     },
 )
-async def get_rate(
-    query: Annotated[RateQuery, Query()], lookup: LookupDep, request: Request, response: Response
-) -> RateResponse | Response:
+async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, request: Request) -> Response:
     found = await lookup.get(query.pair)
     rate = found.rate
     if query.source_amount is not None:
@@ -105,11 +85,11 @@ async def get_rate(
         destination_amount = query.amount if query.amount is not None else Decimal(1)
         source_amount = source_for(rate, destination_amount)
     age_s = rate.age_s(utc_now())
-    etag = _etag(rate.pair, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount)
-    max_age_s = 0 if found.stale else lookup.stale_after_s - age_s
-    if (not_modified := _validated(request, response, etag, max_age_s)) is not None:
-        return not_modified
-    return RateResponse(
+    tag = etag(rate.pair, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount)
+    headers = _caching_headers(tag, 0 if found.stale else lookup.stale_after_s - age_s)
+    if matches(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers=headers)
+    body = RateResponse(
         data=RateData(
             rate=rate.rate,
             source=Money(currency=rate.pair.source, amount=source_amount),
@@ -124,6 +104,8 @@ async def get_rate(
             provider=rate.provider,
         ),
     )
+    # Serialised here, once: the declared response_model documents it, and validating it again would cost time.
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @get_with_and_without_slash(
@@ -135,17 +117,17 @@ async def get_rate(
     responses={200: {"headers": CACHED}, 304: NOT_MODIFIED, 422: INVALID},
 )
 async def get_all_rates(
-    query: Annotated[AllRatesQuery, Query()],
-    store: StoreDep,
-    settings: SettingsDep,
-    request: Request,
-    response: Response,
-) -> AllRatesResponse | Response:
+    query: Annotated[AllRatesQuery, Query()], hub: HubDep, settings: SettingsDep, request: Request
+) -> Response:
+    # From the process's snapshot of every stored rate: no database read per request, no upstream ever.
+    snapshot = await hub.snapshot()
+    wanted = set(query.destination_currencies) if query.destination_currencies is not None else None
+    rates = [
+        rate
+        for rate in snapshot.rates
+        if rate.pair.source == query.base_currency and (wanted is None or rate.pair.destination in wanted)
+    ]
     now = utc_now()
-    rates = await store.all(source=query.base_currency)
-    if query.destination_currencies is not None:
-        wanted = set(query.destination_currencies)
-        rates = [rate for rate in rates if rate.pair.destination in wanted]
     stale_after_s = settings.rate_stale_after_seconds
     entries = {
         rate.pair.destination: AllRatesEntry(
@@ -159,14 +141,16 @@ async def get_all_rates(
         )
         for rate in rates
     }
-    etag = _etag(query.base_currency, *_versions(entries.items()))
+    tag = etag(query.base_currency, *_versions(entries.items()))
     fresh_for_s = min((stale_after_s - rate.age_s(now) for rate in rates), default=0.0)
-    if (not_modified := _validated(request, response, etag, fresh_for_s)) is not None:
-        return not_modified
-    return AllRatesResponse(
+    headers = _caching_headers(tag, fresh_for_s)
+    if matches(request.headers.get("if-none-match"), tag):
+        return Response(status_code=304, headers=headers)
+    body = AllRatesResponse(
         data=AllRatesData(base_currency=query.base_currency, rates=entries),
         meta=AllRatesMeta(count=len(entries), as_of=now),
     )
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:

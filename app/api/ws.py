@@ -11,11 +11,11 @@ import logging
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
-from app.api.deps import LookupDep
+from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
 from app.errors import RateUnavailable
 from app.rates.hub import ALL, Hub, HubClient
@@ -29,14 +29,6 @@ router = APIRouter()
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
-
-
-def get_hub(websocket: WebSocket) -> Hub:
-    hub: Hub = websocket.state.hub
-    return hub
-
-
-HubDep = Annotated[Hub, Depends(get_hub)]
 
 
 class _Message(BaseModel):

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from app.currencies import Pair
 from app.rates.fanout import RATES_CHANNEL
+from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import RESYNC, AllRates, RateItem
 
@@ -57,12 +58,14 @@ class Outbox:
 
 
 class Snapshot:
-    """Every stored rate as one `all_rates` frame, with the values it tells a client."""
+    """Every stored rate, as read at one moment and as one `all_rates` frame, with the values it tells."""
 
-    def __init__(self, frame: str, values: dict[Pair, Decimal], built_at: float) -> None:
+    def __init__(self, rates: list[StoredRate], frame: str, built_at: float, store_version: int) -> None:
+        self.rates = rates
         self.frame = frame
-        self.values = values
+        self.values = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
+        self.store_version = store_version
 
 
 class HubClient:
@@ -141,6 +144,7 @@ class Hub:
         self._clock = clock
         self._snapshot: Snapshot | None = None
         self._snapshot_lock = asyncio.Lock()
+        self.version = 0  # bumped by every change any process announces
 
     def join(self) -> HubClient:
         """A new client; it holds updates until it is sent its first snapshot."""
@@ -153,21 +157,30 @@ class Hub:
         self._clients.discard(client)
         self._clients_gauge.set(len(self._clients))
 
-    async def snapshot(self) -> Snapshot:
+    def _current(self) -> Snapshot | None:
+        # Out of date after a save in this process, an event from another (see _dispatch), or a second.
         current = self._snapshot
-        if current is not None and self._clock() - current.built_at < SNAPSHOT_MAX_AGE_S:
+        if (
+            current is None
+            or current.store_version != self._store.version
+            or self._clock() - current.built_at >= SNAPSHOT_MAX_AGE_S
+        ):
+            return None
+        return current
+
+    async def snapshot(self) -> Snapshot:
+        """Every stored rate, read from the database at most once a second while nothing changes."""
+        if (current := self._current()) is not None:
             return current
         async with self._snapshot_lock:
             # Whoever waited on the lock takes the snapshot the holder just built.
-            current = self._snapshot
-            if current is not None and self._clock() - current.built_at < SNAPSHOT_MAX_AGE_S:
+            if (current := self._current()) is not None:
                 return current
-            built_at = self._clock()
-            now = utc_now()
+            built_at, version, now = self._clock(), self._store.version, utc_now()
             rates = await self._store.all()
             items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
             frame = AllRates(rates=items, as_of=now).model_dump_json()
-            self._snapshot = Snapshot(frame, {rate.pair: rate.destination_per_source for rate in rates}, built_at)
+            self._snapshot = Snapshot(rates, frame, built_at, version)
             return self._snapshot
 
     async def run(self) -> None:
@@ -185,6 +198,7 @@ class Hub:
         kind = message.get("type")
         if kind == "rate_update":
             self._snapshot = None
+            self.version += 1
             item = message["rate"]
             pair = Pair(item["source_currency"], item["destination_currency"])
             value = Decimal(str(item["destination_per_source"]))
@@ -196,6 +210,7 @@ class Hub:
         elif frame == RESYNC:
             # Redis was away: whatever changed meanwhile reaches every client as a fresh snapshot.
             self._snapshot = None
+            self.version += 1
             snapshot = await self.snapshot()
             for client in list(self._clients):
                 client.send_snapshot(snapshot)

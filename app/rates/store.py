@@ -44,6 +44,7 @@ class RateStore:
         self._cache = cache
         self._fanout = fanout
         self._clock = clock
+        self.version = 0  # bumped by every save in this process, so derived views know they are out of date
 
     async def save(self, quote: Quote) -> SaveResult:
         """Store `quote` as the pair's current rate, appending to history when the value changed."""
@@ -68,6 +69,7 @@ class RateStore:
             )
             if result.changed:
                 repository.append_history(session, quote, now)
+        self.version += 1
         await self._cache.set(result.rate)
         await self._fanout.publish_rate(result.rate, previous)
         return result
