@@ -155,3 +155,5 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
 def configure_logging() -> None:
     """Plain lines on stderr for the service's own loggers; a no-op where logging is already set up."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO; the client logs what matters (retries, rejections) itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

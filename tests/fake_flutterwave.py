@@ -15,6 +15,7 @@ Tests use it as a context manager; it stops its own server thread.
 """
 
 import asyncio
+import random
 import socket
 import threading
 import time
@@ -99,6 +100,8 @@ class FakeFlutterwave:
         self._in_flight = 0
         self._rates: dict[Pair, Decimal] = {}
         self._faults: list[_Fault] = []
+        self._chaos: tuple[float, tuple[str, ...], random.Random] | None = None
+        self.served: dict[Pair, list[tuple[float, Decimal]]] = {}  # every value answered with success, and when
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server: uvicorn.Server | None = None
@@ -152,6 +155,16 @@ class FakeFlutterwave:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._chaos = None
+
+    def chaos(self, probability: float, kinds: Iterable[str], seed: int = 0) -> None:
+        """Besides any `fail`, answer each request with a fault drawn from `kinds` with `probability`."""
+        kinds = tuple(kinds)
+        for kind in kinds:
+            if kind not in FAULTS:
+                raise ValueError(f"unknown fault {kind!r}")
+        with self._lock:
+            self._chaos = (probability, kinds, random.Random(seed))
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -168,6 +181,10 @@ class FakeFlutterwave:
                         if fault.times == 0:
                             self._faults.remove(fault)
                     return fault
+            if self._chaos is not None:
+                probability, kinds, rng = self._chaos
+                if rng.random() < probability:
+                    return _Fault(rng.choice(kinds), None, None, "1")
         return None
 
     # the server
@@ -204,7 +221,13 @@ class FakeFlutterwave:
             await asyncio.sleep(self.latency_s)
         if fault is not None:
             return await self._faulty(fault, pair, amount)
-        return Response(self._body(pair, amount), media_type="application/json")
+        return self._success(pair, amount)
+
+    def _success(self, pair: Pair, amount: Decimal) -> Response:
+        body = self._body(pair, amount)
+        with self._lock:
+            self.served.setdefault(pair, []).append((time.monotonic(), self._rates[pair]))
+        return Response(body, media_type="application/json")
 
     def _body(
         self,
@@ -242,7 +265,7 @@ class FakeFlutterwave:
             return _error(503, "stopping")
         if kind == "timeout":
             await self._wait(self.slow_s)
-            return Response(self._body(pair, amount), media_type="application/json")
+            return self._success(pair, amount)
         if kind == "not_json":
             return Response("<html><body>Bad gateway</body></html>", media_type="text/html")
         if kind == "status_error":

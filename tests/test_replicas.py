@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from app.currencies import Pair
-from tests.conftest import RedisServer
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.redis_server import RedisServer
 from tests.replicas import Replica, wait_for_rates
 from tests.ws_client import WsClient, is_update_for
 

@@ -12,8 +12,9 @@ from redis.asyncio import Redis
 from app.currencies import Pair
 from app.rates.lookup import RateLookup
 from app.settings import Settings
-from tests.conftest import RedisServer, running_app
+from tests.conftest import running_app
 from tests.fake_flutterwave import FakeFlutterwave
+from tests.redis_server import RedisServer
 
 USD_NGN = Pair("USD", "NGN")
 USD_JPY = Pair("USD", "JPY")  # not among the polled 44

@@ -33,7 +33,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
 
 CurrencyCode = Annotated[str, AfterValidator(_currency), Field(json_schema_extra={"pattern": "^[A-Za-z]{3}$"})]
 # At most 11 integer and 4 decimal digits: any ISO 4217 minor unit, and 15 significant digits in all.
-Amount = Annotated[Decimal, Field(gt=0, lt=Decimal("1e11"), decimal_places=4, allow_inf_nan=False)]
+Amount = Annotated[Decimal, Field(gt=0, lt=100_000_000_000, decimal_places=4, allow_inf_nan=False)]
 Moment = Annotated[datetime | None, AfterValidator(_as_utc)]
 
 

@@ -72,8 +72,9 @@ class BadRequest(Exception):
 def _parse(text: str) -> GetAllRates | GetRate | Subscribe | Unsubscribe | Ping:
     try:
         raw: Any = json.loads(text, parse_float=Decimal)
-    except ValueError:
-        raise BadRequest("not JSON") from None
+    except (ValueError, RecursionError, ArithmeticError):
+        # Malformed, nested past the parser's depth, or a number no Decimal can hold: all just bad input.
+        raise BadRequest("not JSON (or nested or sized beyond what is accepted)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         raise BadRequest('a message is a JSON object with a string "type"')
     try:
@@ -145,11 +146,17 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
 
 async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
     while True:
-        text = await websocket.receive_text()
-        if len(text.encode()) > MAX_FRAME_BYTES:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        text: str | None = message.get("text")
+        size = len(text.encode()) if text is not None else len(message.get("bytes") or b"")
+        if size > MAX_FRAME_BYTES:
             client.close_code = CLOSE_TOO_BIG
             return
         try:
+            if text is None:
+                raise BadRequest("binary frames are not understood; send JSON text")
             await _answer(text, client, hub, lookup)
         except BadRequest as error:
             client.send(ErrorFrame(code="bad_request", message=str(error)).model_dump_json())

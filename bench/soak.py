@@ -1,0 +1,479 @@
+"""Soak: two replicas on PostgreSQL and Redis under load and faults; then check that nothing was lost.
+
+Everything runs on loopback and is stopped by its own PID: the project's fake
+Flutterwave (changing rates every few seconds; 20 % 5xx, bursts of 429 with
+Retry-After, timeouts and hangs), a throw-away redis-server, two uvicorn
+replicas sharing a fresh PostgreSQL database, WebSocket clients spread over
+both (a few of them slow readers), and steady REST load from wrk. During the
+run Redis is restarted twice and the polling replica is killed with SIGKILL
+once and started again. Then the faults stop, the rates settle, and it checks:
+
+  no 5xx; every REST answer sampled carries a value the upstream really gave;
+  every client that stayed connected holds the final value of every pair;
+  history holds every change a poll saw, with no duplicate points; no stored
+  rate lost; slow readers closed, the others not; replica memory at the end
+  within 10 % of where it was after warm-up; the poller handed over within
+  one lock TTL (plus one interval).
+
+Run from the repository root (needs wrk: apt-get install wrk):
+
+    python -m bench.soak                    # 5 minutes, 1,000 clients
+    python -m bench.soak --duration 60      # the short mode the test suite runs
+"""
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from app.currencies import Pair
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.redis_server import RedisServer
+from tests.replicas import Replica, wait_for_rates
+from tests.stalled_ws import StalledClient
+
+POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+POLL_INTERVAL_S = 2.0
+LOCK_TTL_S = 4.0
+SETTLE_S = 4 * POLL_INTERVAL_S
+MEMORY_TOLERANCE = 0.10
+# wrk paces each connection so the REST load is steady rather than all the CPU this 2-core machine has.
+WRK_SCRIPT = "function delay() return 20 end\n"
+
+
+@dataclass
+class Client:
+    replica: Replica
+    slow: bool = False
+    state: dict[str, Decimal] = field(default_factory=dict)
+    snapshots: int = 0
+    updates: int = 0
+    reconnects: int = 0
+    cut_off: bool = False
+    closed_code: int | None = None
+    stayed_connected: bool = True
+
+
+@dataclass
+class Figures:
+    rest_sampled: int = 0
+    rest_bad_values: list[str] = field(default_factory=list)
+    rest_5xx: int = 0
+    handover_s: float | None = None
+    handovers: int = 0
+    wrk_requests: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+async def read_client(client: Client, stop: asyncio.Event) -> None:
+    """Apply every frame to the client's picture of the rates; reconnect if its replica goes away."""
+    while not stop.is_set():
+        try:
+            async with connect(client.replica.ws_url, open_timeout=10, max_queue=None) as connection:
+                await consume(client, connection, stop)
+                return
+        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError):
+            if stop.is_set():
+                return
+            client.stayed_connected = False
+            client.reconnects += 1
+            await asyncio.sleep(0.5 + random.random())
+
+
+async def consume(client: Client, connection: ClientConnection, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            frame = await asyncio.wait_for(connection.recv(), 0.5)
+        except TimeoutError:
+            continue
+        message = json.loads(frame)
+        if message["type"] == "all_rates":
+            client.snapshots += 1
+            client.state = {
+                f"{r['source_currency']}/{r['destination_currency']}": Decimal(str(r["destination_per_source"]))
+                for r in message["rates"]
+            }
+        elif message["type"] == "rate_update":
+            client.updates += 1
+            rate = message["rate"]
+            client.state[f"{rate['source_currency']}/{rate['destination_currency']}"] = Decimal(
+                str(rate["destination_per_source"])
+            )
+
+
+async def slow_reader(client: Client, stop: asyncio.Event) -> None:
+    """Asks for everything again and again and never reads: the server must cut it off, not wait for it."""
+    stalled = StalledClient("127.0.0.1", client.replica.port)
+    try:
+        await stalled.connect()
+        # About 25 MB of answers: more than the kernel's socket buffers (about 4 MB) and the outbox bound.
+        await stalled.send('{"type": "get_all_rates"}', times=2000)
+    except OSError:
+        client.cut_off = True  # its replica went away under it
+        return
+    await stop.wait()
+    client.closed_code = await stalled.outcome()
+    client.cut_off = client.closed_code is not None
+
+
+async def rest_checker(replicas: list[Replica], fake: FakeFlutterwave, figures: Figures, stop: asyncio.Event) -> None:
+    """Samples answers and checks each value is one the upstream really served for that pair."""
+    pairs = [Pair(s, d) for s in ("USD", "CAD", "GBP", "EUR") for d in ("NGN", "KES", "GHS", "ZAR", "XOF")]
+    async with httpx.AsyncClient(timeout=10) as http:
+        for replica, pair in zip(itertools.cycle(replicas), itertools.cycle(pairs), strict=False):
+            if stop.is_set():
+                return
+            try:
+                response = await http.get(
+                    f"{replica.url}/api/rates",
+                    params={"source_currency": pair.source, "destination_currency": pair.destination},
+                )
+            except httpx.TransportError:
+                await asyncio.sleep(0.1)  # a replica being killed or restarted
+                continue
+            figures.rest_sampled += 1
+            if response.status_code >= 500:
+                figures.rest_5xx += 1
+            elif response.status_code == 200:
+                value = Decimal(str(response.json()["meta"]["destination_per_source"]))
+                served = {v for _, v in fake.served.get(pair, [])}
+                if value not in served:
+                    figures.rest_bad_values.append(f"{pair} {value}")
+            await asyncio.sleep(0.02)
+
+
+async def market(fake: FakeFlutterwave, pairs: list[Pair], stop: asyncio.Event, seed: int) -> None:
+    """Rates move every few seconds; faults keep coming."""
+    rng = random.Random(seed)
+    fake.chaos(0.2, ["500", "503"], seed=seed)
+    for tick in itertools.count():
+        if stop.is_set():
+            return
+        for pair in rng.sample(pairs, 6):
+            fake.bump(pair, Decimal(str(round(1 + rng.uniform(-0.01, 0.01), 5))))
+        if tick % 4 == 0:
+            fake.fail("429", times=6, retry_after=1)
+        if tick % 5 == 2:
+            fake.fail("timeout", times=1)
+            fake.fail("hang", times=1)
+        await asyncio.sleep(3)
+
+
+def rss_kib(replica: Replica) -> int:
+    assert replica.process is not None
+    for line in Path(f"/proc/{replica.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def metric_sum(replica: Replica, name: str, label_filter: str = "") -> float:
+    try:
+        text = httpx.get(f"{replica.url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and label_filter in line
+    )
+
+
+@asynccontextmanager
+async def postgres_database() -> Any:
+    name = f"fxrates_soak_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_ADMIN_DSN.rsplit("/", 1)[0]
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def start_wrk(replica: Replica, seconds: int, script: Path) -> subprocess.Popen[str]:
+    url = f"{replica.url}/api/rates?source_currency=USD&destination_currency=NGN&amount=1000"
+    return subprocess.Popen(
+        ["wrk", "-t1", "-c8", f"-d{seconds}s", "-s", str(script), url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wrk_figures(output: str) -> tuple[int, int]:
+    requests = re.search(r"(\d+) requests in", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return int(requests.group(1)) if requests else 0, int(non_2xx.group(1)) if non_2xx else 0
+
+
+async def wait_until(condition: Any, timeout_s: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if await asyncio.to_thread(condition):
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    return None
+
+
+async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> bool:
+    figures = Figures()
+    workdir = Path(tempfile.mkdtemp(prefix="fxrates-soak-"))
+    async with AsyncExitStack() as stack:
+        fake = stack.enter_context(FakeFlutterwave(slow_s=3.0))
+        redis = RedisServer()
+        redis.start()
+        stack.callback(redis.stop)
+        database_dsn = await stack.enter_async_context(postgres_database())
+        env = {
+            "DATABASE_URL": database_dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            "REDIS_URL": redis.url,
+            "FLUTTERWAVE_SECRET_KEY": SECRET_KEY,
+            "FLUTTERWAVE_BASE_URL": fake.url,
+            "POLL_INTERVAL_SECONDS": str(POLL_INTERVAL_S),
+            "POLLER_LOCK_TTL_SECONDS": str(LOCK_TTL_S),
+            "UPSTREAM_TIMEOUT_SECONDS": "1",
+            "UPSTREAM_MAX_ATTEMPTS": "3",
+        }
+        replicas = [Replica(workdir, "a", **env), Replica(workdir, "b", **env)]
+        for replica in replicas:
+            replica.start()
+            stack.callback(replica.stop)
+        wait_for_rates(replicas[0])
+        pairs = [
+            Pair(s, d)
+            for s in ("USD", "CAD", "GBP", "EUR")
+            for d in ("XOF", "XAF", "EGP", "ETB", "GHS", "KES", "MAD", "NGN", "ZAR", "UGX", "ZMW")
+        ]
+
+        stop_clients, stop_load, stop_market = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        clients = [Client(replicas[i % 2]) for i in range(clients_n)]
+        slow = [Client(replicas[i % 2], slow=True) for i in range(slow_n)]
+        tasks = [asyncio.create_task(read_client(c, stop_clients)) for c in clients]
+        tasks += [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
+        connect_deadline = time.monotonic() + 60
+        while sum(c.snapshots > 0 for c in clients) < clients_n and time.monotonic() < connect_deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        print(f"{sum(c.snapshots > 0 for c in clients)} of {clients_n} clients connected, {slow_n} slow readers")
+
+        script = workdir / "pace.lua"
+        script.write_text(WRK_SCRIPT)
+        load_s = int(duration_s)
+        wrks = [start_wrk(replica, load_s, script) for replica in replicas]
+        tasks.append(asyncio.create_task(rest_checker(replicas, fake, figures, stop_load)))
+        tasks.append(asyncio.create_task(market(fake, pairs, stop_market, seed)))
+
+        started = time.monotonic()
+        await asyncio.sleep(max(10.0, duration_s * 0.15))
+        warm_rss = {id(r): rss_kib(r) for r in replicas}
+        print(f"warm-up RSS: {', '.join(f'{rss_kib(r) / 1024:.0f} MiB' for r in replicas)}")
+
+        async def at(fraction: float) -> None:
+            await asyncio.sleep(max(0.0, started + duration_s * fraction - time.monotonic()))
+
+        await at(0.25)
+        print("restarting Redis (1 of 2)")
+        redis.stop()
+        await asyncio.sleep(2)
+        redis.start()
+
+        await at(0.45)
+        leader = next((r for r in replicas if "leading" in r.poller_role()), None)
+        if leader is None:
+            figures.problems.append("no replica was leading before the kill")
+        else:
+            survivor = replicas[1 - replicas.index(leader)]
+            print(f"killing the polling replica (port {leader.port}) with SIGKILL")
+            probe = Pair("USD", "NGN")
+            calls_before = fake.calls[probe]
+            leader.kill()
+            handover = await wait_until(lambda: "leading" in survivor.poller_role(), LOCK_TTL_S * 3)
+            resumed = await wait_until(lambda: fake.calls[probe] > calls_before + 1, LOCK_TTL_S * 3)
+            figures.handover_s = handover
+            figures.handovers += 1
+            print(f"standby leads after {handover}s; polling resumed after {resumed}s")
+            if handover is None or handover > LOCK_TTL_S + POLL_INTERVAL_S:
+                figures.problems.append(f"handover took {handover}s, more than one lock TTL + interval")
+            await asyncio.sleep(3)
+            leader.start()
+            print("killed replica started again")
+            # A new process: its memory after warm-up is measured once its clients are back and it has served.
+            await asyncio.sleep(max(10.0, duration_s * 0.15))
+            warm_rss[id(leader)] = rss_kib(leader)
+
+        await at(0.65)
+        print("restarting Redis (2 of 2)")
+        redis.stop()
+        await asyncio.sleep(2)
+        redis.start()
+
+        await at(0.85)
+        print("faults off; letting the rates settle")
+        stop_market.set()
+        fake.clear_faults()
+        await asyncio.sleep(SETTLE_S)
+        stop_load.set()
+        wrk_outputs = [wrk.communicate(timeout=duration_s + 30)[0] for wrk in wrks]
+        await asyncio.sleep(2 * POLL_INTERVAL_S)
+        end_rss = {id(r): rss_kib(r) for r in replicas}
+        stop_clients.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        final = {str(pair): fake.rate(pair) for pair in pairs}
+        check(figures, replicas, clients, slow, final, warm_rss, end_rss)
+        await check_history(figures, env["DATABASE_URL"], fake, final)
+        for output in wrk_outputs:
+            served, non_2xx = wrk_figures(output)
+            figures.wrk_requests += served
+            if non_2xx:
+                figures.problems.append(f"wrk saw {non_2xx} answers that were not 2xx")
+        report(figures, clients, slow, fake)
+    return not figures.problems
+
+
+def check(
+    figures: Figures,
+    replicas: list[Replica],
+    clients: list[Client],
+    slow: list[Client],
+    final: dict[str, Decimal],
+    warm: dict[int, int],
+    end: dict[int, int],
+) -> None:
+    problems = figures.problems
+    for replica in replicas:
+        # /readyz answers 503 on purpose while Redis is down; every other 5xx is a failure.
+        served_5xx = metric_sum(replica, "fxrates_http_requests_total", 'status="5') - metric_sum(
+            replica, 'fxrates_http_requests_total{route="/readyz",status="503"}'
+        )
+        if served_5xx:
+            problems.append(f"replica {replica.port} answered {served_5xx:.0f} requests with 5xx")
+        for base in ("USD", "CAD", "GBP", "EUR"):
+            stored = httpx.get(f"{replica.url}/api/rates/all?base_currency={base}", timeout=10).json()["data"]["rates"]
+            for destination, entry in stored.items():
+                pair = f"{base}/{destination}"
+                if pair in final and Decimal(str(entry["destination_per_source"])) != final[pair]:
+                    problems.append(
+                        f"replica {replica.port} serves {pair} {entry['destination_per_source']}, "
+                        f"the upstream says {final[pair]}"
+                    )
+            missing = {p for p in final if p.startswith(base)} - {f"{base}/{d}" for d in stored}
+            if missing:
+                problems.append(f"stored rates lost: {sorted(missing)}")
+    if figures.rest_5xx:
+        problems.append(f"{figures.rest_5xx} sampled REST answers were 5xx")
+    if figures.rest_bad_values:
+        problems.append(f"REST served values the upstream never gave: {figures.rest_bad_values[:5]}")
+    for client in clients:
+        wrong = {p: v for p, v in final.items() if client.state.get(p) != v}
+        if wrong:
+            problems.append(
+                f"a client of {client.replica.port} ended with {len(wrong)} wrong pairs, e.g. "
+                f"{next(iter(wrong.items()))} vs {client.state.get(next(iter(wrong)))}"
+            )
+            break
+    stayed = [c for c in clients if c.stayed_connected]
+    if not stayed:
+        problems.append("no client stayed connected")
+    # Every slow reader is cut off (by the server, or by its replica's death); every reader on the replica that
+    # lived through the run stayed connected.
+    if not all(c.cut_off for c in slow):
+        problems.append(f"{sum(not c.cut_off for c in slow)} slow readers were never cut off")
+    closed_for_lag = sum(metric_sum(r, "fxrates_websocket_slow_closed_total") for r in replicas)
+    if slow and closed_for_lag < 1:
+        problems.append("no replica counted a slow reader closed")
+    for replica in replicas:
+        before, after = warm[id(replica)], end[id(replica)]
+        print(f"replica {replica.port} RSS after warm-up {before / 1024:.1f} MiB, at the end {after / 1024:.1f} MiB")
+        if before > 0 and after > before * (1 + MEMORY_TOLERANCE):
+            problems.append(f"replica {replica.port} memory grew {after / before - 1:.0%} after warm-up")
+
+
+async def check_history(figures: Figures, database_url: str, fake: FakeFlutterwave, final: dict[str, Decimal]) -> None:
+    connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
+    try:
+        rows = await connection.fetch(
+            "SELECT source_currency, destination_currency, destination_per_source, observed_at "
+            "FROM exchange_rate_history ORDER BY source_currency, destination_currency, observed_at, id"
+        )
+    finally:
+        await connection.close()
+    history: dict[str, list[Decimal]] = {}
+    for row in rows:
+        history.setdefault(f"{row[0]}/{row[1]}", []).append(Decimal(row[2]))
+    for pair, values in history.items():
+        duplicates = sum(a == b for a, b in itertools.pairwise(values))
+        if duplicates:
+            figures.problems.append(f"history of {pair} repeats a value {duplicates} times in a row")
+        served = {v for _, v in fake.served.get(Pair(*pair.split("/")), [])}
+        if not set(values) <= served:
+            figures.problems.append(f"history of {pair} holds values the upstream never gave")
+        if pair in final and values[-1] != final[pair]:
+            figures.problems.append(f"history of {pair} ends at {values[-1]}, not the final {final[pair]}")
+    # Every value a poll saw is a change the history must hold, unless the replica died holding it.
+    for pair in final:
+        seen = [v for _, v in fake.served.get(Pair(*pair.split("/")), [])]
+        changes = [b for a, b in itertools.pairwise(seen) if a != b]
+        missed = set(changes) - set(history.get(pair, []))
+        if len(missed) > 1:
+            figures.problems.append(f"history of {pair} misses {len(missed)} values the upstream gave")
+
+
+def report(figures: Figures, clients: list[Client], slow: list[Client], fake: FakeFlutterwave) -> None:
+    probe = Pair("USD", "NGN")
+    times = [t for t, _ in fake.served.get(probe, [])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    print("---- figures")
+    print(f"REST requests served to wrk: {figures.wrk_requests}")
+    print(f"REST answers sampled and checked: {figures.rest_sampled} ({figures.rest_5xx} 5xx)")
+    print(f"WebSocket updates delivered: {sum(c.updates for c in clients)} to {len(clients)} clients")
+    print(
+        f"snapshots per client: median {statistics.median(c.snapshots for c in clients)}, "
+        f"max {max(c.snapshots for c in clients)}"
+    )
+    print(
+        f"clients that stayed connected: {sum(c.stayed_connected for c in clients)}; "
+        f"reconnects: {sum(c.reconnects for c in clients)}"
+    )
+    print(
+        f"slow readers cut off: {sum(c.cut_off for c in slow)} of {len(slow)}, close codes "
+        f"{sorted((c.closed_code or 0) for c in slow)}"
+    )
+    print(f"poller handovers: {figures.handovers}, handover time {figures.handover_s}s (lock TTL {LOCK_TTL_S}s)")
+    print(f"longest gap between successful polls of {probe}: {max(gaps, default=0):.1f}s (interval {POLL_INTERVAL_S}s)")
+    print(f"upstream calls: {sum(fake.calls.values())}")
+    print("---- " + ("PASS" if not figures.problems else "FAIL"))
+    for problem in figures.problems:
+        print(f"problem: {problem}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=300, help="seconds (default 300)")
+    parser.add_argument("--clients", type=int, default=1000, help="WebSocket clients (default 1000)")
+    parser.add_argument("--slow", type=int, default=10, help="of which slow readers (default 10)")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    return 0 if asyncio.run(soak(args.duration, args.clients - args.slow, args.slow, args.seed)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

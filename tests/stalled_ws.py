@@ -1,0 +1,79 @@
+"""A WebSocket client that really stops reading: a raw socket with a small receive buffer that it never reads.
+
+(A client library keeps reading into its own buffers, which hides a slow reader from the server.)
+At the end, `outcome()` reads everything the server sent and says how the stream ended.
+"""
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+
+
+def _masked_text_frame(text: str) -> bytes:
+    payload = text.encode()
+    mask = os.urandom(4)
+    header = bytes([0x81])  # FIN + text
+    if len(payload) < 126:
+        header += bytes([0x80 | len(payload)])
+    elif len(payload) < 65536:
+        header += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+    else:
+        header += bytes([0x80 | 127]) + struct.pack("!Q", len(payload))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class StalledClient:
+    def __init__(self, host: str, port: int, path: str = "/ws/rates") -> None:
+        self._host, self._port, self._path = host, port, path
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (self._host, self._port))
+        self._reader, self._writer = await asyncio.open_connection(sock=sock, limit=2**16)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._writer.write(
+            f"GET {self._path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await self._writer.drain()
+        status = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), 10)
+        if b" 101 " not in status.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"handshake refused: {status[:80]!r}")
+        # From here on nothing more is read until outcome(): the kernel buffer fills and stays full.
+        self._reader._transport.pause_reading()  # type: ignore[attr-defined]
+
+    async def send(self, text: str, times: int = 1) -> None:
+        assert self._writer is not None
+        frame = _masked_text_frame(text)
+        for _ in range(times):
+            self._writer.write(frame)
+            await self._writer.drain()
+
+    async def outcome(self, timeout_s: float = 15) -> int | None:
+        """Read what is left: the close code the server sent, 1006 if it just hung up, None if it never did."""
+        assert self._reader is not None and self._writer is not None
+        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    head = await self._reader.readexactly(2)
+                    length = head[1] & 0x7F
+                    if length == 126:
+                        length = struct.unpack("!H", await self._reader.readexactly(2))[0]
+                    elif length == 127:
+                        length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
+                    payload = await self._reader.readexactly(length)
+                    if head[0] & 0x0F == 0x8:
+                        return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return 1006
+        except TimeoutError:
+            return None
+        finally:
+            self._writer.close()

@@ -1,0 +1,23 @@
+"""The chaos soak in its short mode: two replicas, Redis restarts, a SIGKILLed poller, faults and load."""
+
+import subprocess
+import sys
+
+from app.db import PROJECT_ROOT
+from tests.replicas import service_env
+
+
+def test_a_short_soak_loses_nothing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--duration", "60", "--clients", "300", "--slow", "6"],
+        cwd=PROJECT_ROOT,
+        env=service_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    figures = result.stdout[result.stdout.find("---- figures") :]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "---- PASS" in figures
+    assert "slow readers cut off: 6 of 6" in figures
+    assert "poller handovers: 1" in figures
