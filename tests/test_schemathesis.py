@@ -1,5 +1,6 @@
 """schemathesis against the live `/openapi.json`: no 5xx and no answer that breaks its own schema."""
 
+import os
 import socket
 import threading
 import time
@@ -49,6 +50,8 @@ def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             thread.join(timeout=20)
 
 
+# Many more for a long fuzzing run: FXRATES_FUZZ_EXAMPLES=2000.
+EXAMPLES = int(os.environ.get("FXRATES_FUZZ_EXAMPLES", "80"))
 OPERATIONS = [
     "GET /api/rates",
     "GET /api/rates/all",
@@ -66,7 +69,7 @@ def test_the_api_keeps_its_own_schema(live_url: str, label: str) -> None:
     assert set(operations) == set(OPERATIONS), "an operation is missing from the suite"
 
     @given(case=operations[label].as_strategy())
-    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
     def call(case: schemathesis.Case) -> None:
         # Rules that span fields or need a list (ISO 4217 membership, source != destination, one amount
         # at most, at most 4 decimals) are not in the OpenAPI schema, so a "schema-valid" request may
