@@ -28,4 +28,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"
 
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# No permessage-deflate: frames are ~400 bytes, and per-connection compressors double the CPU and memory
+# of every push (bench/ws_fanout.py). A deeper backlog lets thousands of clients reconnect at once.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", \
+     "--ws-per-message-deflate", "false", "--backlog", "8192"]

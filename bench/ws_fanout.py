@@ -22,8 +22,11 @@ done by hand, on uvloop), spread over --client-procs processes, timestamping eac
 frame as its bytes arrive, so the client side costs microseconds per frame. They
 offer permessage-deflate, as browsers do, unless --compression none. On a 2-core
 machine the clients still share the CPUs with the server: by default the server
-is pinned to CPU 0 and the clients (and this process) to the others, and the
-clients' CPU time per change is printed.
+is pinned to CPU 0 and the clients (and this process) to the others, and for each
+change the server's and the clients' time on a CPU and waiting for one (from
+/proc/<pid>/schedstat) is printed. Clients a connect burst loses (timeouts after
+listen-queue overflows, say) are counted as failures, then replaced a few at a
+time, so the changes still reach N clients.
 
 Run from the repository root:
 
@@ -334,7 +337,7 @@ class Worker:
                 reply: dict[str, Any] = await handler(*arguments)
             except Exception as error:
                 reply = {"error": f"client process {os.getpid()}, {command}: {error!r}"}
-            reply["cpu_s"] = time.process_time()
+            reply["sched"] = schedstat(Path("/proc/self/schedstat"))
             self.pipe.send(reply)
 
 
@@ -356,7 +359,7 @@ def run_worker(pipe: Connection, host: str, port: int, cpus: set[int] | None) ->
 class Workers:
     processes: list[SpawnProcess] = field(default_factory=list)
     pipes: list[Connection] = field(default_factory=list)
-    cpu_s: list[float] = field(default_factory=list)
+    sched: list[tuple[float, float]] = field(default_factory=list)
 
     def ask(self, *commands: tuple[Any, ...]) -> list[dict[str, Any]]:
         """Send one command to each worker (or the same one to all), then gather the replies in order."""
@@ -368,12 +371,13 @@ class Workers:
                 raise RuntimeError(reply["error"])
         return replies
 
-    def cpu_since_last(self, replies: list[dict[str, Any]]) -> float:
-        """Client CPU seconds, summed over the workers, since their previous replies."""
-        now: list[float] = [reply["cpu_s"] for reply in replies]
-        used: float = sum(after - before for before, after in zip(self.cpu_s, now, strict=True))
-        self.cpu_s = now
-        return used
+    def sched_since_last(self, replies: list[dict[str, Any]]) -> tuple[float, float]:
+        """Seconds on a CPU and waiting for one, summed over the workers, since their previous replies."""
+        now: list[tuple[float, float]] = [tuple(reply["sched"]) for reply in replies]
+        ran = sum(after[0] - before[0] for before, after in zip(self.sched, now, strict=True))
+        waited = sum(after[1] - before[1] for before, after in zip(self.sched, now, strict=True))
+        self.sched = now
+        return ran, waited
 
 
 @contextlib.contextmanager
@@ -388,7 +392,7 @@ def client_processes(count: int, port: int, cpus: set[int] | None) -> Iterator[W
             child_end.close()
             workers.processes.append(process)
             workers.pipes.append(parent_end)
-        workers.cpu_s = [0.0] * count
+        workers.sched = [(0.0, 0.0)] * count
         yield workers
     finally:
         for pipe in workers.pipes:
@@ -479,10 +483,23 @@ def rss_kib(pid: int) -> int:
     return int(match[1])
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def schedstat(path: Path) -> tuple[float, float]:
+    """Seconds a thread has run on a CPU, and waited on a run queue for one (ready, but a CPU was busy)."""
+    fields = path.read_text().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
+def server_sched(pid: int) -> tuple[float, float]:
+    """Seconds on a CPU, all the server's threads; seconds its event loop (main thread) waited for a CPU."""
+    ran = sum(schedstat(task / "schedstat")[0] for task in Path(f"/proc/{pid}/task").iterdir())
+    return ran, schedstat(Path(f"/proc/{pid}/task/{pid}/schedstat"))[1]
+
+
+def listen_counters() -> dict[str, int]:
+    """The kernel's TCP listen-queue counters, for the whole machine (TcpExt in /proc/net/netstat)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    values = dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    return {name: values.get(name, 0) for name in ("ListenOverflows", "ListenDrops", "SyncookiesSent")}
 
 
 def fresh_pairs() -> Iterator[tuple[str, str]]:
@@ -513,7 +530,9 @@ class Change:
     trigger_s: list[float]  # receipt - the harness's trigger
     store_after_trigger_s: float
     server_cpu_s: float
+    server_wait_s: float
     client_cpu_s: float
+    client_wait_s: float
 
 
 @dataclass(slots=True)
@@ -547,12 +566,12 @@ def change(
     http: httpx.Client, workers: Workers, pair: tuple[str, str], expected: int, args: argparse.Namespace, pid: int
 ) -> Change:
     name = "/".join(pair)
-    cpu_before = cpu_s(pid)
-    workers.cpu_since_last(workers.ask(("cpu",)))  # the clients' CPU count starts here
+    server_before = server_sched(pid)
+    workers.sched_since_last(workers.ask(("cpu",)))  # the clients' count starts here
     triggered = trigger(http, pair)
     replies = workers.ask(("collect", name, args.receive_timeout))
-    server_cpu = cpu_s(pid) - cpu_before
-    client_cpu = workers.cpu_since_last(replies)
+    server_after = server_sched(pid)
+    client_cpu, client_wait = workers.sched_since_last(replies)
     stamps = {reply["last_updated"] for reply in replies} - {None}
     if len(stamps) > 1:
         raise RuntimeError(f"{name}: the clients saw different last_updated: {sorted(stamps)}")
@@ -565,8 +584,10 @@ def change(
         store_s=[when - published for when in times] + missing,
         trigger_s=[when - triggered for when in times] + missing,
         store_after_trigger_s=published - triggered,
-        server_cpu_s=server_cpu,
+        server_cpu_s=server_after[0] - server_before[0],
+        server_wait_s=server_after[1] - server_before[1],
         client_cpu_s=client_cpu,
+        client_wait_s=client_wait,
     )
 
 
@@ -574,10 +595,12 @@ def connect(workers: Workers, count: int, args: argparse.Namespace, compression:
     """All `count` clients launched at once over the workers; when they began, and what came of them."""
     shares = [count // len(workers.pipes) + (index < count % len(workers.pipes)) for index in range(len(workers.pipes))]
     start_at = time.time() + 0.5
+    counters = listen_counters()
     replies = workers.ask(
         *(("connect", share, start_at, args.connect_timeout, compression == "deflate") for share in shares)
     )
-    workers.cpu_since_last(replies)
+    counters = {name: value - counters[name] for name, value in listen_counters().items()}
+    workers.sched_since_last(replies)
     failures: collections.Counter[str] = collections.Counter()
     for reply in replies:
         failures.update(reply["failures"])
@@ -588,6 +611,7 @@ def connect(workers: Workers, count: int, args: argparse.Namespace, compression:
         "deflate": sum(reply["deflate"] for reply in replies),
         "failures": dict(failures),
         "topped_up": sum(reply["topped_up"] for reply in replies),
+        "kernel": counters,
     }
 
 
@@ -638,9 +662,15 @@ def summarise_profile(raw_path: Path, top: int = 15) -> None:
         print(f"    {100 * count / total:5.1f}%  {frame}")
 
 
-def bench(clients: int, compression: str, pairs: Iterator[tuple[str, str]], args: argparse.Namespace) -> Run:
+def bench(
+    clients: int,
+    compression: str,
+    pairs: Iterator[tuple[str, str]],
+    args: argparse.Namespace,
+    cpus: tuple[set[int] | None, set[int] | None],
+) -> Run:
     run = Run(clients, compression)
-    server_cpus, client_cpus = cpu_sets(args.pin)
+    server_cpus, client_cpus = cpus
     with tempfile.TemporaryDirectory(prefix="bench-ws-") as tmp:
         directory = Path(tmp)
         server = start_service(directory, server_cpus)
@@ -694,6 +724,7 @@ def bench(clients: int, compression: str, pairs: Iterator[tuple[str, str]], args
 
 
 def cpu_sets(pin: bool) -> tuple[set[int] | None, set[int] | None]:
+    """The server's CPU and the clients' (None: not pinned); read before this process pins itself."""
     available = sorted(os.sched_getaffinity(0))
     if not pin or len(available) < 2:
         return None, None
@@ -722,6 +753,8 @@ def report_connect(run: Run, connected: dict[str, Any], procs: int) -> None:
             f"  connect: {connected['topped_up']:,} of the {failed:,} failed replaced afterwards, at most "
             f"{TOP_UP_CONCURRENCY} at a time per process, for {run.connected:,} clients during the changes"
         )
+    kernel = ", ".join(f"{name} {value:,}" for name, value in connected["kernel"].items())
+    print(f"  connect: kernel listen-queue counters during it (whole machine): {kernel}")
     print(
         f"  connect: rates per snapshot {connected['rates']} ({STORED_RATES} polled + the warm-up's pair); "
         f"{connected['deflate']:,} clients negotiated permessage-deflate"
@@ -735,9 +768,10 @@ def report_change(number: int, measured: Change, clients: int) -> None:
         f"  change {number} {measured.pair}: {received:,}/{measured.expected:,} received; "
         f"store->receipt first {ms(store[0])}, p50 {ms(quantile(store, 0.5))}, last client {ms(store[-1])}; "
         f"trigger->receipt last {ms(trig[-1])} (stored {ms(measured.store_after_trigger_s)} after the trigger); "
-        f"CPU server {measured.server_cpu_s * 1000:.0f} ms "
-        f"({measured.server_cpu_s / max(1, clients) * 1e6:.0f} us per client), "
-        f"clients {measured.client_cpu_s * 1000:.0f} ms"
+        f"server on CPU {measured.server_cpu_s * 1000:.0f} ms "
+        f"({measured.server_cpu_s / max(1, clients) * 1e6:.0f} us per client), waiting for a CPU "
+        f"{measured.server_wait_s * 1000:.0f} ms; clients on CPU {measured.client_cpu_s * 1000:.0f} ms, "
+        f"waiting {measured.client_wait_s * 1000:.0f} ms"
     )
 
 
@@ -752,8 +786,13 @@ def report_run(run: Run) -> None:
     lasts = ", ".join(ms(max(measured.store_s)) for measured in run.changes)
     print(f"  last client per change, store->receipt: {lasts}")
     server = sum(measured.server_cpu_s for measured in run.changes)
+    server_wait = sum(measured.server_wait_s for measured in run.changes)
     client = sum(measured.client_cpu_s for measured in run.changes)
-    print(f"  CPU over the changes: server {server:.2f} s, client processes {client:.2f} s (they share the machine)")
+    client_wait = sum(measured.client_wait_s for measured in run.changes)
+    print(
+        f"  CPU over the changes: server {server:.2f} s on a CPU, its event loop {server_wait:.2f} s ready but "
+        f"waiting for one; client processes {client:.2f} s on a CPU, {client_wait:.2f} s waiting"
+    )
     p99 = quantile(store, 0.99)
     if run.clients in TARGET_ALL_SNAPSHOTS:
         met = run.burst_ok == run.clients and not run.failures
@@ -790,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     problems: list[str] = []
     for clients in args.clients:
         for compression in args.compression:
-            problems += bench(clients, compression, pairs, args).problems
+            problems += bench(clients, compression, pairs, args, (server_cpus, client_cpus)).problems
     for problem in problems:
         print(f"target not met: {problem}")
     print("FAIL" if problems else "PASS")
