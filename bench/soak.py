@@ -178,6 +178,13 @@ async def market(fake: FakeFlutterwave, pairs: list[Pair], stop: asyncio.Event, 
         await asyncio.sleep(3)
 
 
+async def restart(redis: RedisServer, which: str) -> None:
+    print(f"restarting Redis ({which})")
+    redis.stop()
+    await asyncio.sleep(2)
+    redis.start()
+
+
 def rss_kib(replica: Replica) -> int:
     assert replica.process is not None
     for line in Path(f"/proc/{replica.process.pid}/status").read_text().splitlines():
@@ -290,10 +297,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             await asyncio.sleep(max(0.0, started + duration_s * fraction - time.monotonic()))
 
         await at(0.25)
-        print("restarting Redis (1 of 2)")
-        redis.stop()
-        await asyncio.sleep(2)
-        redis.start()
+        await restart(redis, "1 of 2")
 
         await at(0.45)
         leader = next((r for r in replicas if "leading" in r.poller_role()), None)
@@ -320,10 +324,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             warm_rss[id(leader)] = rss_kib(leader)
 
         await at(0.65)
-        print("restarting Redis (2 of 2)")
-        redis.stop()
-        await asyncio.sleep(2)
-        redis.start()
+        await restart(redis, "2 of 2")
 
         await at(0.85)
         print("faults off; letting the rates settle")

@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from app.db import PROJECT_ROOT
 from app.settings import Settings
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 
 def free_port() -> int:
@@ -111,3 +114,21 @@ def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"the replica has not stored {count} rates:\n{replica.log()}")
         time.sleep(0.05)
+
+
+@contextmanager
+def replica_on_sqlite(folder: Path, fake: FakeFlutterwave, **env: str) -> Iterator[Replica]:
+    """One replica with its own SQLite file, polling the fake; yielded once all 44 pairs are stored."""
+    replica = Replica(
+        folder,
+        DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
+        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
+        FLUTTERWAVE_BASE_URL=fake.url,
+        **env,
+    )
+    replica.start()
+    try:
+        wait_for_rates(replica)
+        yield replica
+    finally:
+        replica.stop()

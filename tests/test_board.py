@@ -11,8 +11,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from app.currencies import Pair
 from app.db import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, wait_for_rates
+from tests.fake_flutterwave import FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
@@ -37,20 +37,10 @@ def fake() -> Iterator[FakeFlutterwave]:
 
 @pytest.fixture(scope="module")
 def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    folder = Path(tmp_path_factory.mktemp("board"))
-    replica = Replica(
-        folder,
-        DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
-        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
-        FLUTTERWAVE_BASE_URL=fake.url,
-        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
-    )
-    replica.start()
-    try:
-        wait_for_rates(replica)
+    with replica_on_sqlite(
+        Path(tmp_path_factory.mktemp("board")), fake, POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S)
+    ) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, wait_for_rates
+from tests.fake_flutterwave import FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
 from tests.ws_client import WsClient, is_update_for
 
 POLL_INTERVAL_S = 0.3
@@ -38,22 +38,14 @@ def fake() -> Iterator[FakeFlutterwave]:
 
 @pytest.fixture(scope="module")
 def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    folder = Path(tmp_path_factory.mktemp("ws"))
-    replica = Replica(
-        folder,
-        DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
-        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
-        FLUTTERWAVE_BASE_URL=fake.url,
+    with replica_on_sqlite(
+        Path(tmp_path_factory.mktemp("ws")),
+        fake,
         POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
         UPSTREAM_TIMEOUT_SECONDS="1",
         UPSTREAM_MAX_ATTEMPTS="1",
-    )
-    replica.start()
-    try:
-        wait_for_rates(replica)
+    ) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 @pytest.fixture(autouse=True)

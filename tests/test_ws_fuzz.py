@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, wait_for_rates
+from tests.fake_flutterwave import FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
 from tests.ws_client import WsClient
 
 POLL_INTERVAL_S = 0.3
@@ -69,22 +69,14 @@ def fake() -> Iterator[FakeFlutterwave]:
 
 @pytest.fixture(scope="module")
 def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    folder = Path(tmp_path_factory.mktemp("ws-fuzz"))
-    replica = Replica(
-        folder,
-        DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
-        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
-        FLUTTERWAVE_BASE_URL=fake.url,
+    with replica_on_sqlite(
+        Path(tmp_path_factory.mktemp("ws-fuzz")),
+        fake,
         POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
         UPSTREAM_TIMEOUT_SECONDS="1",
         UPSTREAM_MAX_ATTEMPTS="1",
-    )
-    replica.start()
-    try:
-        wait_for_rates(replica)
+    ) as replica:
         yield replica
-    finally:
-        replica.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ broadcaster's own Redis backend stops delivering for good once its connection
 drops (encode/broadcaster#144). This one keeps one pub/sub connection per
 process and, when it drops, reconnects with exponential backoff and jitter and
 subscribes again. Once back, it hands every listener `resync_message` on each
-channel, so they can make up for what they missed. While Redis is away,
-`publish` delivers to this process's own listeners: local clients keep seeing
-local changes.
+channel, so they can make up for what they missed. While its own subscription
+is down, `publish` still offers each message to Redis (for the others) and
+delivers it to this process's own listeners: local clients keep seeing local
+changes.
 """
 
 import asyncio
@@ -57,13 +58,18 @@ class ResilientRedisBackend(BroadcastBackend):
         self._channels_changed.set()
 
     async def publish(self, channel: str, message: Any) -> None:
-        if self.connected:
-            try:
-                await self._redis.publish(channel, message)
-                return
-            except (RedisError, OSError) as error:
-                log.warning("publishing to redis failed, delivering in this process only: %s", error)
-        self._events.put_nowait(Event(channel, message))
+        # Always offer it to Redis, even while our own subscription is down: the other processes may be
+        # listening (the soak caught a replica whose subscription was still reconnecting, publishing to
+        # itself only, while the others had already resynchronised and so missed its changes for good).
+        try:
+            await self._redis.publish(channel, message)
+        except (RedisError, OSError) as error:
+            log.warning("publishing to redis failed, delivering in this process only: %s", error)
+            self._events.put_nowait(Event(channel, message))
+            return
+        if not self.connected:
+            # Redis will not echo it back to us, so this process's own listeners hear it here.
+            self._events.put_nowait(Event(channel, message))
 
     async def next_published(self) -> Event:
         return await self._events.get()
