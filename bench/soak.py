@@ -232,10 +232,10 @@ def wrk_figures(output: str) -> tuple[int, int]:
     return int(requests.group(1)) if requests else 0, int(non_2xx.group(1)) if non_2xx else 0
 
 
-async def wait_until(condition: Any, timeout_s: float) -> float | None:
+async def wait_until(condition: Any, timeout_s: float, blocking: bool = False) -> float | None:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if await asyncio.to_thread(condition):
+        if await asyncio.to_thread(condition) if blocking else condition():
             return time.monotonic() - started
         await asyncio.sleep(0.1)
     return None
@@ -309,13 +309,13 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             probe = Pair("USD", "NGN")
             calls_before = fake.calls[probe]
             leader.kill()
-            handover = await wait_until(lambda: "leading" in survivor.poller_role(), LOCK_TTL_S * 3)
+            handover = await wait_until(lambda: "leading" in survivor.poller_role(), LOCK_TTL_S * 3, blocking=True)
             resumed = await wait_until(lambda: fake.calls[probe] > calls_before + 1, LOCK_TTL_S * 3)
             figures.handover_s = handover
             figures.handovers += 1
             print(f"standby leads after {handover}s; polling resumed after {resumed}s")
-            if handover is None or handover > LOCK_TTL_S + POLL_INTERVAL_S:
-                figures.problems.append(f"handover took {handover}s, more than one lock TTL + interval")
+            if handover is None or handover > LOCK_TTL_S + 0.5:
+                figures.problems.append(f"handover took {handover}s, more than one lock TTL")
             await asyncio.sleep(3)
             leader.start()
             print("killed replica started again")
@@ -335,10 +335,14 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         wrk_outputs = [wrk.communicate(timeout=duration_s + 30)[0] for wrk in wrks]
         await asyncio.sleep(2 * POLL_INTERVAL_S)
         end_rss = {id(r): rss_kib(r) for r in replicas}
+        final = {str(pair): fake.rate(pair) for pair in pairs}
+        # This one process reads every client's frames and falls behind the servers under load: give it time
+        # to catch up (the servers keep pushing every pair each cycle) before judging what clients hold.
+        caught_up_s = await wait_until(lambda: all(c.state == final for c in clients), 120)
+        print(f"clients caught up with the final rates {caught_up_s}s after the settle")
         stop_clients.set()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-        final = {str(pair): fake.rate(pair) for pair in pairs}
         check(figures, replicas, clients, slow, final, warm_rss, end_rss)
         await check_history(figures, env["DATABASE_URL"], fake, final)
         for output in wrk_outputs:
@@ -451,8 +455,8 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
         f"max {max(c.snapshots for c in clients)}"
     )
     print(
-        f"clients that stayed connected: {sum(c.stayed_connected for c in clients)}; "
-        f"reconnects: {sum(c.reconnects for c in clients)}"
+        f"clients that stayed connected: {sum(c.stayed_connected for c in clients)}; that reconnected: "
+        f"{sum(c.reconnects > 0 for c in clients)} ({sum(c.reconnects for c in clients)} attempts)"
     )
     print(
         f"slow readers cut off: {sum(c.cut_off for c in slow)} of {len(slow)}, close codes "
@@ -461,6 +465,10 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
     print(f"poller handovers: {figures.handovers}, handover time {figures.handover_s}s (lock TTL {LOCK_TTL_S}s)")
     print(f"longest gap between successful polls of {probe}: {max(gaps, default=0):.1f}s (interval {POLL_INTERVAL_S}s)")
     print(f"upstream calls: {sum(fake.calls.values())}")
+    # Besides the kill (one lock TTL), a pair may miss a cycle or two to injected faults; a stall is a failure.
+    allowed_gap_s = LOCK_TTL_S + 4 * POLL_INTERVAL_S
+    if max(gaps, default=0) > allowed_gap_s:
+        figures.problems.append(f"polling of {probe} stalled for {max(gaps):.1f}s (allowed {allowed_gap_s:.0f}s)")
     print("---- " + ("PASS" if not figures.problems else "FAIL"))
     for problem in figures.problems:
         print(f"problem: {problem}")

@@ -164,7 +164,12 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
 
 async def _send(websocket: WebSocket, client: HubClient) -> None:
     while True:
-        await websocket.send_text(await client.outbox.get())
+        frame = await client.outbox.get()
+        try:
+            await websocket.send_text(frame)
+        except RuntimeError as error:
+            # The client's close frame arrived first and the server already answered it: the socket is done.
+            raise WebSocketDisconnect(1000) from error
 
 
 async def _overflow(client: HubClient, hub: Hub) -> None:

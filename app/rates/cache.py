@@ -4,6 +4,7 @@ A cache is never the only copy of a rate (the database is), so a Redis that
 is down only costs lookups: it is logged and counted, and reads fall through.
 """
 
+import asyncio
 import json
 import logging
 import time
@@ -17,6 +18,9 @@ from app.currencies import Pair
 from app.rates.rate import StoredRate
 
 log = logging.getLogger(__name__)
+
+# A cache that hangs must cost a reader or the poller this much at most, never the whole request or cycle.
+REDIS_OP_TIMEOUT_S = 1.0
 
 
 class MemoryCache:
@@ -62,15 +66,17 @@ class RedisCache:
 
     async def get(self, pair: Pair) -> StoredRate | None:
         try:
-            raw = await self._redis.get(self._key(pair))
-        except (RedisError, OSError) as error:
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                raw = await self._redis.get(self._key(pair))
+        except (RedisError, OSError) as error:  # OSError covers TimeoutError
             self._failed("read", error)
             return None
         return None if raw is None else StoredRate.from_cache(json.loads(raw))
 
     async def set(self, rate: StoredRate) -> None:
         try:
-            await self._redis.set(self._key(rate.pair), json.dumps(rate.to_cache()), ex=self._ttl_s)
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                await self._redis.set(self._key(rate.pair), json.dumps(rate.to_cache()), ex=self._ttl_s)
         except (RedisError, OSError) as error:
             self._failed("write", error)
 

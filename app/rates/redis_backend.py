@@ -21,12 +21,15 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
+# Publishing happens on the store's write path: a Redis that hangs must not hold up the poller.
+PUBLISH_TIMEOUT_S = 2.0
+
 
 class ResilientRedisBackend(BroadcastBackend):
     def __init__(
         self, url: str, *, resync_message: str, backoff_initial_s: float = 0.1, backoff_max_s: float = 5.0
     ) -> None:
-        self._redis = Redis.from_url(url, socket_connect_timeout=2, health_check_interval=10)
+        self._redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=10)
         self._resync_message = resync_message
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
@@ -62,8 +65,9 @@ class ResilientRedisBackend(BroadcastBackend):
         # listening (the soak caught a replica whose subscription was still reconnecting, publishing to
         # itself only, while the others had already resynchronised and so missed its changes for good).
         try:
-            await self._redis.publish(channel, message)
-        except (RedisError, OSError) as error:
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await self._redis.publish(channel, message)
+        except (RedisError, OSError) as error:  # OSError covers TimeoutError
             log.warning("publishing to redis failed, delivering in this process only: %s", error)
             self._events.put_nowait(Event(channel, message))
             return

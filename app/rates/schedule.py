@@ -30,6 +30,9 @@ RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0
 """
+# A Redis that hangs rather than refuses must not hang the poller: past this, treat it as unreachable.
+REDIS_OP_TIMEOUT_S = 2.0
+
 RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -107,17 +110,22 @@ class SharedSchedule:
 
     async def next_cycle_in(self) -> float:
         try:
-            holding = await self._hold()
-            if not holding:
-                self._become("standby")
-                return self._renew_every_s
-            self._become("leading")
-            last = await self._redis.get(self._last_cycle_key)
-        except (RedisError, OSError) as error:
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                return await self._shared_next_cycle_in()
+        except (RedisError, OSError) as error:  # OSError covers TimeoutError
             if self.role != "alone":
                 log.warning("poller lease unreachable, polling on this replica's own beat: %s", error)
             self.role = "alone"
             return await self._local.next_cycle_in()
+
+    async def _shared_next_cycle_in(self) -> float:
+        if not await self._hold():
+            self._become("standby")
+            # Wake the moment the holder's lease would run out, so a dead holder is replaced within one TTL.
+            remaining_ms = await self._redis.pttl(self._lock_key)
+            return min(self._renew_every_s, max(remaining_ms, 0) / 1000 + 0.01)
+        self._become("leading")
+        last = await self._redis.get(self._last_cycle_key)
         due_in = float(last) + self._interval_s - time.time() if last is not None else 0.0
         # Wake in time to renew the lease, whatever the interval.
         return min(due_in, self._renew_every_s)
@@ -134,10 +142,11 @@ class SharedSchedule:
                 yield
             return
         try:
-            last = await self._redis.get(self._last_cycle_key)
-            beat = float(last) + self._interval_s if last is not None else time.time()
-            # Keep the beat unless a whole interval was missed (no poller for a while): then start afresh.
-            await self._redis.set(self._last_cycle_key, repr(max(beat, time.time() - self._interval_s)))
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                last = await self._redis.get(self._last_cycle_key)
+                beat = float(last) + self._interval_s if last is not None else time.time()
+                # Keep the beat unless a whole interval was missed (no poller for a while): then start afresh.
+                await self._redis.set(self._last_cycle_key, repr(max(beat, time.time() - self._interval_s)))
         except (RedisError, OSError):
             pass
         renewing = asyncio.create_task(self._keep_renewing(), name="poller-lease")
@@ -151,7 +160,9 @@ class SharedSchedule:
         while True:
             await asyncio.sleep(self._renew_every_s)
             try:
-                if not await self._hold():
+                async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                    held = await self._hold()
+                if not held:
                     # Lost mid-cycle: the cycle finishes (its writes are idempotent); the next is not ours.
                     self._become("standby")
             except (RedisError, OSError):
@@ -159,7 +170,8 @@ class SharedSchedule:
 
     async def last_success(self) -> float | None:
         try:
-            value = await self._redis.get(self._last_success_key)
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                value = await self._redis.get(self._last_success_key)
         except (RedisError, OSError):
             return await self._local.last_success()
         return float(value) if value is not None else None
@@ -167,7 +179,8 @@ class SharedSchedule:
     async def succeeded(self) -> None:
         await self._local.succeeded()
         try:
-            await self._redis.set(self._last_success_key, repr(time.time()))
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                await self._redis.set(self._last_success_key, repr(time.time()))
         except (RedisError, OSError):
             pass
 
@@ -175,7 +188,8 @@ class SharedSchedule:
         """Hand the lease back at once rather than making the others wait out its TTL."""
         if self.role == "leading":
             try:
-                await self._redis.eval(RELEASE, 1, self._lock_key, self._token)
+                async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
+                    await self._redis.eval(RELEASE, 1, self._lock_key, self._token)
             except (RedisError, OSError):
                 pass
         self.role = "standby"
