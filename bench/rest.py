@@ -25,7 +25,6 @@ non-2xx answers or socket errors.
 """
 
 import argparse
-import collections
 import json
 import os
 import re
@@ -47,6 +46,7 @@ import redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import Settings
+from bench import pyspy
 
 MIN_RATIO = 0.2
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,42 +353,6 @@ def categorise(frames: list[str]) -> str:
     return "event loop, asyncio and other"
 
 
-def summarise_profile(raw_path: Path, top: int = 20) -> None:
-    """Print shares from py-spy's collapsed stacks ("frame;frame;... count" lines) recorded with --gil."""
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    categories: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw_path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-        categories[categorise(frames)] += count
-    if not total:
-        print(f"  no samples in {raw_path}")
-        return
-    print(f"  {total} samples holding the GIL; by kind (see CALLED_FROM and INNERMOST):")
-    for name, count in categories.most_common():
-        print(f"    {100 * count / total:5.1f}%  {name}")
-    print("  self time by function:")
-    for frame, count in own.most_common(top):
-        print(f"    {100 * count / total:5.1f}%  {frame}")
-    print("  inclusive time by function (frames in nearly every sample left out):")
-    shown = [
-        (frame, count)
-        for frame, count in inclusive.most_common()
-        if count < 0.97 * total and not any(part in frame for part in STARTUP_FRAMES)
-    ]
-    for frame, count in shown[: 2 * top]:
-        print(f"    {100 * count / total:5.1f}%  {frame}")
-
-
 def profile(real: Server, label: str, args: argparse.Namespace, directory: Path) -> None:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     for path in ENDPOINTS.values():
@@ -419,7 +383,7 @@ def profile(real: Server, label: str, args: argparse.Namespace, directory: Path)
                     load.kill()
                     load.wait()
         print(f"profile {label} {path} under wrk: {raw_path} (collapsed), {speedscope_path} (speedscope)")
-        summarise_profile(raw_path)
+        pyspy.summarise(raw_path, top=20, categorise=categorise, leave_out=STARTUP_FRAMES)
 
 
 def bench_service(label: str, redis_url: str | None, args: argparse.Namespace, profile_dir: Path | None) -> list[str]:

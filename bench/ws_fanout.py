@@ -68,6 +68,7 @@ from typing import Any, cast
 
 import httpx
 
+from bench import pyspy
 from bench.rest import Server, clean_environment, free_port, stop_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -635,33 +636,6 @@ def py_spy(pid: int, path: Path) -> Iterator[None]:
             print(f"  py-spy failed: {process.stderr.read().decode(errors='replace')[-500:] if process.stderr else ''}")
 
 
-def summarise_profile(raw_path: Path, top: int = 15) -> None:
-    """Self and inclusive shares from py-spy's collapsed stacks ("frame;frame;... count" lines)."""
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
-    for line in raw_path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
-        total += count
-        own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        print(f"  no samples in {raw_path}")
-        return
-    print(f"  profile: {raw_path}, {total} samples holding the GIL; self time:")
-    for frame, count in own.most_common(top):
-        print(f"    {100 * count / total:5.1f}%  {frame}")
-    print("  inclusive (frames in over 97% of samples left out):")
-    shown = [(frame, count) for frame, count in inclusive.most_common() if count < 0.97 * total]
-    for frame, count in shown[: 2 * top]:
-        print(f"    {100 * count / total:5.1f}%  {frame}")
-
-
 def bench(
     clients: int,
     compression: str,
@@ -716,7 +690,7 @@ def bench(
                         report_change(number, measured, clients)
                 workers.ask(("close",))
                 if profile is not None and profile.exists():
-                    summarise_profile(profile)
+                    pyspy.summarise(profile)
         finally:
             stop_server(server)
     report_run(run)
