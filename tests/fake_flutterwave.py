@@ -74,6 +74,8 @@ FAULTS = {
     "non_numeric": "200 with rate a word",
     "inconsistent_rate": "200 with a rate that fits neither orientation",
     "wrong_currency": "200 for another destination currency",
+    "bad_gzip": "200 claiming gzip, with a body that is not",
+    "deep_json": "200 with JSON nested deeper than any parser goes",
 }
 
 
@@ -283,6 +285,10 @@ class FakeFlutterwave:
             return Response(self._body(pair, amount, rate='"about 1500"'), media_type="application/json")
         if kind == "inconsistent_rate":
             return Response(self._body(pair, amount, rate="42.4242"), media_type="application/json")
+        if kind == "bad_gzip":
+            return Response(b"this is not gzip", media_type="application/json", headers={"Content-Encoding": "gzip"})
+        if kind == "deep_json":
+            return Response("[" * 100_000 + "]" * 100_000, media_type="application/json")
         if kind == "wrong_currency":
             other = "GHS" if pair.destination != "GHS" else "KES"
             return Response(self._body(pair, amount, destination=other), media_type="application/json")

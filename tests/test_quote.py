@@ -61,6 +61,9 @@ def test_near_parity_the_closer_orientation_wins() -> None:
         (body("42.42"), "fits neither"),
         (body("1530.25", destination="GHS"), "USD/GHS"),
         (body("1530.25").replace(b'"amount": 0.653488', b'"amoun": 0.653488'), "amount"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (body("1e999999999999999999999"), "not JSON"),
+        (body("1530.25", source_amount="1e-999999999"), "fits neither|beyond"),
     ],
 )
 def test_malformed_answers_are_rejected(payload: bytes, reason: str) -> None:

@@ -91,6 +91,8 @@ BAD_QUERIES = [
     ("/api/rates/history?source_currency=USD&destination_currency=NGN&since=yesterday", "since"),
     ("/api/rates/history?source_currency=USD&destination_currency=NGN&since=2026-01-02&until=2026-01-01", "until"),
     ("/api/rates/history?source_currency=USD&destination_currency=NGN&since=2026-01-01&at=2026-01-02", "at"),
+    ("/api/rates/history?source_currency=USD&destination_currency=NGN&at=0001-01-01T00:00:00%2B01:00", "at"),
+    ("/api/rates/history?source_currency=USD&destination_currency=NGN&until=9999-12-31T23:59:59-05:00", "until"),
 ]
 
 
@@ -151,7 +153,9 @@ async def test_fifty_requests_for_a_stale_pair_make_one_upstream_call(
         assert Decimal(str(meta["destination_per_source"])) == moved
 
 
-@pytest.mark.parametrize("fault", ["500", "503", "429", "timeout", "hang", "not_json", "inconsistent_rate"])
+@pytest.mark.parametrize(
+    "fault", ["500", "503", "429", "timeout", "hang", "not_json", "inconsistent_rate", "bad_gzip", "deep_json"]
+)
 async def test_a_stale_pair_is_served_stale_when_the_upstream_fails(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings], fault: str
 ) -> None:
@@ -188,6 +192,19 @@ async def test_nothing_stored_and_a_failing_upstream_is_a_503_that_heals(
     assert 1 <= int(failed.headers["retry-after"]) <= 10
     assert resting.status_code == 503 and calls_while_resting == 0
     assert healed.status_code == 200 and healed.json()["meta"]["served_from"] == "upstream"
+
+
+async def test_a_pair_the_upstream_refuses_rests_long(
+    fake: FakeFlutterwave, make_settings: Callable[..., Settings]
+) -> None:
+    pair = Pair("USD", "CHF")
+    fake.fail("400", pairs=[pair])
+    async with running_app(make_settings()) as (client, _):
+        refused = await client.get(rate_url(pair))
+        again = await client.get(rate_url(pair))
+    assert refused.status_code == again.status_code == 503
+    assert fake.calls[pair] == 1, "a refused pair was asked for again at once"
+    assert int(again.headers["retry-after"]) > 60
 
 
 async def test_etag_and_cache_control(fake: FakeFlutterwave, make_settings: Callable[..., Settings]) -> None:

@@ -127,3 +127,45 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
         assert await cache.get(USD_NGN) == saved.rate
         ttl = await redis.ttl("fxrates-test:USD:NGN")
     assert 1190 <= ttl <= 1200
+
+
+async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) -> None:
+    from datetime import timedelta
+
+    from redis.asyncio import Redis
+
+    from app.rates.rate import StoredRate
+
+    newer = StoredRate(USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC))
+    older = StoredRate(
+        USD_NGN,
+        Decimal("0.0007"),
+        Decimal("1400"),
+        Decimal(1),
+        Decimal(1400),
+        "x",
+        newer.last_updated - timedelta(seconds=5),
+    )
+    metrics = Metrics()
+    async with Redis.from_url(redis_url) as redis:
+        cache = RedisCache(redis, 60, metrics.cache_errors, prefix="fxrates-test:")
+        await cache.set(newer)
+        await cache.set(older)  # a read-through fill or a slower writer, landing late
+        assert await cache.get(USD_NGN) == newer
+        await redis.set("fxrates-test:USD:NGN", b'{"left by": "another version"}')
+        assert await cache.get(USD_NGN) is None  # unreadable: a miss, not an error
+
+
+async def test_last_updated_never_goes_back_in_time(engine: AsyncEngine, broadcast: Broadcast) -> None:
+    from datetime import timedelta
+
+    moments = iter([datetime.now(UTC), datetime.now(UTC) - timedelta(seconds=3)])
+    store = RateStore(
+        create_sessionmaker(engine),
+        TieredCache(MemoryCache(60), None),
+        Fanout(broadcast, Metrics().publish_errors),
+        clock=lambda: next(moments),
+    )
+    first = await store.save(quote("1530.25"))
+    second = await store.save(quote("1531.5"))  # its clock was read before the first writer's commit
+    assert second.rate.last_updated >= first.rate.last_updated

@@ -28,7 +28,10 @@ def _as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     # A moment without a zone is read as UTC, the zone every timestamp of this API is in.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of the range of dates") from None
 
 
 CurrencyCode = Annotated[str, AfterValidator(_currency), Field(json_schema_extra={"pattern": "^[A-Za-z]{3}$"})]

@@ -22,6 +22,18 @@ log = logging.getLogger(__name__)
 # A cache that hangs must cost a reader or the poller this much at most, never the whole request or cycle.
 REDIS_OP_TIMEOUT_S = 1.0
 
+SET_IF_NEWER = """
+local current = redis.call('get', KEYS[1])
+if current then
+  local ok, held = pcall(cjson.decode, current)
+  if ok and type(held) == 'table' and tonumber(held['ts']) and tonumber(held['ts']) > tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
+
 
 class MemoryCache:
     layer = "memory"
@@ -71,12 +83,27 @@ class RedisCache:
         except (RedisError, OSError) as error:  # OSError covers TimeoutError
             self._failed("read", error)
             return None
-        return None if raw is None else StoredRate.from_cache(json.loads(raw))
+        if raw is None:
+            return None
+        try:
+            return StoredRate.from_cache(json.loads(raw))
+        except (ValueError, KeyError, TypeError, ArithmeticError):
+            # Left by another version of the service, or damaged: a miss, and the database answers.
+            log.warning("ignoring an unreadable cache entry for %s", pair)
+            return None
 
     async def set(self, rate: StoredRate) -> None:
         try:
             async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
-                await self._redis.set(self._key(rate.pair), json.dumps(rate.to_cache()), ex=self._ttl_s)
+                # Writers (replicas, read-through fills) may land out of order: an older rate never wins.
+                await self._redis.eval(
+                    SET_IF_NEWER,
+                    1,
+                    self._key(rate.pair),
+                    json.dumps(rate.to_cache()),
+                    repr(rate.last_updated.timestamp()),
+                    self._ttl_s,
+                )
         except (RedisError, OSError) as error:
             self._failed("write", error)
 

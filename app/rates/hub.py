@@ -60,12 +60,12 @@ class Outbox:
 class Snapshot:
     """Every stored rate, as read at one moment and as one `all_rates` frame, with the values it tells."""
 
-    def __init__(self, rates: list[StoredRate], frame: str, built_at: float, store_version: int) -> None:
+    def __init__(self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int]) -> None:
         self.rates = rates
         self.frame = frame
         self.values = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
-        self.store_version = store_version
+        self.versions = versions  # (the store's, the hub's) when the read began
 
 
 class HubClient:
@@ -162,7 +162,7 @@ class Hub:
         current = self._snapshot
         if (
             current is None
-            or current.store_version != self._store.version
+            or current.versions != (self._store.version, self.version)
             or self._clock() - current.built_at >= SNAPSHOT_MAX_AGE_S
         ):
             return None
@@ -176,11 +176,12 @@ class Hub:
             # Whoever waited on the lock takes the snapshot the holder just built.
             if (current := self._current()) is not None:
                 return current
-            built_at, version, now = self._clock(), self._store.version, utc_now()
+            # Versions taken before the read: a change that lands during it makes this snapshot old at once.
+            built_at, versions, now = self._clock(), (self._store.version, self.version), utc_now()
             rates = await self._store.all()
             items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
             frame = AllRates(rates=items, as_of=now).model_dump_json()
-            self._snapshot = Snapshot(rates, frame, built_at, version)
+            self._snapshot = Snapshot(rates, frame, built_at, versions)
             return self._snapshot
 
     async def run(self) -> None:

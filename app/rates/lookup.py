@@ -28,12 +28,15 @@ from app.rates import repository
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
-from app.upstream.errors import RateLimited, UpstreamError
+from app.upstream.errors import RateLimited, UpstreamError, UpstreamRejected
 from app.upstream.provider import Provider
 
 log = logging.getLogger(__name__)
 
 Layer = Literal["memory", "redis", "database", "upstream"]
+
+# How long a pair the upstream refused (a 4xx other than 429) rests before readers may ask for it again.
+REJECTED_REST_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class RateLookup:
         amount: Decimal,
         stale_wait_s: float = 2.0,
         cooldown_s: float = 5.0,
+        on_demand_concurrency: int = 2,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._cache = cache
@@ -69,6 +73,7 @@ class RateLookup:
         self._cooldown_s = cooldown_s
         self._clock = clock
         self._refreshing: dict[Pair, asyncio.Task[StoredRate]] = {}
+        self._on_demand = asyncio.Semaphore(on_demand_concurrency)
         self._resting_until: dict[Pair, float] = {}
 
     @property
@@ -94,7 +99,9 @@ class RateLookup:
                 else:
                     # A reader with a stale rate in hand waits a little for a fresh one, not for every retry.
                     fresh = await asyncio.wait_for(asyncio.shield(refresh), self._stale_wait_s)
-            except (UpstreamError, TimeoutError):
+            except Exception:
+                # Whatever kept the refresh from storing a rate (the upstream, or the database while saving it):
+                # the stored rate is served as stale, and with none stored the answer is "try again later".
                 resting_s = max(0.0, self._resting_until.get(pair, 0.0) - time.monotonic())
             else:
                 self._metrics.cache_lookups.labels(layer="upstream").inc()
@@ -152,11 +159,16 @@ class RateLookup:
 
     async def _fetch_and_store(self, pair: Pair) -> StoredRate:
         try:
-            quote = await self._provider.fetch(pair, self._amount)
+            # Readers can ask for any of thousands of pairs: they get a share of the upstream, never all of it,
+            # so the poller keeps its turn.
+            async with self._on_demand:
+                quote = await self._provider.fetch(pair, self._amount)
         except UpstreamError as error:
             rest_s = self._cooldown_s
             if isinstance(error, RateLimited) and error.retry_after_s is not None:
                 rest_s = max(rest_s, error.retry_after_s)
+            elif isinstance(error, UpstreamRejected):
+                rest_s = REJECTED_REST_S  # the upstream refuses this pair; asking again soon will not change that
             self._resting_until[pair] = time.monotonic() + rest_s
             log.warning("on-demand refresh of %s failed, resting it %.0fs: %s", pair, rest_s, error)
             raise

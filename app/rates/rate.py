@@ -32,6 +32,7 @@ class StoredRate:
             "destination_amount": str(self.destination_amount),
             "provider": self.provider,
             "last_updated": self.last_updated.isoformat(),
+            "ts": self.last_updated.timestamp(),  # for comparing ages inside Redis
         }
 
     @classmethod

@@ -54,6 +54,8 @@ class RateStore:
             if not await repository.insert_if_absent(session, quote, now):
                 row = await repository.lock_current(session, quote.pair)
                 previous = repository.to_stored(row)
+                # Two writers of one pair take turns on the row lock; the second never goes back in time.
+                now = max(now, previous.last_updated)
                 repository.update_current(row, quote, now)
             result = SaveResult(
                 rate=StoredRate(

@@ -126,9 +126,9 @@ class FlutterwaveClient:
             except httpx.TimeoutException:
                 self._calls.labels(outcome="timeout").inc()
                 raise UpstreamUnavailable(pair, "timed out") from None
-            except httpx.TransportError as error:
+            except httpx.RequestError as error:  # transport failures, and bodies that do not decode
                 self._calls.labels(outcome="connection_error").inc()
-                raise UpstreamUnavailable(pair, f"connection failed ({type(error).__name__})") from None
+                raise UpstreamUnavailable(pair, f"request failed ({type(error).__name__})") from None
         return self._read(pair, response)
 
     def _read(self, pair: Pair, response: httpx.Response) -> Quote:

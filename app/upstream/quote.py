@@ -9,7 +9,7 @@ and the upstream's own `rate` is kept as the precise figure.
 
 import json
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, localcontext
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -126,8 +126,8 @@ def parse_quote(body: bytes, pair: Pair, provider: str) -> Quote:
     try:
         # Decimals straight from the text: a float would lose digits before we ever saw them.
         raw: Any = json.loads(body, parse_float=Decimal, parse_int=Decimal)
-    except (ValueError, InvalidOperation):
-        raise MalformedQuote(pair, "body is not JSON") from None
+    except (ValueError, ArithmeticError, RecursionError):
+        raise MalformedQuote(pair, "body is not JSON (or nested or sized beyond reason)") from None
     try:
         payload = _RatePayload.model_validate(raw)
     except ValidationError as error:
@@ -136,4 +136,7 @@ def parse_quote(body: bytes, pair: Pair, provider: str) -> Quote:
     echoed = Pair(data.source.currency.upper(), data.destination.currency.upper())
     if echoed != pair:
         raise MalformedQuote(pair, f"answer is for {echoed}, not the pair asked for")
-    return quote_from_amounts(pair, data.rate, data.source.amount, data.destination.amount, provider)
+    try:
+        return quote_from_amounts(pair, data.rate, data.source.amount, data.destination.amount, provider)
+    except ArithmeticError:
+        raise MalformedQuote(pair, "amounts or rate beyond what decimal arithmetic can hold") from None
