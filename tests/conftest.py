@@ -23,6 +23,8 @@ from app.settings import Settings
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
 
+pytest_plugins = ["tests.ws_service"]
+
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 

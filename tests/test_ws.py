@@ -5,7 +5,6 @@ import itertools
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +12,10 @@ from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
 from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.replicas import Replica
 from tests.ws_client import WsClient, is_update_for
+from tests.ws_service import POLL_INTERVAL_S
 
-POLL_INTERVAL_S = 0.3
 RATE_ITEM_FIELDS = {
     "source_currency",
     "destination_currency",
@@ -30,33 +29,15 @@ RATE_ITEM_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeFlutterwave]:
-    with FakeFlutterwave(slow_s=3.0) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    with replica_on_sqlite(
-        Path(tmp_path_factory.mktemp("ws")),
-        fake,
-        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
-        UPSTREAM_TIMEOUT_SECONDS="1",
-        UPSTREAM_MAX_ATTEMPTS="1",
-    ) as replica:
-        yield replica
-
-
 @pytest.fixture(autouse=True)
-def clean_faults(fake: FakeFlutterwave) -> Iterator[None]:
-    fake.clear_faults()
+def clean_faults(ws_fake: FakeFlutterwave) -> Iterator[None]:
+    ws_fake.clear_faults()
     yield
-    fake.clear_faults()
+    ws_fake.clear_faults()
 
 
-async def test_the_snapshot_comes_first_with_every_pair(service: Replica) -> None:
-    for url in (service.ws_url, f"{service.ws_url}/"):
+async def test_the_snapshot_comes_first_with_every_pair(ws_service: Replica) -> None:
+    for url in (ws_service.ws_url, f"{ws_service.ws_url}/"):
         async with WsClient(url) as client:
             snapshot = await client.recv()
         assert snapshot["type"] == "all_rates" and snapshot["as_of"].endswith("Z")
@@ -65,8 +46,8 @@ async def test_the_snapshot_comes_first_with_every_pair(service: Replica) -> Non
         assert {item["provider"] for item in snapshot["rates"]} == {"flutterwave"}
 
 
-async def test_ping_get_all_rates_and_get_rate(service: Replica, fake: FakeFlutterwave) -> None:
-    async with WsClient(service.ws_url) as client:
+async def test_ping_get_all_rates_and_get_rate(ws_service: Replica, ws_fake: FakeFlutterwave) -> None:
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         assert await client.ask({"type": "ping"}, "pong") == {"type": "pong"}
         everything = await client.ask({"type": "get_all_rates"}, "all_rates")
@@ -77,9 +58,9 @@ async def test_ping_get_all_rates_and_get_rate(service: Replica, fake: FakeFlutt
         fetched = await client.ask(
             {"type": "get_rate", "source_currency": "USD", "destination_currency": "JPY"}, "rate"
         )
-        assert Decimal(str(fetched["rate"]["destination_per_source"])) == fake.rate(Pair("USD", "JPY"))
+        assert Decimal(str(fetched["rate"]["destination_per_source"])) == ws_fake.rate(Pair("USD", "JPY"))
         # ...or, when the upstream cannot give it, answered not_found.
-        fake.fail("503", pairs=[Pair("USD", "CHF")])
+        ws_fake.fail("503", pairs=[Pair("USD", "CHF")])
         missing = await client.ask(
             {"type": "get_rate", "source_currency": "USD", "destination_currency": "CHF"}, ("rate", "error")
         )
@@ -106,8 +87,8 @@ async def test_ping_get_all_rates_and_get_rate(service: Replica, fake: FakeFlutt
         '{"type": "unsubscribe", "pairs": [42]}',
     ],
 )
-async def test_a_bad_message_gets_bad_request_and_the_connection_stays_open(service: Replica, message: str) -> None:
-    async with WsClient(service.ws_url) as client:
+async def test_a_bad_message_gets_bad_request_and_the_connection_stays_open(ws_service: Replica, message: str) -> None:
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         error = await client.ask(message, "error")
         assert error["code"] == "bad_request" and error["message"]
@@ -116,8 +97,8 @@ async def test_a_bad_message_gets_bad_request_and_the_connection_stays_open(serv
         assert state["pairs"] == [], "a bad subscribe changed the subscription"
 
 
-async def test_subscribe_filters_updates(service: Replica, fake: FakeFlutterwave) -> None:
-    async with WsClient(service.ws_url) as client:
+async def test_subscribe_filters_updates(ws_service: Replica, ws_fake: FakeFlutterwave) -> None:
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         subscribed = await client.ask({"type": "subscribe", "pairs": ["gbp/kes"]}, "subscribed")
         assert subscribed == {"type": "subscribed", "pairs": ["GBP/KES"], "min_change_bps": 0}
@@ -148,26 +129,26 @@ async def updates_over_cycles(client: WsClient, cycles: int) -> list[tuple[str, 
     return updates
 
 
-async def test_min_change_bps_holds_back_small_moves(service: Replica, fake: FakeFlutterwave) -> None:
+async def test_min_change_bps_holds_back_small_moves(ws_service: Replica, ws_fake: FakeFlutterwave) -> None:
     pair = Pair("CAD", "GHS")
-    async with WsClient(service.ws_url) as picky, WsClient(service.ws_url) as eager:
+    async with WsClient(ws_service.ws_url) as picky, WsClient(ws_service.ws_url) as eager:
         await picky.recv()
         await eager.recv()
         await picky.ask({"type": "subscribe", "pairs": [str(pair)], "min_change_bps": 50}, "subscribed")
         await eager.ask({"type": "subscribe", "pairs": [str(pair)]}, "subscribed")
-        before = fake.rate(pair)
-        fake.bump(pair, Decimal("1.002"))  # 20 bps: under the picky client's threshold
+        before = ws_fake.rate(pair)
+        ws_fake.bump(pair, Decimal("1.002"))  # 20 bps: under the picky client's threshold
         assert not await updates_over_cycles(picky, cycles=2)
         seen_by_eager = await updates_over_cycles(eager, cycles=1)
         assert seen_by_eager and all(m["previous_rate"] is not None for _, m in seen_by_eager)
-        moved = fake.bump(pair, Decimal("1.004"))  # 60 bps from what the picky client was last sent
+        moved = ws_fake.bump(pair, Decimal("1.004"))  # 60 bps from what the picky client was last sent
         update, _ = await picky.recv_until(is_update_for(str(pair)))
     assert Decimal(str(update["rate"]["destination_per_source"])) == moved
     assert abs(moved - before) / before * 10_000 >= 50
 
 
-async def test_a_frame_over_64_kib_closes_with_1009(service: Replica) -> None:
-    async with WsClient(service.ws_url) as client:
+async def test_a_frame_over_64_kib_closes_with_1009(ws_service: Replica) -> None:
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         await client.send('{"type": "ping", "padding": "' + "x" * (64 * 1024) + '"}')
         with pytest.raises(ConnectionClosed) as closed:
@@ -175,9 +156,9 @@ async def test_a_frame_over_64_kib_closes_with_1009(service: Replica) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
 
 
-async def test_a_client_that_stops_reading_is_closed_and_nobody_else_waits(service: Replica) -> None:
+async def test_a_client_that_stops_reading_is_closed_and_nobody_else_waits(ws_service: Replica) -> None:
     # The slow client's library stops reading from the socket as soon as one frame is waiting.
-    async with WsClient(service.ws_url, max_queue=1) as slow, WsClient(service.ws_url) as reader:
+    async with WsClient(ws_service.ws_url, max_queue=1) as slow, WsClient(ws_service.ws_url) as reader:
         await reader.recv()
         for _ in range(3000):
             await slow.send('{"type": "get_all_rates"}')
@@ -185,7 +166,7 @@ async def test_a_client_that_stops_reading_is_closed_and_nobody_else_waits(servi
         while len(cycle_ends) < 6:
             await reader.recv_until(lambda m: m["type"] == "all_rates_update", timeout_s=5)
             cycle_ends.append(time.monotonic())
-        closed_count = metric(service, "fxrates_websocket_slow_closed_total")
+        closed_count = metric(ws_service, "fxrates_websocket_slow_closed_total")
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 await slow.recv(timeout_s=10)
@@ -205,12 +186,12 @@ def metric(replica: Replica, name: str) -> float:
     return 0.0
 
 
-async def test_connected_clients_are_counted(service: Replica) -> None:
-    async with WsClient(service.ws_url) as first, WsClient(service.ws_url) as second:
+async def test_connected_clients_are_counted(ws_service: Replica) -> None:
+    async with WsClient(ws_service.ws_url) as first, WsClient(ws_service.ws_url) as second:
         await first.recv()
         await second.recv()
-        assert metric(service, "fxrates_websocket_clients") >= 2
+        assert metric(ws_service, "fxrates_websocket_clients") >= 2
     deadline = time.monotonic() + 5
-    while metric(service, "fxrates_websocket_clients") != 0:
+    while metric(ws_service, "fxrates_websocket_clients") != 0:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)

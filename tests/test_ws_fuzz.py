@@ -13,9 +13,7 @@ import json
 import os
 import re
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,11 +22,9 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.replicas import Replica
 from tests.ws_client import WsClient
 
-POLL_INTERVAL_S = 0.3
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_BIG = 1009
 REPLY_TIMEOUT_S = 10.0
@@ -59,24 +55,6 @@ LOGGED_FAILURE = re.compile(r"Traceback|\b(ERROR|CRITICAL)\b")
 EXCEPTION_LINE = re.compile(r"^[\s|+]*((?:[\w.]+(?:Error|Exception|Group|Operation|Interrupt)|KeyError)\b.*)$")
 
 Frame = str | bytes
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeFlutterwave]:
-    with FakeFlutterwave(slow_s=3.0) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    with replica_on_sqlite(
-        Path(tmp_path_factory.mktemp("ws-fuzz")),
-        fake,
-        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
-        UPSTREAM_TIMEOUT_SECONDS="1",
-        UPSTREAM_MAX_ATTEMPTS="1",
-    ) as replica:
-        yield replica
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,9 +446,9 @@ FUZZ_SETTINGS = settings(
 )
 
 
-def test_fuzzed_frames_are_answered_and_the_connection_stays_open(service: Replica) -> None:
+def test_fuzzed_frames_are_answered_and_the_connection_stays_open(ws_service: Replica) -> None:
     with asyncio.Runner() as runner:
-        session = FuzzSession(runner, service)
+        session = FuzzSession(runner, ws_service)
 
         @FUZZ_SETTINGS
         @given(frame=frames())
@@ -515,10 +493,10 @@ HOSTILE_FRAMES: list[tuple[str, Frame]] = [
 
 
 @pytest.mark.parametrize("frame", [frame for _, frame in HOSTILE_FRAMES], ids=[name for name, _ in HOSTILE_FRAMES])
-async def test_hostile_frames_are_answered_and_the_connection_stays_open(service: Replica, frame: Frame) -> None:
+async def test_hostile_frames_are_answered_and_the_connection_stays_open(ws_service: Replica, frame: Frame) -> None:
     assert frame_size(frame) <= MAX_FRAME_BYTES
-    log = LogWatch(service)
-    async with WsClient(service.ws_url) as client:
+    log = LogWatch(ws_service)
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         await exchange(client, frame, "hostile-check", log)
         assert await client.ask({"type": "ping"}, "pong") == {"type": "pong"}
@@ -534,16 +512,16 @@ OVERSIZE_FRAMES: list[tuple[str, Frame]] = [
 
 
 @pytest.mark.parametrize("frame", [frame for _, frame in OVERSIZE_FRAMES], ids=[name for name, _ in OVERSIZE_FRAMES])
-async def test_a_frame_over_64_kib_closes_with_1009_and_the_service_goes_on(service: Replica, frame: Frame) -> None:
+async def test_a_frame_over_64_kib_closes_with_1009_and_the_service_goes_on(ws_service: Replica, frame: Frame) -> None:
     assert frame_size(frame) > MAX_FRAME_BYTES
-    log = LogWatch(service)
-    async with WsClient(service.ws_url) as client:
+    log = LogWatch(ws_service)
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         await client.connection.send(frame)
         with pytest.raises(ConnectionClosed) as closed:
             await client.recv_until(lambda m: False, timeout_s=REPLY_TIMEOUT_S)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == CLOSE_TOO_BIG, closed.value
-    async with WsClient(service.ws_url) as client:
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         assert await client.ask({"type": "ping"}, "pong") == {"type": "pong"}
     logged = log.new()
@@ -551,18 +529,18 @@ async def test_a_frame_over_64_kib_closes_with_1009_and_the_service_goes_on(serv
 
 
 @pytest.mark.parametrize("frame", ["x" * MAX_FRAME_BYTES, b"x" * MAX_FRAME_BYTES], ids=["text", "binary"])
-async def test_a_frame_of_exactly_64_kib_is_not_too_big(service: Replica, frame: Frame) -> None:
-    log = LogWatch(service)
-    async with WsClient(service.ws_url) as client:
+async def test_a_frame_of_exactly_64_kib_is_not_too_big(ws_service: Replica, frame: Frame) -> None:
+    log = LogWatch(ws_service)
+    async with WsClient(ws_service.ws_url) as client:
         await client.recv()
         await exchange(client, frame, "limit-check", log)
 
 
-def test_nothing_was_logged_as_an_error_and_nothing_answered_5xx(service: Replica) -> None:
+def test_nothing_was_logged_as_an_error_and_nothing_answered_5xx(ws_service: Replica) -> None:
     """Last in the module: the whole log of the replica the fuzzer hammered, and its HTTP status counts."""
-    logged = service.log()
+    logged = ws_service.log()
     assert not failures_in(logged), summary(logged)
-    with urllib.request.urlopen(f"{service.url}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"{ws_service.url}/metrics", timeout=10) as response:
         assert response.status == 200
         samples = response.read().decode().splitlines()
     server_errors = [

@@ -1,0 +1,32 @@
+"""The one service the WebSocket test modules share per module: a real uvicorn polling the fake every 0.3 s.
+
+Registered for every test by tests/conftest.py (`pytest_plugins`); each module that asks gets its own.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_flutterwave import FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
+
+POLL_INTERVAL_S = 0.3
+
+
+@pytest.fixture(scope="module")
+def ws_fake() -> Iterator[FakeFlutterwave]:
+    with FakeFlutterwave(slow_s=3.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ws_service(ws_fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    with replica_on_sqlite(
+        Path(tmp_path_factory.mktemp("ws")),
+        ws_fake,
+        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
+        UPSTREAM_TIMEOUT_SECONDS="1",
+        UPSTREAM_MAX_ATTEMPTS="1",
+    ) as replica:
+        yield replica
