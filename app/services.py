@@ -6,10 +6,9 @@ command (`app.poller`).
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -25,6 +24,7 @@ from app.rates.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
 from app.settings import Settings
+from app.tasks import running
 from app.upstream.demo import DemoProvider
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client
 from app.upstream.provider import Provider
@@ -68,23 +68,6 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
             max_attempts=settings.upstream_max_attempts,
             calls=metrics.upstream_calls,
         )
-
-
-@asynccontextmanager
-async def running(coroutine: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
-    """Run `coroutine` as a task for the duration of the block; a crash is logged, the task cancelled on exit."""
-    task = asyncio.create_task(coroutine, name=name)
-    task.add_done_callback(_log_crash)
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s stopped", task.get_name(), exc_info=task.exception())
 
 
 @asynccontextmanager

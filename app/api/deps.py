@@ -13,7 +13,6 @@ from starlette.requests import HTTPConnection
 
 from app.rates.hub import Hub
 from app.rates.lookup import RateLookup
-from app.rates.store import RateStore
 from app.settings import Settings
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
@@ -29,11 +28,6 @@ async def get_lookup(request: HTTPConnection) -> RateLookup:
     return lookup
 
 
-async def get_store(request: HTTPConnection) -> RateStore:
-    store: RateStore = request.state.store
-    return store
-
-
 async def get_hub(request: HTTPConnection) -> Hub:
     hub: Hub = request.state.hub
     return hub
@@ -47,7 +41,6 @@ async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
-StoreDep = Annotated[RateStore, Depends(get_store)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 

@@ -11,10 +11,6 @@ from app.rates.lookup import Layer
 from app.rates.wire import Number
 
 
-def _currency(code: str) -> str:
-    return normalise_currency(code)
-
-
 def _currency_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -34,7 +30,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
         raise ValueError("is out of the range of dates") from None
 
 
-CurrencyCode = Annotated[str, AfterValidator(_currency), Field(json_schema_extra={"pattern": "^[A-Za-z]{3}$"})]
+CurrencyCode = Annotated[str, AfterValidator(normalise_currency), Field(json_schema_extra={"pattern": "^[A-Za-z]{3}$"})]
 # At most 11 integer and 4 decimal digits: any ISO 4217 minor unit, and 15 significant digits in all.
 Amount = Annotated[Decimal, Field(gt=0, lt=100_000_000_000, decimal_places=4, allow_inf_nan=False)]
 Moment = Annotated[datetime | None, AfterValidator(_as_utc)]

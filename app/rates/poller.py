@@ -13,6 +13,7 @@ from app.metrics import Metrics
 from app.rates.schedule import Schedule
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import AllRatesUpdate
+from app.tasks import log_crash
 from app.upstream.errors import UpstreamError
 from app.upstream.provider import Provider
 
@@ -117,7 +118,7 @@ class Poller:
         if self._task is not None:
             raise RuntimeError("Poller is already running")
         self._task = asyncio.create_task(self.run(), name="fxrates-poller")
-        self._task.add_done_callback(_log_crash)
+        self._task.add_done_callback(log_crash)
         return self
 
     async def __aexit__(
@@ -137,8 +138,3 @@ class Poller:
         finally:
             await asyncio.gather(*self._saving, return_exceptions=True)
             await self.schedule.close()
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the poller stopped", exc_info=task.exception())
