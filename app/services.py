@@ -14,13 +14,13 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import create_engine, create_sessionmaker, migrate
+from app.live.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
+from app.live.hub import Hub
+from app.live.poller import Poller
+from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.metrics import Metrics
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
-from app.rates.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
-from app.rates.hub import Hub
 from app.rates.lookup import RateLookup
-from app.rates.poller import Poller
-from app.rates.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
 from app.settings import Settings

@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
 
-from app.rates.redis_backend import ResilientRedisBackend
+from app.live.redis_backend import ResilientRedisBackend
 from tests.redis_server import RedisServer
 
 RESYNC = "resync!"

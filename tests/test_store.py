@@ -11,10 +11,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.currencies import Pair
 from app.db import create_engine, create_sessionmaker
+from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.metrics import Metrics
 from app.rates import repository
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
-from app.rates.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.rates.store import RateStore
 from app.upstream.quote import Quote
 

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
-from app.rates.hub import Hub
+from app.live.hub import Hub
 from app.rates.lookup import RateLookup
 from app.settings import Settings
 

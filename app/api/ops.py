@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.deps import SettingsDep, get_with_and_without_slash
+from app.live.poller import Poller
 from app.metrics import Metrics
-from app.rates.poller import Poller
 
 router = APIRouter(tags=["operations"])
 

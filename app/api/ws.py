@@ -18,7 +18,7 @@ from starlette.websockets import WebSocketState
 from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
 from app.errors import RateUnavailable
-from app.rates.hub import ALL, Hub, HubClient
+from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
 

@@ -1,1 +1,1 @@
-"""Rates at rest and in motion: models, repository, cache, store, poller and fan-out."""
+"""Rates at rest: models, repository (SQL only), cache, the store (the one writer), lookup and wire format."""

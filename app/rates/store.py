@@ -7,12 +7,12 @@ the cache is written only once the database holds the value.
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.rates import repository
 from app.rates.cache import TieredCache
-from app.rates.fanout import Fanout
 from app.rates.rate import StoredRate
 from app.rates.wire import AllRatesUpdate
 from app.upstream.quote import Quote
@@ -20,6 +20,14 @@ from app.upstream.quote import Quote
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class Publisher(Protocol):
+    """Where stored rates are announced (`app.live.fanout.Fanout`); the store knows nothing of how."""
+
+    async def publish_rate(self, rate: StoredRate, previous: StoredRate | None) -> None: ...
+
+    async def publish_cycle(self, update: AllRatesUpdate) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +45,7 @@ class RateStore:
         self,
         sessions: async_sessionmaker[AsyncSession],
         cache: TieredCache,
-        fanout: Fanout,
+        fanout: Publisher,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._sessions = sessions

@@ -9,8 +9,8 @@ from types import TracebackType
 from typing import Self
 
 from app.currencies import Pair
+from app.live.schedule import Schedule
 from app.metrics import Metrics
-from app.rates.schedule import Schedule
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import AllRatesUpdate
 from app.tasks import log_crash

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
 from app.currencies import Pair
+from app.live.redis_backend import ResilientRedisBackend
 from app.rates.rate import StoredRate
-from app.rates.redis_backend import ResilientRedisBackend
 from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RateUpdate
 
 log = logging.getLogger(__name__)

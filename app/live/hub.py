@@ -18,7 +18,7 @@ from broadcaster import Broadcast
 from prometheus_client import Counter, Gauge
 
 from app.currencies import Pair
-from app.rates.fanout import RATES_CHANNEL
+from app.live.fanout import RATES_CHANNEL
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import RESYNC, AllRates, RateItem
