@@ -17,9 +17,11 @@ from app.api import board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
 from app.errors import add_error_handlers
+from app.logs import configure_logging
 from app.metrics import Metrics
-from app.services import configure_logging, open_services
+from app.services import open_services
 from app.settings import Settings, load_settings
+from app.shutdown import GracefulShutdown
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -27,9 +29,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with open_services(settings, metrics, start_poller=settings.poller_enabled) as services:
+        async with (
+            open_services(settings, metrics, start_poller=settings.poller_enabled) as services,
+            GracefulShutdown(
+                services.hub, services.poller, drain_s=settings.shutdown_drain_seconds
+            ).on_sigterm() as shutdown,
+        ):
             # Each field becomes `request.state.<name>` for the dependencies in app.api.deps.
-            yield {field: getattr(services, field) for field in services.__dataclass_fields__}
+            state = {field: getattr(services, field) for field in services.__dataclass_fields__}
+            yield {**state, "shutdown": shutdown}
 
     app = FastAPI(
         title="fxrates",
@@ -44,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
     )
-    app.add_middleware(RequestMetrics, requests=metrics.requests)
+    app.add_middleware(RequestMetrics, requests=metrics.requests, durations=metrics.request_seconds)
     app.include_router(rates.router)
     app.include_router(ops.router)
     app.include_router(ws.router)
@@ -55,8 +63,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 @cache
 def _app_from_environment() -> FastAPI:
-    configure_logging()
-    return create_app(load_settings())
+    settings = load_settings()
+    configure_logging(settings.log_format)
+    return create_app(settings)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -1,4 +1,10 @@
-"""The service's Prometheus metrics, in a registry of its own built by the lifespan (no import-time globals)."""
+"""The service's Prometheus metrics, in a registry of its own built by the lifespan (no import-time globals).
+
+Every metric is listed, with what it answers, in docs/operations.md. Buckets
+follow this service's latencies: a cached answer takes about a millisecond, a
+database read a few, an upstream call a few hundred (at most the upstream
+timeout, 30 s by default).
+"""
 
 from dataclasses import dataclass, field
 
@@ -14,8 +20,22 @@ class Metrics:
         self.requests = Counter(
             "fxrates_http_requests", "HTTP requests by route template and status.", ["route", "status"], registry=r
         )
+        self.request_seconds = Histogram(
+            "fxrates_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route template.",
+            ["route"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         self.upstream_calls = Counter(
             "fxrates_upstream_calls", "Requests to the upstream by outcome.", ["outcome"], registry=r
+        )
+        self.upstream_call_seconds = Histogram(
+            "fxrates_upstream_call_duration_seconds",
+            "Time of one request to the upstream (one attempt), by outcome.",
+            ["outcome"],
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
         self.poll_pairs = Counter(
             "fxrates_poll_pairs", "Pairs refreshed by the poller by outcome.", ["outcome"], registry=r
@@ -40,3 +60,25 @@ class Metrics:
             "fxrates_websocket_slow_closed", "WebSocket clients closed for not reading their updates.", registry=r
         )
         self.publish_errors = Counter("fxrates_publish_errors", "Events that could not be published.", registry=r)
+        # Set when /metrics is scraped (app.api.ops), so they tell the state at that moment.
+        self.rate_age_seconds = Gauge(
+            "fxrates_rate_age_seconds",
+            "Seconds since each polled pair's stored rate was received from the upstream.",
+            ["pair"],
+            registry=r,
+        )
+        self.poller_role = Gauge(
+            "fxrates_poller_role",
+            "1 for this replica's poller role (leading, standby or alone), 0 for the others; all 0 when not polling.",
+            ["role"],
+            registry=r,
+        )
+        self.dependency_up = Gauge(
+            "fxrates_dependency_up",
+            "1 when the dependency answered a check at the last scrape (database: SELECT 1; redis: PING), else 0.",
+            ["dependency"],
+            registry=r,
+        )
+        # The last `last_updated` read for each polled pair (epoch seconds), kept so a database outage
+        # does not hide the ages: nothing newer can be stored while it lasts.
+        self.rate_received_at: dict[str, float] = {}

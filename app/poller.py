@@ -8,8 +8,9 @@ python -m app.poller --interval N  cycle every N seconds
 import argparse
 import asyncio
 
+from app.logs import configure_logging
 from app.metrics import Metrics
-from app.services import configure_logging, open_services
+from app.services import open_services
 from app.settings import Settings, load_settings
 
 
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--once", action="store_true", help="run one cycle; exit 0 if every pair succeeded")
     mode.add_argument("--interval", type=float, metavar="N", help="seconds between cycles (POLL_INTERVAL_SECONDS)")
     args = parser.parse_args(argv)
-    configure_logging()
     overrides = {"poll_interval_seconds": args.interval} if args.interval is not None else {}
     settings = load_settings(**overrides)
+    configure_logging(settings.log_format)
     try:
         return asyncio.run(_main(settings, args.once))
     except KeyboardInterrupt:

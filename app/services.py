@@ -67,6 +67,7 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
             limiter=asyncio.Semaphore(settings.upstream_concurrency),
             max_attempts=settings.upstream_max_attempts,
             calls=metrics.upstream_calls,
+            durations=metrics.upstream_call_seconds,
         )
 
 
@@ -133,10 +134,3 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
         yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, hub, poller)
-
-
-def configure_logging() -> None:
-    """Plain lines on stderr for the service's own loggers; a no-op where logging is already set up."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every request at INFO; the client logs what matters (retries, rejections) itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ else is handed the values it needs.
 import sys
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,11 +63,18 @@ class Settings(BaseSettings):
     upstream_quote_amount: Decimal = Field(default=Decimal(1000), gt=0)
     cors_allow_origins: CommaList = ["*"]
     db_auto_migrate: bool = True
+    log_format: Literal["text", "json"] = "text"
+    shutdown_drain_seconds: float = Field(default=0, ge=0, le=300)
 
     @field_validator("redis_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("flutterwave_secret_key", mode="before")
     @classmethod

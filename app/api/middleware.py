@@ -1,29 +1,98 @@
-"""Counting requests by route template and status, as a plain ASGI middleware (no per-request task)."""
+"""Each request counted and timed by route template, given a request id, and logged (docs/operations.md).
 
-from prometheus_client import Counter
+A plain ASGI middleware (no per-request task). The request id is the client's
+`X-Request-ID` when it sends a sensible one, otherwise a new one; either way it
+is returned in `X-Request-ID` and carried by every log line of the request.
+"""
+
+import logging
+import re
+import time
+import uuid
+
+from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import ACCESS_LOGGER, REQUEST_ID
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+# Anything else a client sends is replaced: the id ends up in log lines and must not be able to forge them.
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            text = value.decode("latin-1")
+            return text if CLIENT_REQUEST_ID.fullmatch(text) else None
+    return None
+
+
+def route_label(scope: Scope) -> str:
+    """The route template (`/api/rates`), the mount for static files (`/static`), or `unmatched`.
+
+    Templates, not raw paths, so label values stay few whatever clients send.
+    """
+    route = getattr(scope.get("route"), "path", None)
+    if isinstance(route, str):
+        return route.rstrip("/") or "/"
+    # A mount (the static files) sets no route, but moves its prefix from the path into root_path.
+    if "app_root_path" in scope:
+        mount = scope.get("root_path", "").removeprefix(scope["app_root_path"])
+        if mount:
+            return str(mount)
+    return "unmatched"
 
 
 class RequestMetrics:
-    def __init__(self, app: ASGIApp, requests: Counter) -> None:
+    def __init__(self, app: ASGIApp, requests: Counter, durations: Histogram | None = None) -> None:
         self.app = app
         self.requests = requests
+        self.durations = durations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.perf_counter()
+        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id_header = (REQUEST_ID_HEADER, request_id.encode())
         status = 500
 
         async def send_and_note(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # A new list: a cached answer's headers are shared between responses.
+                message = {**message, "headers": [*message.get("headers", ()), request_id_header]}
             await send(message)
 
+        token = REQUEST_ID.set(request_id)
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            # The template, not the raw path, so label values stay few whatever clients send.
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(route=route.rstrip("/") or "/", status=str(status)).inc()
+            REQUEST_ID.reset(token)
+            duration_s = time.perf_counter() - started
+            route = route_label(scope)
+            self.requests.labels(route=route, status=str(status)).inc()
+            if self.durations is not None:
+                self.durations.labels(route=route).observe(duration_s)
+            if access_log.isEnabledFor(logging.INFO):
+                client = scope.get("client")
+                access_log.info(
+                    "%s %s %d",
+                    scope["method"],
+                    scope["path"],
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "route": route,
+                        "status": status,
+                        "duration_s": round(duration_s, 6),
+                        "client": client[0] if client else None,
+                        "request_id": request_id,
+                    },
+                )

@@ -13,7 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.deps import SettingsDep, get_with_and_without_slash
 from app.live.poller import Poller
+from app.live.schedule import Role
 from app.metrics import Metrics
+from app.rates.store import RateStore
+from app.shutdown import GracefulShutdown
 
 router = APIRouter(tags=["operations"])
 
@@ -86,6 +89,11 @@ NOT_READY_EXAMPLE = {
 )
 async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     state = request.state
+    shutdown: GracefulShutdown = state.shutdown
+    if shutdown.draining:
+        # Checked first and alone: a load balancer must see this at once, whatever the parts say.
+        body = {"status": "error", "message": "Not ready: shutting down.", "data": {"shutdown": "draining"}}
+        return JSONResponse(body, status_code=503)
     poller: Poller = state.poller
     database, redis, polling = await asyncio.gather(
         _database(state.engine),
@@ -113,6 +121,34 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}}
     },
 )
-async def metrics(request: Request) -> Response:
-    registry: Metrics = request.state.metrics
+async def metrics(request: Request, settings: SettingsDep) -> Response:
+    state = request.state
+    registry: Metrics = state.metrics
+    database, redis, _ = await asyncio.gather(
+        _database(state.engine), _redis(state.redis), _read_rate_times(state.store, registry)
+    )
+    registry.dependency_up.labels(dependency="database").set(database is None)
+    if settings.redis_url is not None:
+        registry.dependency_up.labels(dependency="redis").set(redis is None)
+    now = time.time()
+    for pair in settings.pairs:
+        received_at = registry.rate_received_at.get(str(pair))
+        if received_at is not None:
+            registry.rate_age_seconds.labels(pair=str(pair)).set(max(0.0, now - received_at))
+    poller: Poller = state.poller
+    polling = poller.started_at is not None and not poller.stopped
+    roles: tuple[Role, ...] = ("leading", "standby", "alone")
+    for role in roles:
+        registry.poller_role.labels(role=role).set(polling and poller.schedule.role == role)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_rate_times(store: RateStore, registry: Metrics) -> None:
+    """Note when each stored rate was received; on a database failure the last values read stay."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            rates = await store.all()
+    except Exception:  # the database check beside this one reports the failure
+        return
+    for rate in rates:
+        registry.rate_received_at[str(rate.pair)] = rate.last_updated.timestamp()

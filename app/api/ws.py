@@ -189,6 +189,7 @@ async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
                 group.create_task(_receive(websocket, client, hub, lookup)),
                 group.create_task(_send(websocket, client)),
                 group.create_task(_overflow(client, hub)),
+                group.create_task(client.closing.wait()),
             ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:

@@ -77,10 +77,15 @@ class HubClient:
         self.min_change_bps = Decimal(0)
         self.subscribed_once = False
         self.close_code: int | None = None
+        self.closing = asyncio.Event()  # set when the service asks this connection to close (see Hub.close_all)
         self._sent_base: dict[Pair, Decimal] = {}  # a snapshot's values, shared with other clients, never written
         self._sent: dict[Pair, Decimal] = {}
         # Events that arrive before the first snapshot, passed on once it is sent: it must come first.
         self._held: list[tuple[Pair | None, Decimal, str]] | None = []
+
+    def close(self, code: int) -> None:
+        self.close_code = code
+        self.closing.set()
 
     def last_sent(self, pair: Pair) -> Decimal | None:
         return self._sent.get(pair, self._sent_base.get(pair))
@@ -145,13 +150,22 @@ class Hub:
         self._snapshot: Snapshot | None = None
         self._snapshot_lock = asyncio.Lock()
         self.version = 0  # bumped by every change any process announces
+        self._closing_code: int | None = None
 
     def join(self) -> HubClient:
         """A new client; it holds updates until it is sent its first snapshot."""
         client = HubClient(self._max_frames)
         self._clients.add(client)
         self._clients_gauge.set(len(self._clients))
+        if self._closing_code is not None:
+            client.close(self._closing_code)
         return client
+
+    def close_all(self, code: int) -> None:
+        """Close every connection with `code`, and each new one right after its handshake (shutting down)."""
+        self._closing_code = code
+        for client in list(self._clients):
+            client.close(code)
 
     def leave(self, client: HubClient) -> None:
         self._clients.discard(client)

@@ -58,6 +58,7 @@ class Poller:
         self._task: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Task[object]] = set()
         self.started_at: float | None = None  # time.time() when the loop started
+        self.stopped = False
 
     async def run_cycle(self) -> CycleReport:
         started = time.perf_counter()
@@ -124,9 +125,14 @@ class Poller:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop cycling and hand the lease back; a write under way is finished. Safe to call twice."""
         task, self._task = self._task, None
         if task is None:
             return
+        self.stopped = True
         task.cancel()
         try:
             await task

@@ -7,7 +7,7 @@ import time
 from decimal import Decimal
 
 import httpx
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from pydantic import SecretStr
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
@@ -78,6 +78,7 @@ class FlutterwaveClient:
         limiter: asyncio.Semaphore,
         max_attempts: int,
         calls: Counter,
+        durations: Histogram | None = None,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
         retry_after_max_s: float = 60.0,
@@ -86,6 +87,7 @@ class FlutterwaveClient:
         self._limiter = limiter
         self._max_attempts = max_attempts
         self._calls = calls
+        self._durations = durations
         self._backoff = wait_exponential_jitter(
             multiplier=backoff_initial_s, max=backoff_max_s, jitter=backoff_initial_s
         )
@@ -121,17 +123,24 @@ class FlutterwaveClient:
     async def _attempt(self, pair: Pair, amount: Decimal) -> Quote:
         params = {"amount": str(amount), "source_currency": pair.source, "destination_currency": pair.destination}
         async with self._limiter:
+            # Timed inside the limiter: the upstream's latency, not our own queue.
+            started = time.perf_counter()
             try:
                 response = await self._http.get(RATES_PATH, params=params)
             except httpx.TimeoutException:
-                self._calls.labels(outcome="timeout").inc()
+                self._count("timeout", started)
                 raise UpstreamUnavailable(pair, "timed out") from None
             except httpx.RequestError as error:  # transport failures, and bodies that do not decode
-                self._calls.labels(outcome="connection_error").inc()
+                self._count("connection_error", started)
                 raise UpstreamUnavailable(pair, f"request failed ({type(error).__name__})") from None
-        return self._read(pair, response)
+        return self._read(pair, response, started)
 
-    def _read(self, pair: Pair, response: httpx.Response) -> Quote:
+    def _count(self, outcome: str, started: float) -> None:
+        self._calls.labels(outcome=outcome).inc()
+        if self._durations is not None:
+            self._durations.labels(outcome=outcome).observe(time.perf_counter() - started)
+
+    def _read(self, pair: Pair, response: httpx.Response, started: float) -> Quote:
         status = response.status_code
         error: UpstreamError
         if status == 429:
@@ -144,10 +153,10 @@ class FlutterwaveClient:
             try:
                 quote = parse_quote(response.content, pair, self.name)
             except MalformedQuote as malformed:
-                self._calls.labels(outcome="malformed").inc()
+                self._count("malformed", started)
                 log.error("upstream answer rejected as malformed: %s", malformed)
                 raise
-            self._calls.labels(outcome="success").inc()
+            self._count("success", started)
             return quote
-        self._calls.labels(outcome=outcome).inc()
+        self._count(outcome, started)
         raise error
