@@ -65,6 +65,7 @@ FAULTS = {
     "400": "HTTP 400 with Flutterwave's error body",
     "timeout": "answer only after `slow_s` seconds",
     "hang": "never answer (until the fake stops)",
+    "held": "answer with success once the test calls release_held() (or the fake stops)",
     "not_json": "200 with an HTML body",
     "status_error": "200 with status=error",
     "wrong_schema": "200 with data as a list",
@@ -106,6 +107,7 @@ class FakeFlutterwave:
         self.served: dict[Pair, list[tuple[float, Decimal]]] = {}  # every value answered with success, and when
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._released = threading.Event()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
@@ -153,6 +155,10 @@ class FakeFlutterwave:
         )
         with self._lock:
             self._faults.append(fault)
+
+    def release_held(self) -> None:
+        """Let every request held by the "held" fault, and any later one, answer."""
+        self._released.set()
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -267,6 +273,10 @@ class FakeFlutterwave:
             return _error(503, "stopping")
         if kind == "timeout":
             await self._wait(self.slow_s)
+            return self._success(pair, amount)
+        if kind == "held":
+            while not self._released.is_set() and not self._stopping.is_set():  # noqa: ASYNC110 - set from another thread
+                await asyncio.sleep(0.02)
             return self._success(pair, amount)
         if kind == "not_json":
             return Response("<html><body>Bad gateway</body></html>", media_type="text/html")

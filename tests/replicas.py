@@ -34,7 +34,10 @@ def service_env(**values: str) -> dict[str, str]:
 
 
 class Replica:
-    def __init__(self, log_dir: Path, name: str = "replica", **env: str) -> None:
+    def __init__(
+        self, log_dir: Path, name: str = "replica", *, uvicorn_args: tuple[str, ...] = ("--no-access-log",), **env: str
+    ) -> None:
+        self.uvicorn_args = uvicorn_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/rates"
@@ -52,7 +55,7 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--no-access-log",
+            *self.uvicorn_args,
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
