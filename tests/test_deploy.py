@@ -7,12 +7,15 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from app.db import PROJECT_ROOT
 from app.metrics import Metrics
@@ -220,3 +223,31 @@ def test_the_variables_in_the_manifests_hold_valid_values() -> None:
     container = kubernetes()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     values = {item["name"].lower(): item["value"] for item in container["env"] if "value" in item}
     Settings(_env_file=None, flutterwave_secret_key="set-by-the-secret", **values)  # type: ignore[call-arg]
+
+
+# Build
+
+
+def locked_versions(path: Path) -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9._\-]*)==([^\s;\\]+)", path.read_text(), re.M)
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [("service.lock", []), ("test.lock", ["test"])], ids=["service.lock", "test.lock"]
+)
+def test_the_lock_files_pin_every_dependency_pyproject_asks_for(lock: str, extras: list[str]) -> None:
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(text) for text in project["dependencies"]]
+    for extra in extras:
+        wanted += [Requirement(text) for text in project["optional-dependencies"][extra]]
+    text = (PROJECT_ROOT / "requirements" / lock).read_text()
+    pins = locked_versions(PROJECT_ROOT / "requirements" / lock)
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements/{lock}: run tools/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements/{lock} pins {name}=={pins[name]}, pyproject.toml asks for {requirement}: run tools/lock.sh"
+        )
+    # Every pin carries hashes, so `pip install --require-hashes` can check what it downloads.
+    assert text.count("==") <= text.count("--hash=sha256:")
