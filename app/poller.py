@@ -7,6 +7,7 @@ python -m app.poller --interval N  cycle every N seconds
 
 import argparse
 import asyncio
+import signal
 
 from app.logs import configure_logging
 from app.metrics import Metrics
@@ -19,7 +20,15 @@ async def _main(settings: Settings, once: bool) -> int:
         if once:
             report = await services.poller.run_cycle()
             return 0 if report.all_ok else 1
-        await services.poller.run()
+        # A platform stops the command with SIGTERM: end the loop as Ctrl-C would, and hand the lease back
+        # so another replica polls now rather than after its TTL.
+        main = asyncio.current_task()
+        assert main is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        try:
+            await services.poller.run()
+        finally:
+            await services.poller.schedule.close()
     return 0
 
 
@@ -36,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_main(settings, args.once))
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM, above: everything is closed by now
+        return 0
 
 
 if __name__ == "__main__":

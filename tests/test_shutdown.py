@@ -4,6 +4,8 @@
 import asyncio
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +16,10 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
+from app.db import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
+from tests.replicas import Replica, service_env, wait_for_rates
 from tests.ws_client import WsClient
 
 LEASE_KEY = "fxrates:poller:lock"
@@ -114,3 +117,38 @@ async def test_sigterm_stops_new_work_then_lets_requests_in_flight_finish(
     finally:
         await redis.aclose()
         replica.stop()
+
+
+async def test_sigterm_to_the_poller_command_hands_its_lease_back(
+    fake: FakeFlutterwave, throwaway_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = service_env(
+        ENVIRONMENT="test",
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}",
+        REDIS_URL=throwaway_redis.url,
+        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
+        FLUTTERWAVE_BASE_URL=fake.url,
+    )
+    log_path = tmp_path / "poller.log"
+    redis = Redis.from_url(throwaway_redis.url)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: ASYNC220 - started once, stopped by its PID below
+            [sys.executable, "-m", "app.poller", "--interval", "60"], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while await redis.get(LEASE_KEY) is None:
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        try:
+            exit_code = await asyncio.to_thread(process.wait, 30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the poller did not stop:\n{log_path.read_text()}") from None
+        assert exit_code == 0, log_path.read_text()
+        assert await redis.get(LEASE_KEY) is None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        await redis.aclose()
