@@ -20,15 +20,12 @@ async def _main(settings: Settings, once: bool) -> int:
         if once:
             report = await services.poller.run_cycle()
             return 0 if report.all_ok else 1
-        # A platform stops the command with SIGTERM: end the loop as Ctrl-C would, and hand the lease back
-        # so another replica polls now rather than after its TTL.
-        main = asyncio.current_task()
-        assert main is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-        try:
-            await services.poller.run()
-        finally:
-            await services.poller.schedule.close()
+        # A platform stops the command with SIGTERM: stop as the web app does, finishing a write under way
+        # and handing the lease back, so another replica polls now rather than after its TTL.
+        stopping = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+        async with services.poller:
+            await stopping.wait()
     return 0
 
 
@@ -45,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_main(settings, args.once))
     except KeyboardInterrupt:
         return 130
-    except asyncio.CancelledError:  # SIGTERM, above: everything is closed by now
-        return 0
 
 
 if __name__ == "__main__":

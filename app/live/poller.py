@@ -107,7 +107,9 @@ class Poller:
     async def run(self) -> None:
         """Cycle until cancelled, whenever the schedule says it is this process's turn."""
         self.started_at = time.time()
-        while True:
+        # Checked as well as cancelled: a cancellation swallowed deep in a library mid-cycle must not leave the
+        # loop running after stop().
+        while not self.stopped:
             wait_s = await self.schedule.next_cycle_in()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
