@@ -5,10 +5,11 @@ A plain ASGI middleware (no per-request task). The request id is the client's
 is returned in `X-Request-ID` and carried by every log line of the request.
 """
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,13 +52,33 @@ class RequestMetrics:
         self.app = app
         self.requests = requests
         self.durations = durations
+        # Ids unique across processes without a random draw per request: a random prefix per process, then a count.
+        self._id_prefix = secrets.token_hex(10)
+        self._id_count = itertools.count()
+        # Label lookups cached: prometheus_client's labels() takes a lock and validates on every call.
+        self._counted: dict[tuple[str, int], Counter] = {}
+        self._timed: dict[str, Histogram] = {}
+
+    def _new_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_count):012x}"
+
+    def _observe(self, route: str, status: int, duration_s: float) -> None:
+        counter = self._counted.get((route, status))
+        if counter is None:
+            counter = self._counted[route, status] = self.requests.labels(route=route, status=str(status))
+        counter.inc()
+        if self.durations is not None:
+            histogram = self._timed.get(route)
+            if histogram is None:
+                histogram = self._timed[route] = self.durations.labels(route=route)
+            histogram.observe(duration_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope) or uuid.uuid4().hex
+        request_id = _client_request_id(scope) or self._new_request_id()
         request_id_header = (REQUEST_ID_HEADER, request_id.encode())
         status = 500
 
@@ -76,9 +97,7 @@ class RequestMetrics:
             REQUEST_ID.reset(token)
             duration_s = time.perf_counter() - started
             route = route_label(scope)
-            self.requests.labels(route=route, status=str(status)).inc()
-            if self.durations is not None:
-                self.durations.labels(route=route).observe(duration_s)
+            self._observe(route, status, duration_s)
             if access_log.isEnabledFor(logging.INFO):
                 client = scope.get("client")
                 access_log.info(
