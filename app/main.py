@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api import board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
+from app.api.openapi import install_openapi
 from app.errors import add_error_handlers
 from app.metrics import Metrics
 from app.services import configure_logging, open_services
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         redirect_slashes=False,
     )
     add_error_handlers(app)
+    install_openapi(app, settings)
     # Innermost: between CORS (which must still decorate every answer) and the router.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(
