@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import board, ops, rates, ws
+from app.api import asyncapi_page, board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
 from app.api.openapi import install_openapi
@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(ws.router)
     app.include_router(board.router)
+    app.include_router(asyncapi_page.router)
     app.mount("/static", StaticFiles(directory=board.WEB_DIR / "static"), name="static")
     return app
 
