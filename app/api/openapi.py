@@ -110,6 +110,11 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 _polled(parameter, settings)
         if path in EXAMPLES:
             _spread(operation, EXAMPLES[path])
+        for response in operation.get("responses", {}).values():
+            example = response.get("content", {}).get("application/json", {}).get("example")
+            if isinstance(example, dict) and example.get("status") == "error":
+                # FastAPI drops every null from the document; the envelope's `data: null` is part of its shape.
+                example.setdefault("data", None)
     return document
 
 
