@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from app.api import asyncapi_page, board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
-from app.api.openapi import install_openapi
+from app.api.openapi import install_openapi, operation_id
 from app.errors import add_error_handlers
 from app.metrics import Metrics
 from app.services import configure_logging, open_services
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
+        generate_unique_id_function=operation_id,
     )
     add_error_handlers(app)
     install_openapi(app, settings)
