@@ -35,6 +35,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="fxrates",
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
+        description='Every error has the envelope `{"status": "error", "message": …, "data": null}`. '
+        "The WebSocket `/ws/rates` is described by the AsyncAPI document at [/asyncapi.json](/asyncapi.json), "
+        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.",
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
