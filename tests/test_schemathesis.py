@@ -23,7 +23,13 @@ EXAMPLES = int(os.environ.get("FXRATES_FUZZ_EXAMPLES", "60"))
 
 @pytest.fixture(scope="module")
 def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
-    with live_service_on(tmp_path_factory.mktemp("schemathesis")) as service:
+    # Every fuzzed request comes from one address: the limits (docs/limits.md) are off or sized for the fuzzer.
+    limits_off = {
+        "RATE_LIMIT_PER_MINUTE": "0",
+        "ON_DEMAND_CALLS_PER_MINUTE": "100000",
+        "ON_DEMAND_MAX_PAIRS": "100000",
+    }
+    with live_service_on(tmp_path_factory.mktemp("schemathesis"), **limits_off) as service:
         yield service
 
 
