@@ -11,14 +11,15 @@ class UnknownCurrency(ValueError):
 
 
 @cache
-def _known_codes() -> frozenset[str]:
+def known_currencies() -> frozenset[str]:
+    """Every ISO 4217 code, upper-case."""
     return frozenset(currency.alpha_3 for currency in pycountry.currencies)
 
 
 def normalise_currency(code: str) -> str:
     """Upper-case an ISO 4217 code, or raise `UnknownCurrency` naming it."""
     normalised = code.strip().upper()
-    if normalised not in _known_codes():
+    if normalised not in known_currencies():
         raise UnknownCurrency(f"{code!r} is not an ISO 4217 currency code")
     return normalised
 

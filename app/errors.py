@@ -6,7 +6,7 @@
      └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
 
 Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
-(CONTRACT.md §3), validation errors add `errors`, a list naming each bad field.
+(docs/errors.md), validation errors add `errors`, a list naming each bad field.
 """
 
 import logging

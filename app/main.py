@@ -13,9 +13,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import board, ops, rates, ws
+from app.api import asyncapi_page, board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
 from app.api.middleware import RequestMetrics
+from app.api.openapi import install_openapi, operation_id
 from app.errors import add_error_handlers
 from app.logs import configure_logging
 from app.metrics import Metrics
@@ -42,11 +43,16 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="fxrates",
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
+        description='Every error has the envelope `{"status": "error", "message": …, "data": null}`. '
+        "The WebSocket `/ws/rates` is described by the AsyncAPI document at [/asyncapi.json](/asyncapi.json), "
+        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.",
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
+        generate_unique_id_function=operation_id,
     )
     add_error_handlers(app)
+    install_openapi(app, settings)
     # Innermost: between CORS (which must still decorate every answer) and the router.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(
@@ -57,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops.router)
     app.include_router(ws.router)
     app.include_router(board.router)
+    app.include_router(asyncapi_page.router)
     app.mount("/static", StaticFiles(directory=board.WEB_DIR / "static"), name="static")
     return app
 

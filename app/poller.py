@@ -1,4 +1,4 @@
-"""`python -m app.poller`: the poller on its own, outside the web app (CONTRACT.md §5).
+"""`python -m app.poller`: the poller on its own, outside the web app (docs/design.md, "The poller").
 
 python -m app.poller               cycle every POLL_INTERVAL_SECONDS until stopped
 python -m app.poller --once        one cycle; exit 0 when every pair succeeded, 1 otherwise

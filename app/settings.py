@@ -1,4 +1,4 @@
-"""The service's configuration (CONTRACT.md §1), validated once at start-up.
+"""The service's configuration (docs/configuration.md), validated once at start-up.
 
 Only the entry points (`app.main`, `app.poller`) build a `Settings`; everything
 else is handed the values it needs.

@@ -1,6 +1,6 @@
 """A fake Flutterwave: a real HTTP server on 127.0.0.1, in a thread with its own event loop.
 
-It answers `GET /v3/transfers/rates` like Flutterwave (CONTRACT.md §2) and has
+It answers `GET /v3/transfers/rates` like Flutterwave (docs/design.md, "The upstream") and has
 switches for everything the real one does on a bad day:
 
     fake.latency_s = 0.15                    every answer waits this long

@@ -1,4 +1,4 @@
-"""A hypothesis-driven fuzzer for WebSocket `/ws/rates` (CONTRACT.md §4) on a real uvicorn process.
+"""A hypothesis-driven fuzzer for WebSocket `/ws/rates` (docs/websocket.md) on a real uvicorn process.
 
 Random frames (bad JSON, wrong shapes and types, huge and odd numbers, unknown pairs, binary frames, frames
 near the 64 KiB limit) must each get exactly one well-formed answer, leave the connection open, and log no

@@ -1,4 +1,4 @@
-"""The rates board (CONTRACT.md §7): one page for people, every asset served by the service itself."""
+"""The rates board (docs/board.md): one page for people, every asset served by the service itself."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Operations: liveness, readiness and Prometheus metrics (CONTRACT.md §3, Operations)."""
+"""Operations: liveness, readiness and Prometheus metrics (docs/operations.md)."""
 
 import asyncio
 import time

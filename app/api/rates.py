@@ -1,6 +1,9 @@
-"""REST: `/api/rates`, `/api/rates/all` and `/api/rates/history` (CONTRACT.md §3)."""
+"""REST: `/api/rates`, `/api/rates/all` and `/api/rates/history` (docs/rest.md)."""
 
+import csv
+import io
 from collections.abc import Iterable
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -34,25 +37,47 @@ from app.rates.store import utc_now
 router = APIRouter(prefix="/api/rates", tags=["rates"])
 
 
-def _error(description: str, message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    return {
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}}
+
+
+def _error(
+    description: str, message: str, errors: list[dict[str, str]] | None = None, *, retry: bool = False
+) -> dict[str, Any]:
+    response: dict[str, Any] = {
         "model": ErrorResponse,
         "description": description,
         "content": {"application/json": {"example": error_body(message, errors)}},
     }
+    if retry:
+        response["headers"] = RETRY_AFTER
+    return response
 
 
 INVALID = _error(
     "A parameter is missing or malformed, a code is not ISO 4217, both sides are the same currency, "
-    "an amount is not positive, or both amounts were given",
+    "an amount is not positive, or parameters that exclude each other were given together",
     "Invalid source_currency: 'XYZ' is not an ISO 4217 currency code.",
     [{"field": "source_currency", "message": "'XYZ' is not an ISO 4217 currency code"}],
+)
+LIMITED = _error(
+    "This client is over its request limit, or a pair outside the polled set would go over the on-demand "
+    "budget (docs/limits.md); see `Retry-After`",
+    "Too many requests from this address; try again in 12 seconds.",
+    retry=True,
+)
+DATABASE_DOWN = _error(
+    "The database cannot be reached now (docs/outages.md); see `Retry-After`",
+    "History is unavailable while the database cannot be reached; try again shortly.",
+    retry=True,
 )
 NOT_MODIFIED = {"description": "The rate is unchanged since the `ETag` given in `If-None-Match`; no body"}
 CACHED = {
     "ETag": {"description": "Weak validator of this answer", "schema": {"type": "string"}},
     "Cache-Control": {"description": "`max-age` = seconds until the rate turns stale", "schema": {"type": "string"}},
 }
+CSV_COLUMNS = ("at", "rate", "destination_per_source", "source_amount", "destination_amount")
+CSV_EXAMPLE = "at,rate,destination_per_source,source_amount,destination_amount\r\n"
+CSV_EXAMPLE += "2026-11-24T10:00:00Z,0.00065348,1530.25,0.65348,1000\r\n"
 
 
 def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
@@ -69,10 +94,16 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
     responses={
         200: {"headers": CACHED},
         304: NOT_MODIFIED,
+        404: _error(
+            "A pair outside the polled set whose currencies this deployment does not fetch on demand (docs/limits.md)",
+            "USD/JPY is not served by this deployment.",
+        ),
         422: INVALID,
+        429: LIMITED,
         503: _error(
             "No rate is stored for the pair and the upstream cannot give one now; see `Retry-After`",
             "No rate for USD/NGN is stored yet and the upstream cannot give one now; try again shortly.",
+            retry=True,
         ),
     },
 )
@@ -114,7 +145,17 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
     response_model=AllRatesResponse,
     summary="Every stored pair of one base currency",
     description="Answers from what is stored; never waits on the upstream.",
-    responses={200: {"headers": CACHED}, 304: NOT_MODIFIED, 422: INVALID},
+    responses={
+        200: {"headers": CACHED},
+        304: NOT_MODIFIED,
+        422: INVALID,
+        429: LIMITED,
+        503: _error(
+            "Nothing has been read from the database since start-up and it cannot be reached now",
+            "Rates are unavailable while the database cannot be reached; try again shortly.",
+            retry=True,
+        ),
+    },
 )
 async def get_all_rates(
     query: Annotated[AllRatesQuery, Query()], hub: HubDep, settings: SettingsDep, request: Request
@@ -163,16 +204,31 @@ def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:
     response_model=HistoryResponse,
     summary="What a pair was, over time",
     description="Every observed change, oldest first. With `at`, the one point in effect at that moment "
-    "(the last observation at or before it). Moments without a zone are read as UTC.",
+    "(the last observation at or before it). Moments without a zone are read as UTC. "
+    "With `Accept: text/csv`, the points as CSV (RFC 4180: a header line, then one line per point); "
+    "when more points matched than `limit`, the header `X-Truncated: true` says so.",
     responses={
-        422: INVALID,
+        200: {
+            "description": "The points, as JSON or, when asked with `Accept: text/csv`, as CSV",
+            "content": {"text/csv": {"schema": {"type": "string"}, "example": CSV_EXAMPLE}},
+            "headers": {
+                "X-Truncated": {
+                    "description": "CSV only: `true` when more points matched than `limit`",
+                    "schema": {"type": "string", "enum": ["true", "false"]},
+                },
+                "Vary": {"description": "`Accept`: the answer depends on it", "schema": {"type": "string"}},
+            },
+        },
         404: _error(
             "With `at`: the pair had no rate yet at that moment",
             "USD/NGN had no rate yet at 2020-01-01T00:00:00Z.",
         ),
+        422: INVALID,
+        429: LIMITED,
+        503: DATABASE_DOWN,
     },
 )
-async def get_history(query: Annotated[HistoryQuery, Query()], session: SessionDep) -> HistoryResponse:
+async def get_history(query: Annotated[HistoryQuery, Query()], session: SessionDep, request: Request) -> Response:
     pair = query.pair
     if query.at is not None:
         point = await repository.history_at(session, pair, query.at)
@@ -192,7 +248,61 @@ async def get_history(query: Annotated[HistoryQuery, Query()], session: SessionD
         )
         for row in rows[: query.limit]
     ]
-    return HistoryResponse(
+    if _wants_csv(request.headers.get("accept")):
+        return _csv(pair.source, pair.destination, points, truncated)
+    body = HistoryResponse(
         data=HistoryData(source_currency=pair.source, destination_currency=pair.destination, points=points),
         meta=HistoryMeta(count=len(points), truncated=truncated, at=query.at),
     )
+    return Response(body.model_dump_json(), media_type="application/json", headers={"Vary": "Accept"})
+
+
+def _quality(media_range: str) -> tuple[str, float]:
+    kind, *parameters = (part.strip() for part in media_range.split(";"))
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return kind.lower(), float(value)
+            except ValueError:
+                return kind.lower(), 0.0
+    return kind.lower(), 1.0
+
+
+def _wants_csv(accept: str | None) -> bool:
+    """CSV when `Accept` prefers it to JSON; on a tie, when it names CSV and not JSON. Otherwise JSON.
+
+    Each type takes the quality of the most specific range that matches it (RFC 9110 §12.5.1).
+    """
+    if not accept:
+        return False
+    ranges = dict(_quality(item) for item in accept.split(",") if item.strip())
+    csv_q = ranges.get("text/csv", ranges.get("text/*", ranges.get("*/*", 0.0)))
+    json_q = ranges.get("application/json", ranges.get("application/*", ranges.get("*/*", 0.0)))
+    if csv_q != json_q:
+        return csv_q > json_q
+    return csv_q > 0 and "text/csv" in ranges and "application/json" not in ranges
+
+
+def _plain(value: Decimal) -> str:
+    # As stored, never with an exponent: spreadsheets read 0.00065348, not 6.5348E-4.
+    return format(value.normalize(), "f")
+
+
+def _utc(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _csv(source: str, destination: str, points: list[HistoryPoint], truncated: bool) -> Response:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for point in points:
+        amounts = (point.rate, point.destination_per_source, point.source_amount, point.destination_amount)
+        writer.writerow([_utc(point.at), *(_plain(amount) for amount in amounts)])
+    headers = {
+        "Content-Disposition": f'attachment; filename="{source}-{destination}-history.csv"',
+        "X-Truncated": "true" if truncated else "false",
+        "Vary": "Accept",
+    }
+    return Response(text.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)

@@ -1,4 +1,4 @@
-"""WebSocket `/ws/rates` (CONTRACT.md §4): a snapshot on connect, then every change, pushed.
+"""WebSocket `/ws/rates` (docs/websocket.md): a snapshot on connect, then every change, pushed.
 
 Each socket is served by a receiver and a sender in one task group, so when
 either ends (the client leaves, or stops reading and overflows its outbox) the
@@ -59,6 +59,9 @@ class Unsubscribe(_Message):
 class Ping(_Message):
     type: Literal["ping"]
 
+
+# Every message a client may send (docs/websocket.md), for schema generators.
+CLIENT_MESSAGES: tuple[type[_Message], ...] = (GetAllRates, GetRate, Subscribe, Unsubscribe, Ping)
 
 ClientMessage = TypeAdapter(
     Annotated[GetAllRates | GetRate | Subscribe | Unsubscribe | Ping, Field(discriminator="type")]

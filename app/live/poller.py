@@ -1,4 +1,4 @@
-"""The poller: refreshes every configured pair on a fixed, drift-free schedule (CONTRACT.md §5)."""
+"""The poller: refreshes every configured pair on a fixed, drift-free schedule (docs/design.md, "The poller")."""
 
 import asyncio
 import logging

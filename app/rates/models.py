@@ -1,4 +1,4 @@
-"""The tables of CONTRACT.md §6. Created and changed by Alembic migrations only."""
+"""The tables (docs/design.md, "Data"). Created and changed by Alembic migrations only."""
 
 from datetime import datetime
 from decimal import Decimal

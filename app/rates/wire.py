@@ -1,4 +1,4 @@
-"""The wire format of a rate (CONTRACT.md §4's rate item) and the events that carry it.
+"""The wire format of a rate (the rate item of docs/websocket.md) and the events that carry it.
 
 Decimals go out as JSON numbers. Rates carry at most 12 significant digits and
 computed amounts at most 15, so a float prints them digit for digit.
@@ -86,6 +86,17 @@ class ErrorFrame(BaseModel):
     code: Literal["bad_request", "not_found", "too_large"]
     message: str
 
+
+# Every frame the server sends a WebSocket client (docs/websocket.md), for schema generators.
+SERVER_FRAMES: tuple[type[BaseModel], ...] = (
+    AllRates,
+    RateUpdate,
+    AllRatesUpdate,
+    RateReply,
+    Subscribed,
+    Pong,
+    ErrorFrame,
+)
 
 # Published by this process's fan-out backend, never by a client: "Redis is back, refresh what you hold".
 RESYNC = '{"type":"resync"}'

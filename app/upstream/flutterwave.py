@@ -1,4 +1,4 @@
-"""The Flutterwave v3 transfer-rates client (CONTRACT.md §2)."""
+"""The Flutterwave v3 transfer-rates client (docs/design.md, "The upstream")."""
 
 import asyncio
 import email.utils

@@ -1,7 +1,7 @@
 """A quote: what one unit of a pair costs, parsed once at the edge into exact decimals.
 
 Flutterwave has shown `rate` in both orientations for the same query, so its
-orientation is never assumed (CONTRACT.md §2). The amounts are always
+orientation is never assumed (docs/design.md, "The upstream"). The amounts are always
 consistent: `destination.amount` is what was asked, `source.amount` what is
 debited. `destination.amount / source.amount` decides which way `rate` points,
 and the upstream's own `rate` is kept as the precise figure.

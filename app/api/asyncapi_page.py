@@ -1,0 +1,169 @@
+"""`GET /asyncapi.json` and `GET /docs/websocket`: the WebSocket protocol, for tools and for people.
+
+The page is rendered here from the AsyncAPI document itself, as plain HTML with one stylesheet of the
+service's own: no script, nothing fetched from elsewhere, so it works on a closed network.
+"""
+
+import json
+import re
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from app.api.asyncapi import build_asyncapi
+
+router = APIRouter(include_in_schema=False)
+
+
+def _document(request: Request) -> dict[str, Any]:
+    protocol = "wss" if request.url.scheme in ("https", "wss") else "ws"
+    return build_asyncapi(request.app.version, request.url.netloc, protocol)
+
+
+@router.get("/asyncapi.json")
+async def asyncapi_json(request: Request) -> JSONResponse:
+    return JSONResponse(_document(request))
+
+
+@router.get("/docs/websocket")
+async def asyncapi_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(render(_document(request)))
+
+
+def _text(text: str) -> str:
+    """Escaped, with `code` spans shown as code."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+
+
+def _ref_name(ref: str) -> str:
+    return ref.rsplit("/", 1)[-1]
+
+
+def _type(schema: dict[str, Any]) -> str:
+    """A short, escaped description of a JSON schema's type, linking to named shapes."""
+    if "$ref" in schema:
+        name = escape(_ref_name(schema["$ref"]))
+        return f'<a href="#schema-{name}">{name}</a>'
+    if "const" in schema:
+        return f"<code>{escape(json.dumps(schema['const']))}</code>"
+    if "enum" in schema:
+        return "one of " + ", ".join(f"<code>{escape(json.dumps(value))}</code>" for value in schema["enum"])
+    if "anyOf" in schema:
+        return " or ".join(_type(option) for option in schema["anyOf"])
+    kind = schema.get("type", "any")
+    if kind == "array":
+        return f"list of {_type(schema.get('items', {}))}"
+    text = escape(str(kind))
+    if "format" in schema:
+        text += f" ({escape(schema['format'])})"
+    return text
+
+
+def _limits(schema: dict[str, Any]) -> str:
+    words = {
+        "minimum": "≥",
+        "exclusiveMinimum": ">",
+        "maximum": "≤",
+        "exclusiveMaximum": "<",
+        "minItems": "items ≥",
+        "maxItems": "items ≤",
+    }
+    parts = [f"{sign} {schema[key]}" for key, sign in words.items() if key in schema]
+    for option in schema.get("anyOf", []):
+        parts.extend(f"{sign} {option[key]}" for key, sign in words.items() if key in option)
+    return ", ".join(parts)
+
+
+def _fields(schema: dict[str, Any]) -> str:
+    properties: dict[str, Any] = schema.get("properties", {})
+    if not properties:
+        return ""
+    required = set(schema.get("required", []))
+    rows = "".join(
+        f"<tr><td><code>{escape(name)}</code></td><td>{_type(field)}</td>"
+        f"<td>{'yes' if name in required else 'no'}</td><td>{escape(_limits(field))}</td>"
+        f"<td>{_text(field.get('description', ''))}</td></tr>"
+        for name, field in properties.items()
+    )
+    return (
+        "<table><thead><tr><th>field</th><th>type</th><th>required</th><th>limits</th><th>meaning</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _message(kind: str, message: dict[str, Any], schemas: dict[str, Any], replies: list[str]) -> str:
+    schema = schemas[_ref_name(message["payload"]["$ref"])]
+    parts = [f'<section id="message-{escape(kind)}"><h3><code>{escape(kind)}</code>: {escape(message["title"])}</h3>']
+    if "summary" in message:
+        parts.append(f"<p>{_text(message['summary'])}</p>")
+    parts.append(_fields(schema))
+    if replies:
+        links = ", ".join(f'<a href="#message-{escape(reply)}"><code>{escape(reply)}</code></a>' for reply in replies)
+        parts.append(f"<p>Answered with {links}.</p>")
+    for example in message.get("examples", []):
+        payload = escape(json.dumps(example["payload"], indent=1))
+        parts.append(f"<p class=example>{escape(example['summary'])}</p><pre>{payload}</pre>")
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def render(document: dict[str, Any]) -> str:
+    info = document["info"]
+    components = document["components"]
+    schemas: dict[str, Any] = components["schemas"]
+    messages: dict[str, Any] = components["messages"]
+    server = next(iter(document["servers"].values()))
+    address = document["channels"]["rates"]["address"]
+    received: list[str] = []
+    sent: list[str] = []
+    for operation in document["operations"].values():
+        kind = _ref_name(operation["messages"][0]["$ref"])
+        replies = [_ref_name(reply["$ref"]) for reply in operation.get("reply", {}).get("messages", [])]
+        section = received if operation["action"] == "receive" else sent
+        section.append(_message(kind, messages[kind], schemas, replies))
+    errors = "".join(
+        f"<tr><td><code>{escape(example['payload']['code'])}</code></td>"
+        f"<td>{escape(example['payload']['message'])}</td></tr>"
+        for example in messages.get("error", {}).get("examples", [])
+    )
+    message_names = {_ref_name(message["payload"]["$ref"]) for message in messages.values()}
+    shapes = "".join(
+        f'<section id="schema-{escape(name)}"><h3>{escape(name)}</h3>{_fields(schema)}</section>'
+        for name, schema in schemas.items()
+        if name not in message_names
+    )
+    url = f"{server['protocol']}://{server['host']}{address}"
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(info["title"])}: the WebSocket protocol</title>
+<link rel="stylesheet" href="/static/docs.css">
+</head>
+<body>
+<main>
+<h1>{escape(info["title"])} <small>{escape(info["version"])}, AsyncAPI {escape(document["asyncapi"])}</small></h1>
+<p>{_text(info["description"])}</p>
+<p>Connect to <code>{escape(url)}</code>. The machine-readable document is
+<a href="/asyncapi.json">/asyncapi.json</a>; the REST API is at <a href="/docs">/docs</a>.</p>
+<nav aria-label="Contents"><ul>
+<li><a href="#client">What a client sends</a></li>
+<li><a href="#service">What the service sends</a></li>
+<li><a href="#errors">Error codes</a></li>
+<li><a href="#shapes">Shapes</a></li>
+</ul></nav>
+<h2 id="client">What a client sends</h2>
+{"".join(received)}
+<h2 id="service">What the service sends</h2>
+{"".join(sent)}
+<h2 id="errors">Error codes</h2>
+<table><thead><tr><th>code</th><th>example message</th></tr></thead><tbody>{errors}</tbody></table>
+<h2 id="shapes">Shapes</h2>
+{shapes}
+</main>
+</body>
+</html>
+"""

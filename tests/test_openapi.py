@@ -1,0 +1,149 @@
+"""The OpenAPI document on a live service: valid, every example a request that succeeds as written, the
+error statuses with their envelope, and history as CSV."""
+
+import csv
+import io
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+from tests.openapi_service import LiveService, live_service_on
+
+HISTORY = "/api/rates/history?source_currency=USD&destination_currency=NGN"
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    with live_service_on(tmp_path_factory.mktemp("openapi")) as service:
+        yield service
+
+
+def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture(scope="module")
+def spec(live: LiveService) -> dict[str, Any]:
+    status, _, body = get(f"{live.url}/openapi.json")
+    assert status == 200
+    loaded: dict[str, Any] = json.loads(body)
+    return loaded
+
+
+def test_openapi_spec_validator_finds_nothing(spec: dict[str, Any]) -> None:
+    validate(spec)
+
+
+def examples_of(operation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each named example as the query it stands for (a parameter's `null` there: not sent)."""
+    requests: dict[str, dict[str, Any]] = {}
+    for parameter in operation["parameters"]:
+        for name, example in parameter.get("examples", {}).items():
+            query = requests.setdefault(name, {})
+            if example["value"] is not None:
+                value = example["value"]
+                # Arrays are comma lists (`style: form`, `explode: false`).
+                query[parameter["name"]] = ",".join(value) if isinstance(value, list) else value
+    return requests
+
+
+def test_every_example_is_a_request_that_succeeds_as_written(live: LiveService, spec: dict[str, Any]) -> None:
+    expected = {
+        "/api/rates": {"amount", "source_amount", "one_unit"},
+        "/api/rates/all": {"base", "some"},
+        "/api/rates/history": {"range", "at"},
+    }
+    for path, names in expected.items():
+        requests = examples_of(spec["paths"][path]["get"])
+        assert set(requests) == names
+        for name, query in requests.items():
+            status, _, body = get(f"{live.url}{path}?{urllib.parse.urlencode(query)}")
+            assert status == 200, (path, name, body)
+    # The amount variants ask one amount each, as their names say.
+    rates = examples_of(spec["paths"]["/api/rates"]["get"])
+    assert "source_amount" not in rates["amount"] and "amount" not in rates["source_amount"]
+    history = examples_of(spec["paths"]["/api/rates/history"]["get"])
+    assert "at" not in history["range"] and not {"since", "until"} & set(history["at"])
+    status, _, body = get(f"{live.url}/api/rates/history?{urllib.parse.urlencode(history['at'])}")
+    assert len(json.loads(body)["data"]["points"]) == 1
+
+
+def test_every_error_status_is_documented_with_the_envelope(spec: dict[str, Any]) -> None:
+    statuses = {"/api/rates": {"404", "422", "429", "503"}, "/api/rates/all": {"422", "429", "503"}}
+    statuses["/api/rates/history"] = {"404", "422", "429", "503"}
+    for path, wanted in statuses.items():
+        responses = spec["paths"][path]["get"]["responses"]
+        assert wanted <= set(responses)
+        for status in wanted:
+            content = responses[status]["content"]["application/json"]
+            assert content["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+            assert content["example"]["status"] == "error" and content["example"]["data"] is None
+    parameters = {p["name"]: p for p in spec["paths"]["/api/rates/all"]["get"]["parameters"]}
+    comma_list = parameters["destination_currencies"]
+    assert (comma_list["style"], comma_list["explode"]) == ("form", False)
+    assert "^(?:" in comma_list["schema"]["anyOf"][0]["items"]["pattern"]
+    history = spec["paths"]["/api/rates/history"]["get"]["responses"]["200"]["content"]
+    assert set(history) == {"application/json", "text/csv"}
+
+
+def test_history_as_csv(live: LiveService) -> None:
+    _, _, as_json = get(f"{live.url}{HISTORY}")
+    status, headers, as_csv = get(f"{live.url}{HISTORY}", Accept="text/csv")
+    assert status == 200 and headers["content-type"] == "text/csv; charset=utf-8"
+    assert headers["content-disposition"] == 'attachment; filename="USD-NGN-history.csv"'
+    assert headers["x-truncated"] == "false" and "Accept" in headers["vary"]
+    assert as_csv.count(b"\r\n") == as_csv.count(b"\n"), "RFC 4180 line ends"
+    rows = list(csv.DictReader(io.StringIO(as_csv.decode())))
+    points = json.loads(as_json)["data"]["points"]
+    assert points and len(rows) == len(points)
+    for row, point in zip(rows, points, strict=True):
+        assert row["at"] == point["at"]
+        for column in ("rate", "destination_per_source", "source_amount", "destination_amount"):
+            assert "E" not in row[column].upper() and Decimal(row[column]) == Decimal(str(point[column]))
+    _, truncated, _ = get(f"{live.url}{HISTORY}&limit=1&until=2036-01-01T00:00:00Z", Accept="text/csv")
+    assert truncated["x-truncated"] == ("true" if len(points) > 1 else "false")
+
+
+@pytest.mark.parametrize(
+    ("accept", "kind"),
+    [
+        ("text/csv", "text/csv"),
+        ("text/csv, */*;q=0.1", "text/csv"),
+        ("text/csv, */*", "text/csv"),
+        ("application/json, text/csv", "application/json"),
+        ("text/csv;q=0.5, application/json", "application/json"),
+        ("*/*", "application/json"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", "application/json"),
+    ],
+)
+def test_csv_only_when_accept_prefers_it(live: LiveService, accept: str, kind: str) -> None:
+    status, headers, _ = get(f"{live.url}{HISTORY}", Accept=accept)
+    assert status == 200 and headers["content-type"].split(";")[0] == kind
+
+
+def test_errors_stay_json_when_csv_is_asked_for(live: LiveService) -> None:
+    status, headers, body = get(
+        f"{live.url}/api/rates/history?source_currency=XYZ&destination_currency=NGN", Accept="text/csv"
+    )
+    assert status == 422 and headers["content-type"] == "application/json"
+    assert json.loads(body)["errors"][0]["field"] == "source_currency"
+
+
+def test_moments_beyond_the_calendar_once_in_utc_are_before_or_after_everything(live: LiveService) -> None:
+    # Valid RFC 3339 date-times that fall outside years 1-9999 once converted to UTC.
+    status, _, body = get(f"{live.url}{HISTORY}&at=0001-01-01T00:00:00%2B01:00")
+    assert status == 404 and json.loads(body)["status"] == "error"
+    status, _, body = get(f"{live.url}{HISTORY}&until=9999-12-31T23:59:59-05:00")
+    assert status == 200 and json.loads(body)["meta"]["count"] >= 1
