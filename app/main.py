@@ -15,6 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api import board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
+from app.api.client_limit import ClientLimit
+from app.api.headers import SecurityHeaders
 from app.api.middleware import RequestMetrics
 from app.errors import add_error_handlers
 from app.metrics import Metrics
@@ -39,11 +41,19 @@ def create_app(settings: Settings) -> FastAPI:
         redirect_slashes=False,
     )
     add_error_handlers(app)
-    # Innermost: between CORS (which must still decorate every answer) and the router.
+    # Listed innermost first. The answer cache sits next to the router; the per-client limit outside it, so an
+    # answer replayed from it is still counted and carries the RateLimit headers; CORS outside that, so a browser
+    # can read a 429; the headers every answer carries, and the request counts, outermost.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
+    app.add_middleware(ClientLimit)
     app.add_middleware(
-        CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins,
+        allow_methods=["GET"],
+        allow_headers=["*"],
+        expose_headers=["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "ETag"],
     )
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, requests=metrics.requests)
     app.include_router(rates.router)
     app.include_router(ops.router)

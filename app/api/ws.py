@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
 from app.api.deps import HubDep, LookupDep
+from app.api.ws_limits import CLOSE_POLICY_VIOLATION, admitted, message_bucket
 from app.currencies import Pair
-from app.errors import RateUnavailable
+from app.errors import NotFound, RateUnavailable, TooManyRequests
 from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
@@ -117,8 +118,12 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         pair = _pair(f"{message.source_currency}/{message.destination_currency}")
         try:
             found = await lookup.get(pair)
-        except RateUnavailable:
+        except (RateUnavailable, NotFound):
             client.send(ErrorFrame(code="not_found", message=f"No rate for {pair} is available.").model_dump_json())
+            return
+        except TooManyRequests as error:
+            # Beyond the deployment's on-demand budget, as over REST (docs/limits.md).
+            client.send(ErrorFrame(code="try_again_later", message=error.message).model_dump_json())
             return
         frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
         client.send(frame, pair, found.rate.destination_per_source)
@@ -145,6 +150,7 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
 
 
 async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
+    bucket = message_bucket(websocket)
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -154,6 +160,12 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
         if size > MAX_FRAME_BYTES:
             client.close_code = CLOSE_TOO_BIG
             return
+        if not bucket.take():
+            if bucket.exhausted:
+                client.close_code = CLOSE_POLICY_VIOLATION
+                return
+            client.send(ErrorFrame(code="rate_limited", message="Too many messages; slow down.").model_dump_json())
+            continue
         try:
             if text is None:
                 raise BadRequest("binary frames are not understood; send JSON text")
@@ -180,6 +192,12 @@ async def _overflow(client: HubClient, hub: Hub) -> None:
 
 
 async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
+    async with admitted(websocket) as admitted_:
+        if admitted_:
+            await _serve(websocket, hub, lookup)
+
+
+async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     await websocket.accept()
     client = hub.join()
     try:
