@@ -115,14 +115,7 @@ class OnDemandBudget:
         Raises `TooManyRequests` when `ON_DEMAND_MAX_PAIRS` pairs outside the polled set are stored already.
         """
         local = await self._local_pairs()
-        taken: bool | None = None
-        if self._claim_pair is not None:
-            taken = await self._claim_shared(pair)
-        if taken is None:
-            # No Redis, or Redis failing: this process's own count.
-            taken = pair not in local
-            if taken and len(local) >= self._max_pairs:
-                taken = None
+        taken = await self._claim_shared(pair) if self._claim_pair is not None else self._claim_local(pair, local)
         if taken is None:
             self._refused.labels(limit="on_demand_pairs").inc()
             raise TooManyRequests(
@@ -133,7 +126,7 @@ class OnDemandBudget:
         return taken
 
     async def _claim_shared(self, pair: Pair) -> bool | None:
-        """True: taken now; False: already held; None: refused, or Redis failed (the caller counts alone)."""
+        """True: taken now; False: already held; None: refused. Counted in this process while Redis fails."""
         assert self._claim_pair is not None and self._redis is not None
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
@@ -145,13 +138,15 @@ class OnDemandBudget:
                     result = await self._claim_pair(keys=[PAIRS_KEY], args=[str(pair), self._max_pairs, PAIRS_TTL_S])
         except (RedisError, OSError, TimeoutError) as error:
             log.warning("on-demand pairs: Redis failed (%s); counting stored pairs in this process", error)
-            local = await self._local_pairs()
-            if pair in local:
-                return False
-            return None if len(local) >= self._max_pairs else True
+            return self._claim_local(pair, await self._local_pairs())
         if result == -2:
             return None
         return bool(result == 1)
+
+    def _claim_local(self, pair: Pair, local: set[Pair]) -> bool | None:
+        if pair in local:
+            return False
+        return None if len(local) >= self._max_pairs else True
 
     async def release_pair(self, pair: Pair) -> None:
         """Give back a slot taken for a pair that was not stored after all."""
