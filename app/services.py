@@ -160,7 +160,13 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
         client_limiter = ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused)
-        ws_admission = Admission(settings.ws_max_clients, settings.ws_max_clients_per_address, metrics.refused)
+        ws_admission = Admission(
+            settings.ws_max_clients,
+            settings.ws_max_clients_per_address,
+            metrics.refused,
+            messages_per_s=settings.ws_messages_per_second,
+            message_burst=settings.ws_message_burst,
+        )
         yield Services(
             settings,
             metrics,

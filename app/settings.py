@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=1200, ge=0, le=100_000_000)
     ws_max_clients: int = Field(default=20_000, ge=1, le=10_000_000)
     ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
+    ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)
+    ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -109,6 +109,8 @@ def make_settings(fake: FakeFlutterwave, sqlite_url: str) -> Callable[..., Setti
             "rate_limit_per_minute": 0,
             "ws_max_clients": 1_000_000,
             "ws_max_clients_per_address": 1_000_000,
+            "ws_messages_per_second": 1_000_000,
+            "ws_message_burst": 1_000_000,
             "on_demand_calls_per_minute": 100_000,
             "on_demand_max_pairs": 100_000,
         }

@@ -219,6 +219,8 @@ async def test_a_redis_outage_leaves_the_limits_working_per_process(
         ("rate_limit_per_minute", "1.5"),
         ("ws_max_clients", "0"),
         ("ws_max_clients_per_address", "lots"),
+        ("ws_messages_per_second", "0"),
+        ("ws_message_burst", "-1"),
     ],
 )
 def test_a_bad_limit_stops_start_up_in_one_line_naming_it(
@@ -237,6 +239,7 @@ def test_the_defaults_are_production_defaults() -> None:
     assert (settings.on_demand_calls_per_minute, settings.on_demand_max_pairs) == (10, 200)
     assert settings.rate_limit_per_minute == 1200
     assert (settings.ws_max_clients, settings.ws_max_clients_per_address) == (20000, 100)
+    assert (settings.ws_messages_per_second, settings.ws_message_burst) == (10, 50)
 
 
 # Headers

@@ -102,7 +102,14 @@ async def test_two_replicas_share_the_pair_cap_and_the_per_client_limit(
 @pytest.fixture
 def ws_capped(fake: FakeFlutterwave, tmp_path: Path) -> Iterator[Replica]:
     with replica_on_sqlite(
-        tmp_path, fake, POLL_INTERVAL_SECONDS="0.3", WS_MAX_CLIENTS="3", WS_MAX_CLIENTS_PER_ADDRESS="2"
+        tmp_path,
+        fake,
+        POLL_INTERVAL_SECONDS="0.3",
+        WS_MAX_CLIENTS="3",
+        WS_MAX_CLIENTS_PER_ADDRESS="2",
+        # The production defaults, which the other tests' one-address settings turn up.
+        WS_MESSAGES_PER_SECOND="10",
+        WS_MESSAGE_BURST="50",
     ) as replica:
         yield replica
 

@@ -4,11 +4,12 @@
   address per process: past either, the connection is accepted and closed at
   once with 1013 (try again later), so the client sees a reason, not a failed
   handshake.
-- Each connection may send 10 messages a second, in bursts of up to 50 (a
-  token bucket). A message over that is answered with a `rate_limited` error
-  and not acted on. Refusals are strikes that fade at one a second; a client
-  holding more than `MAX_STRIKES` (one that keeps on sending well over the
-  limit) is closed with 1008 (policy violation).
+- Each connection may send `WS_MESSAGES_PER_SECOND` messages a second (10),
+  in bursts of up to `WS_MESSAGE_BURST` (50): a token bucket. A message over
+  that is answered with a `rate_limited` error and not acted on. Refusals are
+  strikes that fade at one a second; a client holding more than `MAX_STRIKES`
+  (one that keeps on sending well over the limit) is closed with 1008 (policy
+  violation).
 """
 
 import time
@@ -38,7 +39,17 @@ class Refusal(Enum):
 class Admission:
     """Counts this process's WebSocket clients, in total and per address."""
 
-    def __init__(self, max_clients: int, max_per_address: int, refused: Counter) -> None:
+    def __init__(
+        self,
+        max_clients: int,
+        max_per_address: int,
+        refused: Counter,
+        *,
+        messages_per_s: float = MESSAGES_PER_S,
+        message_burst: int = BURST,
+    ) -> None:
+        self.messages_per_s = messages_per_s
+        self.message_burst = message_burst
         self._max_clients = max_clients
         self._max_per_address = max_per_address
         self.refused = refused
@@ -112,4 +123,4 @@ async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
 
 def message_bucket(websocket: WebSocket) -> MessageBucket:
     admission: Admission = websocket.scope["state"]["ws_admission"]
-    return MessageBucket(admission.refused)
+    return MessageBucket(admission.refused, admission.messages_per_s, admission.message_burst)
