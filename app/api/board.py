@@ -1,9 +1,9 @@
-"""The rates board (CONTRACT.md §7): one page for people, every asset served by the service itself.
+"""The rates board: one page for people, every asset served by the service itself.
 
 Served with a Content-Security-Policy that lets the page load only the
 service's own scripts and styles (no inline script or style), talk only to the
 service itself (its REST API and its WebSocket), and never be framed
-(docs/security.md).
+(docs/limits.md, "Headers").
 """
 
 import re

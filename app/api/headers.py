@@ -1,4 +1,4 @@
-"""Headers on every answer of the service (docs/security.md): never sniff a type, never send a referrer.
+"""Headers on every answer of the service (docs/limits.md, "Headers"): never sniff a type, never send a referrer.
 
 The board adds its own Content-Security-Policy (app/api/board.py); these two
 hold for everything, the API, the static files and the documentation pages.
