@@ -159,7 +159,9 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         if start_poller:
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
-        client_limiter = ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused)
+        client_limiter = await stack.enter_async_context(
+            ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused).flushing()
+        )
         ws_admission = Admission(
             settings.ws_max_clients,
             settings.ws_max_clients_per_address,

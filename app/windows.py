@@ -12,7 +12,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -33,6 +35,16 @@ class WindowState:
     remaining: int
     reset_s: float
     """Seconds until the oldest hit in the window leaves it, so at least one more is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCount:
+    hits: int
+    reset_s: float
+    """Seconds until the oldest hit in the window leaves it."""
+
+
+Result = TypeVar("Result", WindowState, WindowCount)
 
 
 class MovingWindow:
@@ -69,22 +81,40 @@ class MovingWindow:
 
     async def hit(self, item: RateLimitItem, key: str, cost: int = 1) -> WindowState:
         """Count `cost` hits against `item` for `key` if they fit; say what is left either way."""
+        return await self._either(self._hit, item, key, cost)
+
+    async def record(self, item: RateLimitItem, key: str, cost: int) -> WindowCount:
+        """Add `cost` hits already served (as many as fit), and read how many the window holds now."""
+        return await self._either(self._record, item, key, cost)
+
+    async def _either(
+        self, operation: Callable[..., Awaitable[Result]], item: RateLimitItem, key: str, cost: int
+    ) -> Result:
         if self._shared is not None and time.monotonic() >= self._shared_down_until:
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    return await self._hit(self._shared, item, key, cost)
+                    return await operation(self._shared, item, key, cost)
             except (RedisError, StorageError, OSError, TimeoutError) as error:
                 # Not retried per request: a Redis that hangs would cost every request its timeout.
                 self._shared_down_until = time.monotonic() + self._retry_s
                 if self._errors is not None:
                     self._errors.inc()
                 log.warning("limits: Redis failed (%s); counting in this process for %.0fs", error, self._retry_s)
-        return await self._hit(self._memory, item, key, cost)
+        return await operation(self._memory, item, key, cost)
 
     async def _hit(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, key: str, cost: int) -> WindowState:
         allowed = await limiter.hit(item, key, cost=cost)
         stats = await limiter.get_window_stats(item, key)
         return WindowState(allowed, max(0, stats.remaining), max(0.0, stats.reset_time - time.time()))
+
+    async def _record(self, limiter: MovingWindowRateLimiter, item: RateLimitItem, key: str, cost: int) -> WindowCount:
+        if cost > 0 and not await limiter.hit(item, key, cost=cost):
+            # Served already, so counted as far as the window has room: a full window stays full.
+            stats = await limiter.get_window_stats(item, key)
+            if stats.remaining > 0:
+                await limiter.hit(item, key, cost=stats.remaining)
+        stats = await limiter.get_window_stats(item, key)
+        return WindowCount(item.amount - stats.remaining, max(0.0, stats.reset_time - time.time()))
 
     async def aclose(self) -> None:
         # The memory storage runs an expiry task of its own; it must not outlive the app's event loop.

@@ -4,6 +4,8 @@ Clients of a test bind their own loopback addresses (127.0.0.2, 127.0.0.3, ...)
 so that each is a distinct client address to the service, as on a network.
 """
 
+import asyncio
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
@@ -80,20 +83,37 @@ async def test_two_replicas_share_the_pair_cap_and_the_per_client_limit(
     async with client_from("127.0.0.2") as client:
         stored = [await client.get(a.url + rate_url(p1)), await client.get(b.url + rate_url(p2))]
         over_cap = [await client.get(replica.url + rate_url(p3)) for replica in (a, b)]
-        more = [await client.get((a, b)[i % 2].url + "/api/rates/all") for i in range(4)]
-        limited = [await client.get(replica.url + "/api/rates/all") for replica in (a, b)]
+    async with client_from("127.0.0.3") as client:
+        on_a = [await client.get(a.url + "/api/rates/all") for _ in range(9)]
+        await hits_in_redis(redis_url, "127.0.0.3", 8)
+        # B never saw this client before: it reads the deployment's count, which A's answers filled.
+        on_b = await client.get(b.url + "/api/rates/all")
         # A forwarded address from a peer the server does not trust changes nothing.
-        forged = await client.get(a.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
+        forged = await client.get(b.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
     async with client_from("127.0.0.1") as proxy:
         # 127.0.0.1 is uvicorn's default FORWARDED_ALLOW_IPS: it speaks for the address it forwards.
-        forwarded = await proxy.get(a.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
+        forwarded = await proxy.get(b.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
     assert [answer.status_code for answer in stored] == [200, 200]
     assert [answer.status_code for answer in over_cap] == [429, 429] and fake.calls[p3] == 0
-    assert [answer.status_code for answer in more] == [200] * 4
-    assert [answer.headers["ratelimit-remaining"] for answer in stored + over_cap + more] == list("76543210")
-    assert [answer.status_code for answer in limited] == [429, 429]
-    assert forged.status_code == 429
+    assert [answer.status_code for answer in on_a] == [200] * 8 + [429]
+    assert [answer.headers["ratelimit-remaining"] for answer in on_a] == list("765432100")
+    assert on_b.status_code == 429 and forged.status_code == 429
     assert forwarded.status_code == 200 and forwarded.headers["ratelimit-remaining"] == "7"
+
+
+async def hits_in_redis(redis_url: str, address: str, hits: int, timeout_s: float = 10) -> None:
+    """Until the per-client window for `address` holds `hits` in Redis (replicas push theirs in the background)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            keys = [key async for key in redis.scan_iter(match=f"*{address}*")]
+            if keys and await redis.llen(keys[0]) >= hits:
+                return
+            assert time.monotonic() < deadline, f"Redis never held {hits} hits for {address}: {keys}"
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
 
 
 # WebSocket

@@ -6,16 +6,21 @@ it is counted and decorated like any other. Every answer under `/api` carries
 the limit the answer is a 429 in the error envelope with `Retry-After`.
 
 The count is a moving window (`app.windows`), in Redis when it is set, so
-every replica sees one count per address. A round trip to Redis per request
-would cost more than the cached answer itself, so a process takes hits from
-the shared window in small leases: one at a time for a quiet client (the
-count is exact), up to `limit // 100` (at most `MAX_LEASE`) for a client that
-uses each lease up within `LEASE_S`. A lease's unused hits lapse with it, so a
-busy client may be refused up to 1 % early per replica, never late.
+every replica adds to one count per address. A round trip to Redis per request
+would cost more than a cached answer itself, so each process decides from what
+it knows: the deployment's count for the address at its last sync, plus the
+hits it served since. It syncs an address the first time it sees it, whenever
+what it knows is older than `SYNC_S`, and pushes the hits it served every
+`FLUSH_S` in the background. Within one process the count is exact; across
+replicas a client may get a few more than the limit, up to what it can send
+to the other replicas in `SYNC_S`.
 """
 
+import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse
 from limits import RateLimitItemPerMinute
@@ -23,21 +28,24 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body, retry_after
+from app.tasks import running
 from app.windows import MovingWindow, whole_seconds
 
-MAX_LEASE = 50
-LEASE_S = 1.0
-# Leases of addresses gone quiet are dropped once this many are held.
-MAX_LEASES = 10_000
+SYNC_S = 1.0
+FLUSH_S = 0.1
+# Addresses not seen for a while are forgotten once this many are known.
+MAX_CLIENTS = 100_000
 
 
 @dataclass(slots=True)
-class _Lease:
-    hits: int
-    remaining: int
-    reset_at: float
-    expires_at: float
-    size: int
+class _Client:
+    shared: int = 0
+    """Hits in the deployment's window at the last sync, this process's pushed ones included."""
+    pending: int = 0
+    """Hits served here since, not yet pushed."""
+    reset_at: float = 0.0
+    synced_at: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,29 +61,57 @@ class ClientLimiter:
         self._item = RateLimitItemPerMinute(max(1, limit_per_minute))
         self._window = window
         self._refused = refused
-        self._max_lease = max(1, min(MAX_LEASE, limit_per_minute // 100))
-        self._leases: dict[str, _Lease] = {}
+        self._clients: dict[str, _Client] = {}
 
     async def check(self, address: str) -> Verdict:
         now = time.monotonic()
-        lease = self._leases.get(address)
-        if lease is not None and lease.hits > 0 and now < lease.expires_at:
-            lease.hits -= 1
-            return Verdict(True, lease.remaining + lease.hits, lease.reset_at - now)
-        # A client that used its whole lease while it lived gets a bigger one; anyone else takes one hit at a time.
-        size = min(2 * lease.size, self._max_lease) if lease is not None and now < lease.expires_at else 1
-        state = await self._window.hit(self._item, address, cost=size)
-        if not state.allowed and size > 1:
-            size = 1
-            state = await self._window.hit(self._item, address)
-        if not state.allowed:
-            self._leases.pop(address, None)
+        client = self._clients.get(address)
+        if client is None:
+            if len(self._clients) >= MAX_CLIENTS:
+                self._forget_quiet(now)
+            client = self._clients[address] = _Client()
+        if now - client.synced_at >= SYNC_S:
+            await self._sync(address, client)
+        count = client.shared + client.pending
+        reset_s = max(0.0, client.reset_at - now) if count else 60.0
+        if count >= self.limit:
             self._refused.labels(limit="per_client").inc()
-            return Verdict(False, 0, state.reset_s)
-        if len(self._leases) >= MAX_LEASES:
-            self._leases = {key: held for key, held in self._leases.items() if held.expires_at > now}
-        self._leases[address] = _Lease(size - 1, state.remaining, now + state.reset_s, now + LEASE_S, size)
-        return Verdict(True, state.remaining + size - 1, state.reset_s)
+            return Verdict(False, 0, reset_s)
+        client.pending += 1
+        return Verdict(True, self.limit - count - 1, reset_s)
+
+    async def _sync(self, address: str, client: _Client) -> None:
+        async with client.lock:
+            pushed = client.pending
+            counted = await self._window.record(self._item, address, pushed)
+            client.pending -= pushed
+            client.shared = counted.hits
+            now = time.monotonic()
+            client.reset_at = now + counted.reset_s
+            client.synced_at = now
+
+    async def flush(self) -> None:
+        """Push every address's served hits, so other replicas see them within `FLUSH_S`."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            for address, client in list(self._clients.items()):
+                if client.pending and not client.lock.locked():
+                    await self._sync(address, client)
+
+    def _forget_quiet(self, now: float) -> None:
+        self._clients = {
+            address: client
+            for address, client in self._clients.items()
+            if client.pending or now - client.synced_at < 60
+        }
+
+    @asynccontextmanager
+    async def flushing(self) -> AsyncIterator["ClientLimiter"]:
+        if self.limit == 0:
+            yield self
+            return
+        async with running(self.flush(), "client-limit-flush"):
+            yield self
 
 
 def client_address(scope: Scope) -> str:
