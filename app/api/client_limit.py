@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from fastapi.responses import JSONResponse
 from limits import RateLimitItemPerMinute
@@ -33,6 +34,7 @@ from app.windows import MovingWindow, whole_seconds
 
 SYNC_S = 1.0
 FLUSH_S = 0.1
+NEVER = float("-inf")
 # Addresses not seen for a while are forgotten once this many are known.
 MAX_CLIENTS = 100_000
 
@@ -44,12 +46,11 @@ class _Client:
     pending: int = 0
     """Hits served here since, not yet pushed."""
     reset_at: float = 0.0
-    synced_at: float = float("-inf")
+    synced_at: float = NEVER
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     allowed: bool
     remaining: int
     reset_s: float
@@ -58,30 +59,47 @@ class Verdict:
 class ClientLimiter:
     def __init__(self, limit_per_minute: int, window: MovingWindow, refused: Counter) -> None:
         self.limit = limit_per_minute
+        self.limit_header = b"%d" % limit_per_minute
         self._item = RateLimitItemPerMinute(max(1, limit_per_minute))
         self._window = window
         self._refused = refused
         self._clients: dict[str, _Client] = {}
 
     async def check(self, address: str) -> Verdict:
-        now = time.monotonic()
+        return self.decide(address) or await self._check_after_sync(address)
+
+    def decide(self, address: str) -> Verdict | None:
+        """The verdict from what this process knows, or None when the address must be synced first."""
         client = self._clients.get(address)
         if client is None:
-            if len(self._clients) >= MAX_CLIENTS:
-                self._forget_quiet(now)
-            client = self._clients[address] = _Client()
-        if now - client.synced_at >= SYNC_S:
-            await self._sync(address, client)
+            return None
+        now = time.monotonic()
+        # Only a client never seen waits for a sync under way; others decide from what is known meanwhile.
+        if now - client.synced_at >= SYNC_S and (client.synced_at == NEVER or not client.lock.locked()):
+            return None
         count = client.shared + client.pending
-        reset_s = max(0.0, client.reset_at - now) if count else 60.0
+        reset_s = client.reset_at - now if count else 60.0
         if count >= self.limit:
             self._refused.labels(limit="per_client").inc()
             return Verdict(False, 0, reset_s)
         client.pending += 1
         return Verdict(True, self.limit - count - 1, reset_s)
 
-    async def _sync(self, address: str, client: _Client) -> None:
+    async def _check_after_sync(self, address: str) -> Verdict:
+        client = self._clients.get(address)
+        if client is None:
+            if len(self._clients) >= MAX_CLIENTS:
+                self._forget_quiet(time.monotonic())
+            client = self._clients[address] = _Client()
+        await self._sync(address, client)
+        verdict = self.decide(address)
+        assert verdict is not None  # just synced
+        return verdict
+
+    async def _sync(self, address: str, client: _Client, *, max_age_s: float = SYNC_S) -> None:
         async with client.lock:
+            if time.monotonic() - client.synced_at < max_age_s:
+                return  # synced while this one waited
             pushed = client.pending
             counted = await self._window.record(self._item, address, pushed)
             client.pending -= pushed
@@ -96,7 +114,7 @@ class ClientLimiter:
             await asyncio.sleep(FLUSH_S)
             for address, client in list(self._clients.items()):
                 if client.pending and not client.lock.locked():
-                    await self._sync(address, client)
+                    await self._sync(address, client, max_age_s=0)
 
     def _forget_quiet(self, now: float) -> None:
         self._clients = {
@@ -124,17 +142,19 @@ class ClientLimit:
     def __init__(self, app: ASGIApp, prefix: str = "/api") -> None:
         self.app = app
         self.prefix = prefix
+        self.under = prefix + "/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limiter: ClientLimiter | None = (scope.get("state") or {}).get("client_limiter")
-        if scope["type"] != "http" or limiter is None or limiter.limit == 0 or not _under(scope["path"], self.prefix):
+        path = scope.get("path", "")
+        if limiter is None or not limiter.limit or scope["type"] != "http" or not _under(path, self.prefix, self.under):
             await self.app(scope, receive, send)
             return
         verdict = await limiter.check(client_address(scope))
         headers = [
-            (b"ratelimit-limit", str(limiter.limit).encode()),
-            (b"ratelimit-remaining", str(verdict.remaining).encode()),
-            (b"ratelimit-reset", str(whole_seconds(verdict.reset_s)).encode()),
+            (b"ratelimit-limit", limiter.limit_header),
+            (b"ratelimit-remaining", b"%d" % verdict.remaining),
+            (b"ratelimit-reset", b"%d" % whole_seconds(verdict.reset_s)),
         ]
         if not verdict.allowed:
             message = f"Too many requests from this address (at most {limiter.limit} a minute); try again later."
@@ -154,5 +174,5 @@ class ClientLimit:
         await self.app(scope, receive, send_with_headers)
 
 
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + "/")
+def _under(path: str, prefix: str, under: str) -> bool:
+    return path.startswith(under) or path == prefix
