@@ -119,6 +119,8 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
+    p50_ms: float = 0.0
+    max_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,8 @@ def parse_wrk(output: str) -> WrkResult:
     total = re.search(r"^\s+(\d+) requests in", output, re.MULTILINE)
     if requests_s is None or p99 is None or total is None:
         raise RuntimeError(f"cannot parse wrk's output:\n{output}")
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+    latency_max = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s|m|h)", output, re.MULTILINE)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return WrkResult(
@@ -249,6 +253,8 @@ def parse_wrk(output: str) -> WrkResult:
         requests=int(total[1]),
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
         socket_errors=sum(map(int, errors.groups())) if errors else 0,
+        p50_ms=float(p50[1]) * _UNITS_MS[p50[2]] if p50 else 0.0,
+        max_ms=float(latency_max[1]) * _UNITS_MS[latency_max[2]] if latency_max else 0.0,
     )
 
 
@@ -458,7 +464,8 @@ def bench_limit(redis_url: str, args: argparse.Namespace) -> list[str]:
                     result = run_wrk(server.url + path, args.threads, args.connections, args.duration)
                     results[kind].append(result)
                     print(
-                        f"  run {number} limit {kind}: {result.requests_s:10.1f} req/s, p99 {result.p99_ms:8.2f} ms "
+                        f"  run {number} limit {kind}: {result.requests_s:10.1f} req/s, p50 {result.p50_ms:.2f} ms, "
+                        f"p99 {result.p99_ms:.2f} ms, max {result.max_ms:.2f} ms "
                         f"({result.requests} requests, {result.non_2xx} non-2xx, {result.socket_errors} socket errors)"
                     )
     off_rps = statistics.median(r.requests_s for r in results["off"])
@@ -466,8 +473,10 @@ def bench_limit(redis_url: str, args: argparse.Namespace) -> list[str]:
     ratio = on_rps / off_rps
     for kind in ("off", "on"):
         rps = statistics.median(r.requests_s for r in results[kind])
+        p50 = statistics.median(r.p50_ms for r in results[kind])
         p99 = statistics.median(r.p99_ms for r in results[kind])
-        print(f"  median limit {kind}: {rps:10.1f} req/s, p99 {p99:.2f} ms")
+        worst = max(r.max_ms for r in results[kind])
+        print(f"  median limit {kind}: {rps:10.1f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms; max {worst:.2f} ms")
     print(f"  ratio limit on/off throughput: {ratio:.3f} (at least {MIN_LIMIT_RATIO})")
     problems = [
         f"limit {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"

@@ -69,7 +69,16 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
     responses={
         200: {"headers": CACHED},
         304: NOT_MODIFIED,
+        404: _error(
+            "The pair is outside the polled set and `ON_DEMAND_CURRENCIES` does not allow one of its currencies",
+            "USD/JPY is not served: this service does not fetch JPY on demand.",
+        ),
         422: INVALID,
+        429: _error(
+            "Over the per-client limit, or the pair is outside the polled set and fetching it would go beyond the "
+            "on-demand budget or the cap on stored pairs (docs/limits.md); see `Retry-After`",
+            "Too many requests from this address (at most 1200 a minute); try again later.",
+        ),
         503: _error(
             "No rate is stored for the pair and the upstream cannot give one now; see `Retry-After`",
             "No rate for USD/NGN is stored yet and the upstream cannot give one now; try again shortly.",
