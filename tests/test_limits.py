@@ -290,3 +290,15 @@ def test_the_board_has_no_inline_script_or_style() -> None:
     finder = _InlineFinder()
     finder.feed((WEB_DIR / "index.html").read_text())
     assert finder.found == []
+
+
+async def test_a_budget_of_zero_fetches_nothing_on_demand(
+    maybe_redis: str | None, fake: FakeFlutterwave, make_settings: Callable[..., Settings]
+) -> None:
+    (pair,) = unpolled_pairs(1)
+    async with running_app(make_settings(redis_url=maybe_redis, on_demand_calls_per_minute=0)) as (client, _):
+        refused = await client.get(rate_url(pair))
+        polled = await client.get(rate_url(USD_NGN))
+    assert_envelope(refused, 429)
+    assert int(refused.headers["retry-after"]) == 60
+    assert fake.calls[pair] == 0 and polled.status_code == 200
