@@ -64,6 +64,7 @@ class ClientLimiter:
         self._window = window
         self._refused = refused
         self._clients: dict[str, _Client] = {}
+        self._unpushed: set[str] = set()
 
     async def check(self, address: str) -> Verdict:
         return self.decide(address) or await self._check_after_sync(address)
@@ -83,6 +84,7 @@ class ClientLimiter:
             self._refused.labels(limit="per_client").inc()
             return Verdict(False, 0, reset_s)
         client.pending += 1
+        self._unpushed.add(address)
         return Verdict(True, self.limit - count - 1, reset_s)
 
     async def _check_after_sync(self, address: str) -> Verdict:
@@ -112,8 +114,14 @@ class ClientLimiter:
         """Push every address's served hits, so other replicas see them within `FLUSH_S`."""
         while True:
             await asyncio.sleep(FLUSH_S)
-            for address, client in list(self._clients.items()):
-                if client.pending and not client.lock.locked():
+            addresses, self._unpushed = self._unpushed, set()
+            for address in addresses:
+                client = self._clients.get(address)
+                if client is None or not client.pending:
+                    continue
+                if client.lock.locked():
+                    self._unpushed.add(address)  # a sync under way; next round
+                else:
                     await self._sync(address, client, max_age_s=0)
 
     def _forget_quiet(self, now: float) -> None:
