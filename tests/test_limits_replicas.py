@@ -130,6 +130,8 @@ def ws_capped(fake: FakeFlutterwave, tmp_path: Path) -> Iterator[Replica]:
         # The production defaults, which the other tests' one-address settings turn up.
         WS_MESSAGES_PER_SECOND="10",
         WS_MESSAGE_BURST="50",
+        ON_DEMAND_CURRENCIES="JPY",
+        ON_DEMAND_CALLS_PER_MINUTE="1",
     ) as replica:
         yield replica
 
@@ -156,6 +158,7 @@ async def test_websocket_caps_and_the_message_limit_leave_a_good_client_served(
     ws_capped: Replica, fake: FakeFlutterwave
 ) -> None:
     url = ws_capped.ws_url
+    kinds = ("rate", "error")
     async with (
         WsClient(url, local_addr=("127.0.0.2", 0)) as good,
         WsClient(url, local_addr=("127.0.0.2", 0)) as second,
@@ -178,6 +181,20 @@ async def test_websocket_caps_and_the_message_limit_leave_a_good_client_served(
         fake.bump(Pair("USD", "NGN"), Decimal("1.01"))
         await good.recv_until(is_update_for("USD/NGN"))
 
+        # get_rate for pairs outside the polled set obeys the same rules as REST.
+        on_demand = [
+            await good.ask({"type": "get_rate", "source_currency": source, "destination_currency": "JPY"}, kinds)
+            for source in ("USD", "EUR")
+        ]
+        not_allowed = await good.ask(
+            {"type": "get_rate", "source_currency": "USD", "destination_currency": "CHF"}, kinds
+        )
+
+    assert on_demand[0]["type"] == "rate" and on_demand[0]["rate"]["destination_currency"] == "JPY"
+    assert on_demand[1]["type"] == "error" and on_demand[1]["code"] == "try_again_later"
+    assert not_allowed["type"] == "error" and not_allowed["code"] == "not_found"
+    assert fake.calls[Pair("USD", "JPY")] == 1 and fake.calls[Pair("EUR", "JPY")] == 0
+    assert fake.calls[Pair("USD", "CHF")] == 0
     # Frames still queued when the server closes are not sent, so only the close is certain, and the counts.
     assert code == 1008
     pongs = [message for message in messages if message["type"] == "pong"]

@@ -118,8 +118,11 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         pair = _pair(f"{message.source_currency}/{message.destination_currency}")
         try:
             found = await lookup.get(pair)
-        except (RateUnavailable, NotFound):
+        except RateUnavailable:
             client.send(ErrorFrame(code="not_found", message=f"No rate for {pair} is available.").model_dump_json())
+            return
+        except NotFound as error:
+            client.send(ErrorFrame(code="not_found", message=error.message).model_dump_json())
             return
         except TooManyRequests as error:
             # Beyond the deployment's on-demand budget, as over REST (docs/limits.md).
