@@ -69,14 +69,15 @@ class ClientLimiter:
     async def check(self, address: str) -> Verdict:
         return self.decide(address) or await self._check_after_sync(address)
 
-    def decide(self, address: str) -> Verdict | None:
+    def decide(self, address: str, *, synced: bool = False) -> Verdict | None:
         """The verdict from what this process knows, or None when the address must be synced first."""
         client = self._clients.get(address)
         if client is None:
             return None
         now = time.monotonic()
         # Only a client never seen waits for a sync under way; others decide from what is known meanwhile.
-        if now - client.synced_at >= SYNC_S and (client.synced_at == NEVER or not client.lock.locked()):
+        stale = now - client.synced_at >= SYNC_S and (client.synced_at == NEVER or not client.lock.locked())
+        if stale and not synced:
             return None
         count = client.shared + client.pending
         reset_s = client.reset_at - now if count else 60.0
@@ -94,8 +95,9 @@ class ClientLimiter:
                 self._forget_quiet(time.monotonic())
             client = self._clients[address] = _Client()
         await self._sync(address, client)
-        verdict = self.decide(address)
-        assert verdict is not None  # just synced
+        self._clients.setdefault(address, client)
+        verdict = self.decide(address, synced=True)
+        assert verdict is not None  # the address is known: it was just synced
         return verdict
 
     async def _sync(self, address: str, client: _Client, *, max_age_s: float = SYNC_S) -> None:
