@@ -2,7 +2,8 @@
 
     ServiceError                  a request the service cannot answer as asked
      ├── InvalidRequest      422  input the parameter validators cannot judge alone
-     ├── NotFound            404  nothing there (a pair with no rate yet at that moment)
+     ├── NotFound            404  nothing there (a pair with no rate yet at that moment, or one never fetched)
+     ├── TooManyRequests     429  over a limit (docs/limits.md); says when to retry
      └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
 
 Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
@@ -40,15 +41,26 @@ class NotFound(ServiceError):
     status_code = 404
 
 
-class RateUnavailable(ServiceError):
-    status_code = 503
-
+class _RetryLater(ServiceError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return {"Retry-After": retry_after(self.retry_after_s)}
+
+
+class TooManyRequests(_RetryLater):
+    status_code = 429
+
+
+class RateUnavailable(_RetryLater):
+    status_code = 503
+
+
+def retry_after(seconds: float) -> str:
+    """A `Retry-After` value: whole seconds, at least 1 (0 would invite an immediate retry)."""
+    return str(max(1, math.ceil(seconds)))
 
 
 def error_body(message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api import asyncapi_page, board, ops, rates, ws
 from app.api.answer_cache import AnswerCache
+from app.api.client_limit import ClientLimit
+from app.api.headers import SecurityHeaders
 from app.api.middleware import RequestMetrics
 from app.api.openapi import install_openapi, operation_id
 from app.errors import add_error_handlers
@@ -53,11 +55,19 @@ def create_app(settings: Settings) -> FastAPI:
     )
     add_error_handlers(app)
     install_openapi(app, settings)
-    # Innermost: between CORS (which must still decorate every answer) and the router.
+    # Listed innermost first. The answer cache sits next to the router; the per-client limit outside it, so an
+    # answer replayed from it is still counted and carries the RateLimit headers; CORS outside that, so a browser
+    # can read a 429; the headers every answer carries, and the request counts, outermost.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
+    app.add_middleware(ClientLimit)
     app.add_middleware(
-        CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["GET"], allow_headers=["*"]
+        CORSMiddleware,
+        allow_origins=settings.cors_allow_origins,
+        allow_methods=["GET"],
+        allow_headers=["*"],
+        expose_headers=["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "ETag"],
     )
+    app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, requests=metrics.requests, durations=metrics.request_seconds)
     app.include_router(rates.router)
     app.include_router(ops.router)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+LIMITS = ("per_client", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
+
 
 @dataclass
 class Metrics:
@@ -82,3 +84,15 @@ class Metrics:
         # The last `last_updated` read for each polled pair (epoch seconds), kept so a database outage
         # does not hide the ages: nothing newer can be stored while it lasts.
         self.rate_received_at: dict[str, float] = {}
+        # One series per limit of docs/limits.md, created up front so each reads 0 before its first refusal.
+        self.refused = Counter(
+            "fxrates_requests_refused",
+            "Requests, connections and messages refused by a limit (docs/limits.md).",
+            ["limit"],
+            registry=r,
+        )
+        for limit in LIMITS:
+            self.refused.labels(limit=limit)
+        self.limit_errors = Counter(
+            "fxrates_limit_errors", "Limit counts that fell back to this process because Redis failed.", registry=r
+        )

@@ -13,12 +13,17 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.api.client_limit import ClientLimiter
+from app.api.ws_limits import Admission
+from app.currencies import Pair
 from app.db import create_engine, create_sessionmaker, migrate
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
 from app.live.hub import Hub
 from app.live.poller import Poller
 from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.metrics import Metrics
+from app.rates import repository
+from app.rates.budget import OnDemandBudget
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore
@@ -28,6 +33,7 @@ from app.tasks import running
 from app.upstream.demo import DemoProvider
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client
 from app.upstream.provider import Provider
+from app.windows import MovingWindow
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ class Services:
     lookup: RateLookup
     hub: Hub
     poller: Poller
+    client_limiter: ClientLimiter
+    ws_admission: Admission
 
 
 @asynccontextmanager
@@ -103,6 +111,24 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
         store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors))
+        window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)
+        stack.push_async_callback(window.aclose)
+
+        async def stored_pairs() -> list[Pair]:
+            async with sessions() as session:
+                return await repository.list_pairs(session)
+
+        budget = OnDemandBudget(
+            settings.pairs,
+            settings.polled_currencies,
+            settings.on_demand_currencies,
+            calls_per_minute=settings.on_demand_calls_per_minute,
+            max_pairs=settings.on_demand_max_pairs,
+            window=window,
+            redis=redis,
+            stored_pairs=stored_pairs,
+            refused=metrics.refused,
+        )
         lookup = await stack.enter_async_context(
             RateLookup(
                 cache,
@@ -110,6 +136,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 store,
                 provider,
                 metrics,
+                budget,
                 stale_after_s=settings.rate_stale_after_seconds,
                 amount=settings.upstream_quote_amount,
             )
@@ -133,4 +160,27 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         if start_poller:
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
-        yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, hub, poller)
+        client_limiter = await stack.enter_async_context(
+            ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused).flushing()
+        )
+        ws_admission = Admission(
+            settings.ws_max_clients,
+            settings.ws_max_clients_per_address,
+            metrics.refused,
+            messages_per_s=settings.ws_messages_per_second,
+            message_burst=settings.ws_message_burst,
+        )
+        yield Services(
+            settings,
+            metrics,
+            engine,
+            sessions,
+            redis,
+            provider,
+            store,
+            lookup,
+            hub,
+            poller,
+            client_limiter,
+            ws_admission,
+        )

@@ -23,6 +23,9 @@ class Environment(StrEnum):
 
 CommaList = Annotated[list[str], NoDecode]
 
+# In ON_DEMAND_CURRENCIES: every ISO 4217 code.
+ANY_CURRENCY = "*"
+
 
 def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
@@ -65,6 +68,15 @@ class Settings(BaseSettings):
     db_auto_migrate: bool = True
     log_format: Literal["text", "json"] = "text"
     shutdown_drain_seconds: float = Field(default=0, ge=0, le=300)
+    # The limits on what one anonymous client can cause (docs/limits.md).
+    on_demand_currencies: CommaList = [ANY_CURRENCY]
+    on_demand_calls_per_minute: int = Field(default=10, ge=0, le=1_000_000)
+    on_demand_max_pairs: int = Field(default=200, ge=0, le=1_000_000)
+    rate_limit_per_minute: int = Field(default=1200, ge=0, le=100_000_000)
+    ws_max_clients: int = Field(default=20_000, ge=1, le=10_000_000)
+    ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
+    ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)
+    ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -88,7 +100,13 @@ class Settings(BaseSettings):
             raise ValueError("is required when ENVIRONMENT=production (demo rates are refused there)")
         return value
 
-    @field_validator("rates_source_currencies", "rates_destination_currencies", "cors_allow_origins", mode="before")
+    @field_validator(
+        "rates_source_currencies",
+        "rates_destination_currencies",
+        "cors_allow_origins",
+        "on_demand_currencies",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -98,6 +116,15 @@ class Settings(BaseSettings):
     def _iso_4217(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("needs at least one currency code")
+        return list(dict.fromkeys(normalise_currency(code) for code in value))
+
+    @field_validator("on_demand_currencies")
+    @classmethod
+    def _iso_4217_or_any(cls, value: list[str]) -> list[str]:
+        if ANY_CURRENCY in value:
+            if len(value) > 1:
+                raise ValueError(f"is either {ANY_CURRENCY!r} alone or a list of ISO 4217 codes")
+            return value
         return list(dict.fromkeys(normalise_currency(code) for code in value))
 
     @field_validator("database_url")
@@ -120,6 +147,10 @@ class Settings(BaseSettings):
     def cache_ttl_s(self) -> int:
         assert self.cache_ttl_seconds is not None  # filled in by its validator
         return self.cache_ttl_seconds
+
+    @property
+    def polled_currencies(self) -> frozenset[str]:
+        return frozenset(self.rates_source_currencies) | frozenset(self.rates_destination_currencies)
 
     @property
     def pairs(self) -> list[Pair]:

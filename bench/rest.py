@@ -19,12 +19,21 @@ Run from the repository root:
     python -m bench.rest --redis                  # also with REDIS_URL=redis://127.0.0.1:6379/11 (flushed)
     python -m bench.rest --threads 2 --connections 128 --duration 15
     python -m bench.rest --profile                # then py-spy on the worker while wrk loads each endpoint
+    python -m bench.rest --limit-only             # only the cost of the per-client limit (below)
 
-It exits 1 when a median ratio real / bare throughput is below 0.2, or a run saw
-non-2xx answers or socket errors.
+With `--redis` (or `--limit-only`) it also measures the cost of the per-client
+limit (RATE_LIMIT_PER_MINUTE, docs/limits.md): two replicas of the service on
+one SQLite file and one Redis, one with the limit off and one with it on
+(sized above what wrk sends, so every answer is a 200 that was counted in
+Redis), cached GET /api/rates alternating between them; the ratio on / off
+should be at least 0.8.
+
+It exits 1 when a median ratio real / bare throughput is below 0.2, the limit's
+ratio is below 0.8, or a run saw non-2xx answers or socket errors.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -49,6 +58,19 @@ from app.settings import Settings
 from bench import pyspy
 
 MIN_RATIO = 0.2
+MIN_LIMIT_RATIO = 0.8
+# The benchmark's clients all come from one address: the service's limits are off, or sized above its load.
+LIMITS_OFF = {
+    "RATE_LIMIT_PER_MINUTE": "0",
+    "WS_MAX_CLIENTS": "1000000",
+    "WS_MAX_CLIENTS_PER_ADDRESS": "1000000",
+    "WS_MESSAGES_PER_SECOND": "1000000",
+    "WS_MESSAGE_BURST": "1000000",
+    "ON_DEMAND_CALLS_PER_MINUTE": "100000",
+    "ON_DEMAND_MAX_PAIRS": "100000",
+}
+# Above what one wrk can send in a minute here (about 20,000 a second), so the limit counts and never refuses.
+LIMIT_ON = "50000000"
 ROOT = Path(__file__).resolve().parent.parent
 BODY_FILE_VARIABLE = "BENCH_BARE_BODY_FILE"
 HEADERS_VARIABLE = "BENCH_BARE_HEADERS"
@@ -60,6 +82,7 @@ ENDPOINTS = {
 COPIED_HEADERS = ("content-type", "etag", "cache-control")
 # Settings' own variables, and prefixes for any that may be added later.
 SERVICE_PREFIXES = ("DATABASE_", "DB_", "REDIS_", "FLUTTERWAVE_", "POLL", "RATE", "CACHE_", "UPSTREAM_", "CORS_")
+SERVICE_PREFIXES += ("ON_DEMAND_", "WS_")
 
 
 def create_bare_app() -> ASGIApp:
@@ -96,6 +119,8 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
+    p50_ms: float = 0.0
+    max_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured wrk per server (default 2)")
     parser.add_argument("--runs", type=int, default=2, help="runs per server and endpoint (default 2)")
-    parser.add_argument("--redis", action="store_true", help="also run the service with Redis")
+    parser.add_argument("--redis", action="store_true", help="also run the service with Redis, and the limit's cost")
+    parser.add_argument("--limit-only", action="store_true", help="only the per-client limit's cost (needs Redis)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11", help="for --redis; flushed before/after")
     parser.add_argument("--profile", action="store_true", help="after the runs, py-spy the worker under wrk load")
     parser.add_argument("--profile-seconds", type=int, default=15, help="py-spy seconds per endpoint (default 15)")
@@ -217,6 +243,8 @@ def parse_wrk(output: str) -> WrkResult:
     total = re.search(r"^\s+(\d+) requests in", output, re.MULTILINE)
     if requests_s is None or p99 is None or total is None:
         raise RuntimeError(f"cannot parse wrk's output:\n{output}")
+    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.MULTILINE)
+    latency_max = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s|m|h)", output, re.MULTILINE)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     return WrkResult(
@@ -225,6 +253,8 @@ def parse_wrk(output: str) -> WrkResult:
         requests=int(total[1]),
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
         socket_errors=sum(map(int, errors.groups())) if errors else 0,
+        p50_ms=float(p50[1]) * _UNITS_MS[p50[2]] if p50 else 0.0,
+        max_ms=float(latency_max[1]) * _UNITS_MS[latency_max[2]] if latency_max else 0.0,
     )
 
 
@@ -295,12 +325,14 @@ def bench_endpoint(
     return ratio, problems
 
 
-def service_environment(database_url: str, redis_url: str | None) -> dict[str, str]:
+def service_environment(database_url: str, redis_url: str | None, **overrides: str) -> dict[str, str]:
     extra = {
         "ENVIRONMENT": "test",
         "DATABASE_URL": database_url,
         "POLL_INTERVAL_SECONDS": "600",
         "RATE_STALE_AFTER_SECONDS": "3600",
+        **LIMITS_OFF,
+        **overrides,
     }
     if redis_url is not None:
         extra["REDIS_URL"] = redis_url
@@ -402,6 +434,61 @@ def bench_service(label: str, redis_url: str | None, args: argparse.Namespace, p
     return problems
 
 
+def bench_limit(redis_url: str, args: argparse.Namespace) -> list[str]:
+    """Cached /api/rates on two replicas sharing SQLite and Redis: the per-client limit off, and on."""
+    path = ENDPOINTS["/api/rates"]
+    with tempfile.TemporaryDirectory(prefix="bench-rest-limit-") as tmp:
+        directory = Path(tmp)
+        database_url = f"sqlite+aiosqlite:///{directory / 'rates.db'}"
+        servers: dict[str, Server] = {}
+        with contextlib.ExitStack() as stack:
+            for kind, limit in (("off", "0"), ("on", LIMIT_ON)):
+                # One replica polls (it holds the lease); the other finds the rates in the shared SQLite and Redis.
+                env = service_environment(database_url, redis_url, RATE_LIMIT_PER_MINUTE=limit)
+                log_path = directory / f"limit-{kind}.log"
+                server = stack.enter_context(
+                    serving(f"limit {kind}", "app.main:app", env, log_path, factory=False, cwd=args.service_dir)
+                )
+                wait_until(server, log_path, args.ready_timeout, service_ready)
+                servers[kind] = server
+            headers = httpx.get(servers["on"].url + path, timeout=10).headers
+            if headers.get("ratelimit-limit") != LIMIT_ON:
+                raise RuntimeError(f"the limit is not on: {dict(headers)}")
+            print(f"per-client limit, redis: {path}, RATE_LIMIT_PER_MINUTE off (0) vs on ({LIMIT_ON})")
+            for server in servers.values():
+                if args.warmup:
+                    run_wrk(server.url + path, args.threads, args.connections, args.warmup)
+            results: dict[str, list[WrkResult]] = {"off": [], "on": []}
+            for number in range(1, args.runs + 1):
+                for kind, server in servers.items():
+                    result = run_wrk(server.url + path, args.threads, args.connections, args.duration)
+                    results[kind].append(result)
+                    print(
+                        f"  run {number} limit {kind}: {result.requests_s:10.1f} req/s, p50 {result.p50_ms:.2f} ms, "
+                        f"p99 {result.p99_ms:.2f} ms, max {result.max_ms:.2f} ms "
+                        f"({result.requests} requests, {result.non_2xx} non-2xx, {result.socket_errors} socket errors)"
+                    )
+    off_rps = statistics.median(r.requests_s for r in results["off"])
+    on_rps = statistics.median(r.requests_s for r in results["on"])
+    ratio = on_rps / off_rps
+    for kind in ("off", "on"):
+        rps = statistics.median(r.requests_s for r in results[kind])
+        p50 = statistics.median(r.p50_ms for r in results[kind])
+        p99 = statistics.median(r.p99_ms for r in results[kind])
+        worst = max(r.max_ms for r in results[kind])
+        print(f"  median limit {kind}: {rps:10.1f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms; max {worst:.2f} ms")
+    print(f"  ratio limit on/off throughput: {ratio:.3f} (at least {MIN_LIMIT_RATIO})")
+    problems = [
+        f"limit {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"
+        for kind, runs in results.items()
+        for number, r in enumerate(runs, 1)
+        if r.non_2xx or r.socket_errors
+    ]
+    if ratio < MIN_LIMIT_RATIO:
+        problems.append(f"per-client limit: ratio {ratio:.3f} below {MIN_LIMIT_RATIO}")
+    return problems
+
+
 def flush(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -419,11 +506,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile_dir = args.profile_dir or Path(tempfile.mkdtemp(prefix="bench-rest-profile-"))
         profile_dir.mkdir(parents=True, exist_ok=True)
-    problems = bench_service("no redis", None, args, profile_dir)
-    if args.redis:
+    problems = [] if args.limit_only else bench_service("no redis", None, args, profile_dir)
+    if args.redis and not args.limit_only:
         flush(args.redis_url)
         try:
             problems += bench_service("redis", args.redis_url, args, profile_dir)
+        finally:
+            flush(args.redis_url)
+    if args.redis or args.limit_only:
+        flush(args.redis_url)
+        try:
+            problems += bench_limit(args.redis_url, args)
         finally:
             flush(args.redis_url)
     for problem in problems:

@@ -69,7 +69,7 @@ from typing import Any, cast
 import httpx
 
 from bench import pyspy
-from bench.rest import Server, clean_environment, free_port, stop_server, wait_until
+from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 STORED_RATES = 44  # the 4 polled sources x 11 destinations, stored by the poll at start
@@ -453,6 +453,7 @@ def start_service(directory: Path, cpus: set[int] | None) -> Server:
             "DATABASE_URL": f"sqlite+aiosqlite:///{directory / 'rates.db'}",
             "POLL_INTERVAL_SECONDS": "3600",
             "RATE_STALE_AFTER_SECONDS": "7200",
+            **LIMITS_OFF,
         }
     )
     port = free_port()

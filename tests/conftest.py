@@ -105,6 +105,14 @@ def make_settings(fake: FakeFlutterwave, sqlite_url: str) -> Callable[..., Setti
             "poller_enabled": False,
             "upstream_timeout_seconds": 1.0,
             "upstream_max_attempts": 3,
+            # One address for every request: the limits are off or roomy unless a test sets them.
+            "rate_limit_per_minute": 0,
+            "ws_max_clients": 1_000_000,
+            "ws_max_clients_per_address": 1_000_000,
+            "ws_messages_per_second": 1_000_000,
+            "ws_message_burst": 1_000_000,
+            "on_demand_calls_per_minute": 100_000,
+            "on_demand_max_pairs": 100_000,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

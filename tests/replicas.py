@@ -25,6 +25,19 @@ def free_port() -> int:
         return port
 
 
+# Every test client comes from 127.0.0.1, so the production limits (docs/limits.md) are turned off or sized
+# for a test's traffic here; a test of a limit sets it explicitly.
+ONE_ADDRESS_LIMITS = {
+    "RATE_LIMIT_PER_MINUTE": "0",
+    "WS_MAX_CLIENTS": "1000000",
+    "WS_MAX_CLIENTS_PER_ADDRESS": "1000000",
+    "WS_MESSAGES_PER_SECOND": "1000000",
+    "WS_MESSAGE_BURST": "1000000",
+    "ON_DEMAND_CALLS_PER_MINUTE": "100000",
+    "ON_DEMAND_MAX_PAIRS": "100000",
+}
+
+
 def service_env(**values: str) -> dict[str, str]:
     """The inherited environment without any of the service's own variables, then `values`."""
     names = {name.upper() for name in Settings.model_fields}
@@ -41,7 +54,7 @@ class Replica:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/rates"
-        self.env = service_env(ENVIRONMENT="test", **env)
+        self.env = service_env(ENVIRONMENT="test", **{**ONE_ADDRESS_LIMITS, **env})
         self.log_path = log_dir / f"{name}-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

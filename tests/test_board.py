@@ -47,8 +47,24 @@ def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> 
 async def browser() -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        await browser.close()
+        try:
+            yield browser
+            # Every page a test left open ran clean under the board's Content-Security-Policy.
+            for context in browser.contexts:
+                for page in context.pages:
+                    assert await page.evaluate("window.cspViolations") == [], page.url
+        finally:
+            await browser.close()
+
+
+# Added by Playwright outside the page's policy, before any of the page's own scripts run.
+WATCH_CSP = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.cspViolations.push(`${event.violatedDirective} ${event.blockedURI}`);
+  console.error(`CSP violation: ${event.violatedDirective} ${event.blockedURI}`);
+});
+"""
 
 
 async def open_board(browser: Browser, service: Replica, width: int = 1280) -> tuple[Page, list[str]]:
@@ -56,7 +72,11 @@ async def open_board(browser: Browser, service: Replica, width: int = 1280) -> t
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
-    await page.goto(service.url + "/")
+    await page.add_init_script(WATCH_CSP)
+    response = await page.goto(service.url + "/")
+    assert response is not None
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
     await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
     await expect(page.locator("tr[data-pair]")).to_have_count(44)
     return page, errors

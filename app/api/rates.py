@@ -60,9 +60,9 @@ INVALID = _error(
     [{"field": "source_currency", "message": "'XYZ' is not an ISO 4217 currency code"}],
 )
 LIMITED = _error(
-    "This client is over its request limit, or a pair outside the polled set would go over the on-demand "
-    "budget (docs/limits.md); see `Retry-After`",
-    "Too many requests from this address; try again in 12 seconds.",
+    "Over the per-client limit, or the pair is outside the polled set and fetching it would go beyond the "
+    "on-demand budget or the cap on stored pairs (docs/limits.md); see `Retry-After`",
+    "Too many requests from this address (at most 1200 a minute); try again later.",
     retry=True,
 )
 DATABASE_DOWN = _error(
@@ -95,8 +95,9 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
         200: {"headers": CACHED},
         304: NOT_MODIFIED,
         404: _error(
-            "A pair outside the polled set whose currencies this deployment does not fetch on demand (docs/limits.md)",
-            "USD/JPY is not served by this deployment.",
+            "The pair is outside the polled set and `ON_DEMAND_CURRENCIES` does not allow one of its currencies "
+            "(docs/limits.md)",
+            "USD/JPY is not served: this service does not fetch JPY on demand.",
         ),
         422: INVALID,
         429: LIMITED,

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
 from app.api.deps import HubDep, LookupDep
+from app.api.ws_limits import CLOSE_POLICY_VIOLATION, admitted, message_bucket
 from app.currencies import Pair
-from app.errors import RateUnavailable
+from app.errors import NotFound, RateUnavailable, TooManyRequests
 from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
@@ -123,6 +124,13 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         except RateUnavailable:
             client.send(ErrorFrame(code="not_found", message=f"No rate for {pair} is available.").model_dump_json())
             return
+        except NotFound as error:
+            client.send(ErrorFrame(code="not_found", message=error.message).model_dump_json())
+            return
+        except TooManyRequests as error:
+            # Beyond the deployment's on-demand budget, as over REST (docs/limits.md).
+            client.send(ErrorFrame(code="try_again_later", message=error.message).model_dump_json())
+            return
         frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
         client.send(frame, pair, found.rate.destination_per_source)
     elif isinstance(message, Subscribe):
@@ -148,6 +156,7 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
 
 
 async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
+    bucket = message_bucket(websocket)
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -157,6 +166,12 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
         if size > MAX_FRAME_BYTES:
             client.close_code = CLOSE_TOO_BIG
             return
+        if not bucket.take():
+            if bucket.exhausted:
+                client.close_code = CLOSE_POLICY_VIOLATION
+                return
+            client.send(ErrorFrame(code="rate_limited", message="Too many messages; slow down.").model_dump_json())
+            continue
         try:
             if text is None:
                 raise BadRequest("binary frames are not understood; send JSON text")
@@ -183,6 +198,12 @@ async def _overflow(client: HubClient, hub: Hub) -> None:
 
 
 async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
+    async with admitted(websocket) as admitted_:
+        if admitted_:
+            await _serve(websocket, hub, lookup)
+
+
+async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     await websocket.accept()
     client = hub.join()
     try:

@@ -7,6 +7,11 @@ client hanging up does not cancel it for the others. A refresh that fails
 leaves the stored rate to be served marked stale, and the pair rests for a
 cool-down before the upstream is asked again, so a failing upstream does not
 make every reader wait through its retries.
+
+A pair outside the polled set is fetched only within the deployment's
+on-demand budget (`OnDemandBudget`, docs/limits.md): past it, a stored rate is
+served even when stale, and with none stored the reader is told to come back
+later (`TooManyRequests`).
 """
 
 import asyncio
@@ -22,9 +27,10 @@ from typing import Literal, Self
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.currencies import Pair
-from app.errors import RateUnavailable
+from app.errors import RateUnavailable, TooManyRequests
 from app.metrics import Metrics
 from app.rates import repository
+from app.rates.budget import OnDemandBudget
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
@@ -54,6 +60,7 @@ class RateLookup:
         store: RateStore,
         provider: Provider,
         metrics: Metrics,
+        budget: OnDemandBudget,
         *,
         stale_after_s: float,
         amount: Decimal,
@@ -67,6 +74,7 @@ class RateLookup:
         self._store = store
         self._provider = provider
         self._metrics = metrics
+        self._budget = budget
         self._stale_after_s = stale_after_s
         self._amount = amount
         self._stale_wait_s = stale_wait_s
@@ -84,7 +92,12 @@ class RateLookup:
         return rate.age_s(self._clock()) > self._stale_after_s
 
     async def get(self, pair: Pair) -> Found:
-        """The pair's current rate; raises `RateUnavailable` when none is stored and the upstream fails."""
+        """The pair's current rate.
+
+        Raises `NotFound` for a pair this deployment does not serve, `TooManyRequests` when none is stored and
+        fetching it is beyond the on-demand budget, and `RateUnavailable` when none is stored and the upstream fails.
+        """
+        self._budget.check_allowed(pair)
         stored = await self._stored(pair)
         if stored is not None and not self.is_stale(stored[0]):
             self._metrics.cache_lookups.labels(layer=stored[1]).inc()
@@ -92,13 +105,16 @@ class RateLookup:
 
         resting_s = self._resting_until.get(pair, 0.0) - time.monotonic()
         if resting_s <= 0:
-            refresh = self._refresh(pair)
+            refresh = self._refresh(pair, new=stored is None)
             try:
                 if stored is None:
                     fresh = await asyncio.shield(refresh)
                 else:
                     # A reader with a stale rate in hand waits a little for a fresh one, not for every retry.
                     fresh = await asyncio.wait_for(asyncio.shield(refresh), self._stale_wait_s)
+            except TooManyRequests:
+                if stored is None:
+                    raise
             except Exception:
                 # Whatever kept the refresh from storing a rate (the upstream, or the database while saving it):
                 # the stored rate is served as stale, and with none stored the answer is "try again later".
@@ -141,10 +157,11 @@ class RateLookup:
         async with self._sessions() as session:
             return await repository.get_current(session, pair)
 
-    def _refresh(self, pair: Pair) -> asyncio.Task[StoredRate]:
+    def _refresh(self, pair: Pair, *, new: bool) -> asyncio.Task[StoredRate]:
         task = self._refreshing.get(pair)
         if task is None:
-            task = asyncio.create_task(self._fetch_and_store(pair), name=f"refresh {pair}")
+            fetch = self._fetch_and_store(pair) if self._budget.is_polled(pair) else self._fetch_on_demand(pair, new)
+            task = asyncio.create_task(fetch, name=f"refresh {pair}")
             self._refreshing[pair] = task
             task.add_done_callback(lambda done: self._refreshed(pair, done))
         return task
@@ -154,8 +171,29 @@ class RateLookup:
         if not task.cancelled() and task.exception() is not None:
             # Retrieved here, so a refresh that every reader stopped waiting for is not reported as lost.
             error = task.exception()
-            if not isinstance(error, UpstreamError):
+            if not isinstance(error, UpstreamError | TooManyRequests):
                 log.error("refreshing %s failed", pair, exc_info=error)
+
+    async def _fetch_on_demand(self, pair: Pair, new: bool) -> StoredRate:
+        """A pair outside the polled set: fetched only within the deployment's budget."""
+        refused_s = await self._budget.refused_for(pair)
+        if refused_s > 0:
+            # Another replica asked already, and the upstream refused: asking again soon will not change that.
+            self._resting_until[pair] = time.monotonic() + refused_s
+            raise UpstreamRejected(pair, "refused by the upstream recently; not asked again yet")
+        claimed = await self._budget.claim_pair(pair) if new else False
+        stored = False
+        try:
+            await self._budget.claim_call(pair)
+            rate = await self._fetch_and_store(pair)
+            stored = True
+            return rate
+        except UpstreamRejected:
+            await self._budget.remember_refused(pair, REJECTED_REST_S)
+            raise
+        finally:
+            if claimed and not stored:
+                await self._budget.release_pair(pair)
 
     async def _fetch_and_store(self, pair: Pair) -> StoredRate:
         try:

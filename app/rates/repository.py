@@ -120,3 +120,9 @@ async def history_at(session: AsyncSession, pair: Pair, at: datetime) -> Exchang
     )
     point: ExchangeRateHistory | None = await session.scalar(statement)
     return point
+
+
+async def list_pairs(session: AsyncSession) -> list[Pair]:
+    """Every pair with a stored rate."""
+    rows = await session.execute(select(ExchangeRate.source_currency, ExchangeRate.destination_currency))
+    return [Pair(source, destination) for source, destination in rows]

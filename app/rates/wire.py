@@ -83,7 +83,7 @@ class Pong(BaseModel):
 
 class ErrorFrame(BaseModel):
     type: Literal["error"] = "error"
-    code: Literal["bad_request", "not_found", "too_large"]
+    code: Literal["bad_request", "not_found", "too_large", "rate_limited", "try_again_later"]
     message: str
 
 

@@ -1,0 +1,188 @@
+"""The per-client REST limit: `RATE_LIMIT_PER_MINUTE` requests under `/api` per client address (docs/limits.md).
+
+An ASGI middleware outside the answer micro-cache, so a request answered from
+it is counted and decorated like any other. Every answer under `/api` carries
+`RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds); past
+the limit the answer is a 429 in the error envelope with `Retry-After`.
+
+The count is a moving window (`app.windows`), in Redis when it is set, so
+every replica adds to one count per address. A round trip to Redis per request
+would cost more than a cached answer itself, so each process decides from what
+it knows: the deployment's count for the address at its last sync, plus the
+hits it served since. It syncs an address the first time it sees it, whenever
+what it knows is older than `SYNC_S`, and pushes the hits it served every
+`FLUSH_S` in the background. Within one process the count is exact; across
+replicas a client may get a few more than the limit, up to what it can send
+to the other replicas in `SYNC_S`.
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from fastapi.responses import JSONResponse
+from limits import RateLimitItemPerMinute
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_body, retry_after
+from app.tasks import running
+from app.windows import MovingWindow, whole_seconds
+
+SYNC_S = 1.0
+FLUSH_S = 0.1
+NEVER = float("-inf")
+# Addresses not seen for a while are forgotten once this many are known.
+MAX_CLIENTS = 100_000
+
+
+@dataclass(slots=True)
+class _Client:
+    shared: int = 0
+    """Hits in the deployment's window at the last sync, this process's pushed ones included."""
+    pending: int = 0
+    """Hits served here since, not yet pushed."""
+    reset_at: float = 0.0
+    synced_at: float = NEVER
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Verdict(NamedTuple):
+    allowed: bool
+    remaining: int
+    reset_s: float
+
+
+class ClientLimiter:
+    def __init__(self, limit_per_minute: int, window: MovingWindow, refused: Counter) -> None:
+        self.limit = limit_per_minute
+        self.limit_header = b"%d" % limit_per_minute
+        self._item = RateLimitItemPerMinute(max(1, limit_per_minute))
+        self._window = window
+        self._refused = refused
+        self._clients: dict[str, _Client] = {}
+        self._unpushed: set[str] = set()
+
+    async def check(self, address: str) -> Verdict:
+        return self.decide(address) or await self._check_after_sync(address)
+
+    def decide(self, address: str, *, synced: bool = False) -> Verdict | None:
+        """The verdict from what this process knows, or None when the address must be synced first."""
+        client = self._clients.get(address)
+        if client is None:
+            return None
+        now = time.monotonic()
+        # Only a client never seen waits for a sync under way; others decide from what is known meanwhile.
+        stale = now - client.synced_at >= SYNC_S and (client.synced_at == NEVER or not client.lock.locked())
+        if stale and not synced:
+            return None
+        count = client.shared + client.pending
+        reset_s = client.reset_at - now if count else 60.0
+        if count >= self.limit:
+            self._refused.labels(limit="per_client").inc()
+            return Verdict(False, 0, reset_s)
+        client.pending += 1
+        self._unpushed.add(address)
+        return Verdict(True, self.limit - count - 1, reset_s)
+
+    async def _check_after_sync(self, address: str) -> Verdict:
+        client = self._clients.get(address)
+        if client is None:
+            if len(self._clients) >= MAX_CLIENTS:
+                self._forget_quiet(time.monotonic())
+            client = self._clients[address] = _Client()
+        await self._sync(address, client)
+        self._clients.setdefault(address, client)
+        verdict = self.decide(address, synced=True)
+        assert verdict is not None  # the address is known: it was just synced
+        return verdict
+
+    async def _sync(self, address: str, client: _Client, *, max_age_s: float = SYNC_S) -> None:
+        async with client.lock:
+            if time.monotonic() - client.synced_at < max_age_s:
+                return  # synced while this one waited
+            pushed = client.pending
+            counted = await self._window.record(self._item, address, pushed)
+            client.pending -= pushed
+            client.shared = counted.hits
+            now = time.monotonic()
+            client.reset_at = now + counted.reset_s
+            client.synced_at = now
+
+    async def flush(self) -> None:
+        """Push every address's served hits, so other replicas see them within `FLUSH_S`."""
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            addresses, self._unpushed = self._unpushed, set()
+            for address in addresses:
+                client = self._clients.get(address)
+                if client is None or not client.pending:
+                    continue
+                if client.lock.locked():
+                    self._unpushed.add(address)  # a sync under way; next round
+                else:
+                    await self._sync(address, client, max_age_s=0)
+
+    def _forget_quiet(self, now: float) -> None:
+        self._clients = {
+            address: client
+            for address, client in self._clients.items()
+            if client.pending or now - client.synced_at < 60
+        }
+
+    @asynccontextmanager
+    async def flushing(self) -> AsyncIterator["ClientLimiter"]:
+        if self.limit == 0:
+            yield self
+            return
+        async with running(self.flush(), "client-limit-flush"):
+            yield self
+
+
+def client_address(scope: Scope) -> str:
+    """The peer as the server reports it: behind a proxy, uvicorn's `--proxy-headers` puts the forwarded one here."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+class ClientLimit:
+    def __init__(self, app: ASGIApp, prefix: str = "/api") -> None:
+        self.app = app
+        self.prefix = prefix
+        self.under = prefix + "/"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limiter: ClientLimiter | None = (scope.get("state") or {}).get("client_limiter")
+        path = scope.get("path", "")
+        if limiter is None or not limiter.limit or scope["type"] != "http" or not _under(path, self.prefix, self.under):
+            await self.app(scope, receive, send)
+            return
+        verdict = await limiter.check(client_address(scope))
+        headers = [
+            (b"ratelimit-limit", limiter.limit_header),
+            (b"ratelimit-remaining", b"%d" % verdict.remaining),
+            (b"ratelimit-reset", b"%d" % whole_seconds(verdict.reset_s)),
+        ]
+        if not verdict.allowed:
+            message = f"Too many requests from this address (at most {limiter.limit} a minute); try again later."
+            refusal = JSONResponse(
+                error_body(message), status_code=429, headers={"Retry-After": retry_after(verdict.reset_s)}
+            )
+            refusal.raw_headers += headers
+            await refusal(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                # Appended as raw pairs: the app below never sets these, and this runs on every answer.
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _under(path: str, prefix: str, under: str) -> bool:
+    return path.startswith(under) or path == prefix

@@ -1,0 +1,126 @@
+"""WebSocket limits (docs/limits.md): how many clients a process holds, and how fast one may send.
+
+- `WS_MAX_CLIENTS` per process and `WS_MAX_CLIENTS_PER_ADDRESS` per client
+  address per process: past either, the connection is accepted and closed at
+  once with 1013 (try again later), so the client sees a reason, not a failed
+  handshake.
+- Each connection may send `WS_MESSAGES_PER_SECOND` messages a second (10),
+  in bursts of up to `WS_MESSAGE_BURST` (50): a token bucket. A message over
+  that is answered with a `rate_limited` error and not acted on. Refusals are
+  strikes that fade at one a second; a client holding more than `MAX_STRIKES`
+  (one that keeps on sending well over the limit) is closed with 1008 (policy
+  violation).
+"""
+
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from enum import Enum
+
+from fastapi import WebSocket
+from prometheus_client import Counter
+
+from app.api.client_limit import client_address
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+MESSAGES_PER_S = 10.0
+BURST = 50
+MAX_STRIKES = 50
+STRIKES_FADE_PER_S = 1.0
+
+
+class Refusal(Enum):
+    TOO_MANY_CLIENTS = "ws_clients"
+    TOO_MANY_FROM_ADDRESS = "ws_per_address"
+
+
+class Admission:
+    """Counts this process's WebSocket clients, in total and per address."""
+
+    def __init__(
+        self,
+        max_clients: int,
+        max_per_address: int,
+        refused: Counter,
+        *,
+        messages_per_s: float = MESSAGES_PER_S,
+        message_burst: int = BURST,
+    ) -> None:
+        self.messages_per_s = messages_per_s
+        self.message_burst = message_burst
+        self._max_clients = max_clients
+        self._max_per_address = max_per_address
+        self.refused = refused
+        self._by_address: Tally[str] = Tally()
+        self._total = 0
+
+    @contextmanager
+    def admit(self, address: str) -> Iterator[Refusal | None]:
+        """Hold a place for the connection while inside; yields why it was refused, or None."""
+        refusal = None
+        if self._total >= self._max_clients:
+            refusal = Refusal.TOO_MANY_CLIENTS
+        elif self._by_address[address] >= self._max_per_address:
+            refusal = Refusal.TOO_MANY_FROM_ADDRESS
+        if refusal is not None:
+            self.refused.labels(limit=refusal.value).inc()
+            yield refusal
+            return
+        self._total += 1
+        self._by_address[address] += 1
+        try:
+            yield None
+        finally:
+            self._total -= 1
+            self._by_address[address] -= 1
+            if self._by_address[address] <= 0:
+                del self._by_address[address]
+
+
+class MessageBucket:
+    """A token bucket for one connection's messages, and the strikes of a client that keeps on past it."""
+
+    def __init__(self, refused: Counter, rate_s: float = MESSAGES_PER_S, burst: int = BURST) -> None:
+        self._refused = refused
+        self._rate_s = rate_s
+        self._burst = burst
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self._strikes = 0.0
+
+    def take(self) -> bool:
+        """Whether a message just received may be acted on."""
+        now = time.monotonic()
+        elapsed_s = now - self._at
+        self._at = now
+        self._tokens = min(self._burst, self._tokens + elapsed_s * self._rate_s)
+        self._strikes = max(0.0, self._strikes - elapsed_s * STRIKES_FADE_PER_S)
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self._strikes += 1
+        self._refused.labels(limit="ws_messages").inc()
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """The client kept sending past its limit: it is to be closed."""
+        return self._strikes > MAX_STRIKES
+
+
+@asynccontextmanager
+async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
+    """Inside: whether the connection holds a place; a refused one has been accepted and closed with 1013."""
+    admission: Admission = websocket.scope["state"]["ws_admission"]
+    with admission.admit(client_address(websocket.scope)) as refusal:
+        if refusal is not None:
+            await websocket.accept()
+            await websocket.close(CLOSE_TRY_AGAIN_LATER, reason="too many clients, try again later")
+        yield refusal is None
+
+
+def message_bucket(websocket: WebSocket) -> MessageBucket:
+    admission: Admission = websocket.scope["state"]["ws_admission"]
+    return MessageBucket(admission.refused, admission.messages_per_s, admission.message_burst)

@@ -1,0 +1,207 @@
+"""The limits of docs/limits.md on real uvicorn processes: shared by replicas on one Redis, and on WebSockets.
+
+Clients of a test bind their own loopback addresses (127.0.0.2, 127.0.0.3, ...)
+so that each is a distinct client address to the service, as on a network.
+"""
+
+import asyncio
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from websockets.exceptions import ConnectionClosed
+
+from app.currencies import Pair
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
+from tests.test_limits import metric, rate_url, unpolled_pairs
+from tests.ws_client import WsClient, is_update_for
+
+
+def client_from(address: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=address), timeout=10)
+
+
+def start_pair(folder: Path, fake: FakeFlutterwave, database_url: str, redis_url: str, **env: str) -> list[Replica]:
+    shared = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "FLUTTERWAVE_SECRET_KEY": SECRET_KEY,
+        "FLUTTERWAVE_BASE_URL": fake.url,
+        "UPSTREAM_MAX_ATTEMPTS": "1",
+        **env,
+    }
+    replicas: list[Replica] = []
+    try:
+        for name in ("a", "b"):
+            replicas.append(Replica(folder, name, **shared).start())
+    except BaseException:
+        for replica in replicas:
+            replica.stop()
+        raise
+    return replicas
+
+
+@pytest.fixture
+def stop_after() -> Iterator[list[Replica]]:
+    started: list[Replica] = []
+    yield started
+    for replica in started:
+        replica.stop()
+
+
+async def test_two_replicas_share_the_on_demand_budget_and_the_refused_pairs(
+    fake: FakeFlutterwave, postgres_url: str, redis_url: str, tmp_path: Path, stop_after: list[Replica]
+) -> None:
+    refused, *pairs = unpolled_pairs(7)
+    fake.fail("400", pairs=[refused])
+    a, b = start_pair(tmp_path, fake, postgres_url, redis_url, ON_DEMAND_CALLS_PER_MINUTE="5")
+    stop_after += [a, b]
+    async with client_from("127.0.0.2") as client:
+        # The upstream refuses the pair on A: B does not ask it again.
+        refusals = [await client.get(replica.url + rate_url(refused)) for replica in (a, b)]
+        # One call spent; four more are left for the whole deployment, whichever replica asks.
+        answers = [await client.get((a, b)[i % 2].url + rate_url(pair)) for i, pair in enumerate(pairs)]
+    assert [answer.status_code for answer in refusals] == [503, 503]
+    assert fake.calls[refused] == 1
+    assert [answer.status_code for answer in answers] == [200] * 4 + [429] * 2
+    assert sum(fake.calls[pair] for pair in pairs) == 4
+    assert all("retry-after" in answer.headers for answer in answers[4:])
+
+
+async def test_two_replicas_share_the_pair_cap_and_the_per_client_limit(
+    fake: FakeFlutterwave, postgres_url: str, redis_url: str, tmp_path: Path, stop_after: list[Replica]
+) -> None:
+    p1, p2, p3 = unpolled_pairs(3)
+    a, b = start_pair(tmp_path, fake, postgres_url, redis_url, ON_DEMAND_MAX_PAIRS="2", RATE_LIMIT_PER_MINUTE="8")
+    stop_after += [a, b]
+    async with client_from("127.0.0.2") as client:
+        stored = [await client.get(a.url + rate_url(p1)), await client.get(b.url + rate_url(p2))]
+        over_cap = [await client.get(replica.url + rate_url(p3)) for replica in (a, b)]
+    async with client_from("127.0.0.3") as client:
+        on_a = [await client.get(a.url + "/api/rates/all") for _ in range(9)]
+        await hits_in_redis(redis_url, "127.0.0.3", 8)
+        # B never saw this client before: it reads the deployment's count, which A's answers filled.
+        on_b = await client.get(b.url + "/api/rates/all")
+        # A forwarded address from a peer the server does not trust changes nothing.
+        forged = await client.get(b.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
+    async with client_from("127.0.0.1") as proxy:
+        # 127.0.0.1 is uvicorn's default FORWARDED_ALLOW_IPS: it speaks for the address it forwards.
+        forwarded = await proxy.get(b.url + "/api/rates/all", headers={"X-Forwarded-For": "198.51.100.9"})
+    assert [answer.status_code for answer in stored] == [200, 200]
+    assert [answer.status_code for answer in over_cap] == [429, 429] and fake.calls[p3] == 0
+    assert [answer.status_code for answer in on_a] == [200] * 8 + [429]
+    assert [answer.headers["ratelimit-remaining"] for answer in on_a] == list("765432100")
+    assert on_b.status_code == 429 and forged.status_code == 429
+    assert forwarded.status_code == 200 and forwarded.headers["ratelimit-remaining"] == "7"
+
+
+async def hits_in_redis(redis_url: str, address: str, hits: int, timeout_s: float = 10) -> None:
+    """Until the per-client window for `address` holds `hits` in Redis (replicas push theirs in the background)."""
+    redis = Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            keys = [key async for key in redis.scan_iter(match=f"*{address}*")]
+            if keys and await redis.llen(keys[0]) >= hits:
+                return
+            assert time.monotonic() < deadline, f"Redis never held {hits} hits for {address}: {keys}"
+            await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
+
+
+# WebSocket
+
+
+@pytest.fixture
+def ws_capped(fake: FakeFlutterwave, tmp_path: Path) -> Iterator[Replica]:
+    with replica_on_sqlite(
+        tmp_path,
+        fake,
+        POLL_INTERVAL_SECONDS="0.3",
+        WS_MAX_CLIENTS="3",
+        WS_MAX_CLIENTS_PER_ADDRESS="2",
+        # The production defaults, which the other tests' one-address settings turn up.
+        WS_MESSAGES_PER_SECOND="10",
+        WS_MESSAGE_BURST="50",
+        ON_DEMAND_CURRENCIES="JPY",
+        ON_DEMAND_CALLS_PER_MINUTE="1",
+    ) as replica:
+        yield replica
+
+
+async def refused_with(client: WsClient) -> int:
+    with pytest.raises(ConnectionClosed) as closed:
+        await client.recv()
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code
+
+
+async def drain(client: WsClient) -> tuple[list[dict[str, Any]], int]:
+    """Every message until the server closes, and its close code."""
+    messages: list[dict[str, Any]] = []
+    while True:
+        try:
+            messages.append(await client.recv())
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None
+            return messages, closed.rcvd.code
+
+
+async def test_websocket_caps_and_the_message_limit_leave_a_good_client_served(
+    ws_capped: Replica, fake: FakeFlutterwave
+) -> None:
+    url = ws_capped.ws_url
+    kinds = ("rate", "error")
+    async with (
+        WsClient(url, local_addr=("127.0.0.2", 0)) as good,
+        WsClient(url, local_addr=("127.0.0.2", 0)) as second,
+        WsClient(url, local_addr=("127.0.0.2", 0)) as third_from_address,
+        WsClient(url, local_addr=("127.0.0.3", 0)) as flooder,
+        WsClient(url, local_addr=("127.0.0.4", 0)) as fifth_in_all,
+    ):
+        assert (await good.recv())["type"] == "all_rates"
+        assert (await second.recv())["type"] == "all_rates"
+        assert await refused_with(third_from_address) == 1013
+        assert (await flooder.recv())["type"] == "all_rates"
+        assert await refused_with(fifth_in_all) == 1013
+
+        for _ in range(300):
+            await flooder.send({"type": "ping"})
+        messages, code = await drain(flooder)
+
+        # The well-behaved client on the same process keeps its pongs and its updates.
+        assert (await good.ask({"type": "ping"}, "pong"))["type"] == "pong"
+        fake.bump(Pair("USD", "NGN"), Decimal("1.01"))
+        await good.recv_until(is_update_for("USD/NGN"))
+
+        # get_rate for pairs outside the polled set obeys the same rules as REST.
+        on_demand = [
+            await good.ask({"type": "get_rate", "source_currency": source, "destination_currency": "JPY"}, kinds)
+            for source in ("USD", "EUR")
+        ]
+        not_allowed = await good.ask(
+            {"type": "get_rate", "source_currency": "USD", "destination_currency": "CHF"}, kinds
+        )
+
+    assert on_demand[0]["type"] == "rate" and on_demand[0]["rate"]["destination_currency"] == "JPY"
+    assert on_demand[1]["type"] == "error" and on_demand[1]["code"] == "try_again_later"
+    assert not_allowed["type"] == "error" and not_allowed["code"] == "not_found"
+    assert fake.calls[Pair("USD", "JPY")] == 1 and fake.calls[Pair("EUR", "JPY")] == 0
+    assert fake.calls[Pair("USD", "CHF")] == 0
+    # Frames still queued when the server closes are not sent, so only the close is certain, and the counts.
+    assert code == 1008
+    pongs = [message for message in messages if message["type"] == "pong"]
+    errors = [message for message in messages if message["type"] == "error"]
+    assert pongs and len(pongs) + len(errors) < 300
+    assert {error["code"] for error in errors} <= {"rate_limited"}
+    async with client_from("127.0.0.1") as client:
+        metrics = (await client.get(ws_capped.url + "/metrics")).text
+    assert metric(metrics, "ws_per_address") == 1 and metric(metrics, "ws_clients") == 1
+    assert metric(metrics, "ws_messages") > 50
