@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import create_engine, create_sessionmaker, migrate
+from app.db_health import DatabaseHealth
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
 from app.live.hub import Hub
 from app.live.poller import Poller
@@ -41,6 +42,7 @@ class Services:
     settings: Settings
     metrics: Metrics
     engine: AsyncEngine
+    database: DatabaseHealth
     sessions: async_sessionmaker[AsyncSession]
     redis: Redis | None
     provider: Provider
@@ -73,10 +75,20 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
 @asynccontextmanager
 async def open_services(settings: Settings, metrics: Metrics, *, start_poller: bool) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url)
-        stack.push_async_callback(engine.dispose)
         if settings.db_auto_migrate:
-            await migrate(engine)
+            # Unbounded: a replica may wait its turn behind another's migration, and a migration may run long.
+            migration_engine = create_engine(settings.database_url, timeout_s=None)
+            try:
+                await migrate(migration_engine)
+            finally:
+                await migration_engine.dispose()
+        engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds)
+        stack.push_async_callback(engine.dispose)
+        database = DatabaseHealth(
+            engine, metrics.database_errors, metrics.database_up, timeout_s=settings.db_timeout_seconds
+        )
+        stack.push_async_callback(database.close)
+        await stack.enter_async_context(running(database.run(), "database-probe"))
         sessions = create_sessionmaker(engine)
 
         redis: Redis | None = None
@@ -101,11 +113,10 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
-        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors))
+        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors), database=database)
         lookup = await stack.enter_async_context(
             RateLookup(
                 cache,
-                sessions,
                 store,
                 provider,
                 metrics,
@@ -121,6 +132,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             slow_closed=metrics.websocket_slow_closed,
         )
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
+        # Read once now, while the database is known to answer, so a snapshot exists to serve should it go away.
+        await hub.snapshot()
         schedule: Schedule = (
             SharedSchedule(redis, settings.poll_interval_seconds, settings.poller_lock_ttl_seconds)
             if redis is not None
@@ -132,7 +145,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         if start_poller:
             # Entered last, so it stops first: no cycle runs against a closed client or engine.
             await stack.enter_async_context(poller)
-        yield Services(settings, metrics, engine, sessions, redis, provider, store, lookup, hub, poller)
+        yield Services(settings, metrics, engine, database, sessions, redis, provider, store, lookup, hub, poller)
 
 
 def configure_logging() -> None:

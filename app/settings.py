@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     upstream_quote_amount: Decimal = Field(default=Decimal(1000), gt=0)
     cors_allow_origins: CommaList = ["*"]
     db_auto_migrate: bool = True
+    db_timeout_seconds: float = Field(default=2, gt=0, le=60)
 
     @field_validator("redis_url", mode="before")
     @classmethod

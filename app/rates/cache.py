@@ -7,6 +7,7 @@ is down only costs lookups: it is logged and counted, and reads fall through.
 import asyncio
 import json
 import logging
+import math
 import time
 from datetime import datetime
 
@@ -36,6 +37,9 @@ return 1
 
 
 class MemoryCache:
+    """Rates by pair, each fresh for `ttl_s`. An expired or superseded entry stays as the pair's last known
+    rate: what the process serves while the database cannot be reached (docs/outages.md)."""
+
     layer = "memory"
 
     def __init__(self, ttl_s: float) -> None:
@@ -48,6 +52,11 @@ class MemoryCache:
             return None
         return entry[1]
 
+    def last_known(self, pair: Pair) -> StoredRate | None:
+        """The newest rate this process has held for the pair, however long ago."""
+        entry = self._entries.get(pair)
+        return None if entry is None else entry[1]
+
     async def set(self, rate: StoredRate) -> None:
         current = self._entries.get(rate.pair)
         # Writers may finish out of order; an older rate never replaces a newer one.
@@ -55,13 +64,14 @@ class MemoryCache:
             self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
 
     def clear(self) -> None:
-        self._entries.clear()
+        """Nothing is fresh any more; every entry stays only as a last known rate."""
+        self._entries = {pair: (-math.inf, rate) for pair, (_, rate) in self._entries.items()}
 
     def forget_older(self, pair: Pair, than: datetime) -> None:
-        """Drop the pair's entry if another process has since stored a newer rate."""
+        """Stop serving the pair's entry if another process has since stored a newer rate."""
         current = self._entries.get(pair)
         if current is not None and current[1].last_updated < than:
-            del self._entries[pair]
+            self._entries[pair] = (-math.inf, current[1])
 
 
 class RedisCache:
