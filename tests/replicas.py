@@ -34,7 +34,8 @@ def service_env(**values: str) -> dict[str, str]:
 
 
 class Replica:
-    def __init__(self, log_dir: Path, name: str = "replica", **env: str) -> None:
+    def __init__(self, log_dir: Path, name: str = "replica", *, workers: int = 1, **env: str) -> None:
+        self.workers = workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws/rates"
@@ -54,6 +55,8 @@ class Replica:
             str(self.port),
             "--no-access-log",
         ]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s
