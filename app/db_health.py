@@ -6,11 +6,12 @@ times that, since SQLite writers queue for the file) the caller gets
 `DatabaseUnavailable` and moves on, and the abandoned call winds down in the
 background under the engine's own timeouts. A failure that means the database
 cannot be reached (refused, cut, not answering, locked) becomes
-`DatabaseUnavailable` too, and the first one marks the database down with one
-warning. While it is down, calls fail at once without touching it, so no reader
-queues behind a database known to be away; a probe every `probe_every_s` finds
-it back, and that is the second line of the outage. Any other error (a bug, a
-broken constraint) passes through unchanged: it is not an outage.
+`DatabaseUnavailable` too, and sends the probe to look: if the probe fails as
+well, the database is marked away, with one warning. While it is away, calls
+fail at once without touching it, so no reader queues behind a database known
+to be down; the probe, every `probe_every_s`, finds it back, and that is the
+second line of the outage. Any other error (a bug, a broken constraint)
+passes through unchanged: it is not an outage.
 """
 
 import asyncio
@@ -62,6 +63,12 @@ def is_unreachable(error: BaseException) -> bool:
     )
 
 
+class _Unreachable(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def _describe(error: BaseException) -> str:
     detail = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {detail}"[:200] if detail else type(error).__name__
@@ -84,7 +91,7 @@ class DatabaseHealth:
         self._probe_every_s = probe_every_s
         self._down_since: float | None = None
         self._last_error = ""
-        self._went_down = asyncio.Event()
+        self._look = asyncio.Event()  # set by a failed call: the probe is to look now
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._up.set(1)
 
@@ -106,7 +113,15 @@ class DatabaseHealth:
         """Run `work` against the database, bounded; `DatabaseUnavailable` when it cannot be reached."""
         if self._down_since is not None:
             raise self.unavailable()
-        return await self._bounded(work, self._timeout_s * WRITE_FACTOR if write else self._timeout_s)
+        try:
+            return await self._bounded(work, self._timeout_s * WRITE_FACTOR if write else self._timeout_s)
+        except _Unreachable as failure:
+            self._errors.inc()
+            self._last_error = _describe(failure.cause)
+            # One failure is not yet an outage (a busy moment can be slow): the probe looks at once, and only
+            # a probe that fails too marks the database away.
+            self._look.set()
+            raise self.unavailable() from failure.cause
 
     async def ping(self) -> None:
         """A read of the rates table: on SQLite, `SELECT 1` alone would not notice a locked file."""
@@ -126,17 +141,13 @@ class DatabaseHealth:
             raise
         if not done:
             self._abandon(task)
-            self._failed(TimeoutError(f"no answer within {timeout_s:g}s"))
-            raise self.unavailable()
+            raise _Unreachable(TimeoutError(f"no answer within {timeout_s:g}s"))
         try:
-            result = task.result()
+            return task.result()
         except Exception as error:
-            if not is_unreachable(error):
-                raise
-            self._failed(error)
-            raise self.unavailable() from error
-        self._succeeded()
-        return result
+            if is_unreachable(error):
+                raise _Unreachable(error) from error
+            raise
 
     def _abandon(self, task: asyncio.Task[Any]) -> None:
         # Cancelled, not awaited: the caller has its answer; the session's clean-up runs on under the
@@ -150,31 +161,38 @@ class DatabaseHealth:
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned call's error was already answered for
 
-    def _failed(self, error: BaseException) -> None:
-        self._errors.inc()
-        self._last_error = _describe(error)
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            self._up.set(0)
-            self._went_down.set()
-            log.warning("database unreachable, serving what this process holds until it returns: %s", self._last_error)
-
-    def _succeeded(self) -> None:
-        if self._down_since is not None:
-            log.warning("database reachable again after %.1fs", time.monotonic() - self._down_since)
-            self._down_since = None
-            self._up.set(1)
-            self._went_down.clear()
+    async def _reachable(self) -> bool:
+        try:
+            await self._bounded(self._select, self._timeout_s)
+        except _Unreachable as failure:
+            self._errors.inc()
+            self._last_error = _describe(failure.cause)
+            return False
+        except Exception:
+            return True  # it answered, if only to refuse the query: not an outage
+        return True
 
     async def run(self) -> None:
-        """While the database is down, look for it every `probe_every_s`; until cancelled."""
+        """Look at the database whenever a call failed, and every `probe_every_s` while it is away; until cancelled.
+
+        Only this loop changes the state, so an outage is one line when it starts and one when it ends.
+        """
         while True:
-            await self._went_down.wait()
-            await asyncio.sleep(self._probe_every_s)
-            try:
-                await self._bounded(self._select, self._timeout_s)
-            except DatabaseUnavailable:
-                pass
+            await self._look.wait()
+            self._look.clear()
+            while not await self._reachable():
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    self._up.set(0)
+                    log.warning(
+                        "database unreachable, serving what this process holds until it returns: %s",
+                        self._last_error,
+                    )
+                await asyncio.sleep(self._probe_every_s)
+            if self._down_since is not None:
+                log.warning("database reachable again after %.1fs", time.monotonic() - self._down_since)
+                self._down_since = None
+                self._up.set(1)
 
     async def close(self) -> None:
         """Let abandoned calls wind down before the engine is disposed of."""

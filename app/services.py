@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import create_engine, create_sessionmaker, migrate
 from app.db_health import DatabaseHealth
-from app.live.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
+from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.hub import Hub
 from app.live.poller import Poller
 from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
@@ -106,10 +106,11 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         broadcast = await stack.enter_async_context(create_broadcast(settings.redis_url))
         if redis is not None:
 
-            def forget_older(update: RateUpdate) -> None:
-                cache.memory.forget_older(rate_pair(update), update.rate.last_updated)
+            def supersede(update: RateUpdate) -> None:
+                # Kept as the last known rate too, so this replica holds every pair should the database go away.
+                cache.memory.supersede(update.rate.stored())
 
-            follower = follow_rate_updates(broadcast, forget_older, on_resync=cache.memory.clear)
+            follower = follow_rate_updates(broadcast, supersede, on_resync=cache.memory.clear)
             await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))

@@ -235,8 +235,11 @@ FAULTS: dict[str, Callable[[TcpProxy], None]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_postgresql_going_away(
-    fault: str, fake: FakeFlutterwave, postgres_url: str, redis_url: str, tmp_path: Path
+    fault: str, fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
+    # A Redis of its own: pub/sub channels span every database number of a server, so a shared one would
+    # carry other services' events.
+    redis_url = throwaway_redis.url
     with (
         proxied(postgres_url) as (proxy, through),
         started(Replica(tmp_path, fault, **service_env(fake, through, redis_url))) as replica,

@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from app.currencies import Pair
 from app.db import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.redis_server import RedisServer
 from tests.replicas import Replica, wait_for_rates
 
 INTERVAL_S = 0.5
@@ -77,9 +78,10 @@ async def test_two_workers_on_sqlite_without_redis(fake: FakeFlutterwave, tmp_pa
 
 @pytest.mark.slow
 async def test_two_workers_on_sqlite_with_redis_poll_once_per_cycle(
-    fake: FakeFlutterwave, redis_url: str, tmp_path: Path
+    fake: FakeFlutterwave, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
-    replica = two_workers(tmp_path, fake, REDIS_URL=redis_url, POLLER_LOCK_TTL_SECONDS="2").start()
+    # A Redis of its own: pub/sub channels span every database number, so a shared server carries others' events.
+    replica = two_workers(tmp_path, fake, REDIS_URL=throwaway_redis.url, POLLER_LOCK_TTL_SECONDS="2").start()
     try:
         await serves(replica)
         fake.reset_counters()

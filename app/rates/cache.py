@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import time
-from datetime import datetime
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -67,11 +66,14 @@ class MemoryCache:
         """Nothing is fresh any more; every entry stays only as a last known rate."""
         self._entries = {pair: (-math.inf, rate) for pair, (_, rate) in self._entries.items()}
 
-    def forget_older(self, pair: Pair, than: datetime) -> None:
-        """Stop serving the pair's entry if another process has since stored a newer rate."""
-        current = self._entries.get(pair)
-        if current is not None and current[1].last_updated < than:
-            self._entries[pair] = (-math.inf, current[1])
+    def supersede(self, rate: StoredRate) -> None:
+        """Another process stored `rate`: an older entry is no longer served, and `rate` becomes the last known.
+
+        Not served fresh from here: Redis holds it, and reads go there while memory has nothing fresh.
+        """
+        current = self._entries.get(rate.pair)
+        if current is None or current[1].last_updated < rate.last_updated:
+            self._entries[rate.pair] = (-math.inf, rate)
 
 
 class RedisCache:
