@@ -161,9 +161,9 @@ class DatabaseHealth:
         if not task.cancelled():
             task.exception()  # retrieved: an abandoned call's error was already answered for
 
-    async def _reachable(self) -> bool:
+    async def _reachable(self, timeout_s: float) -> bool:
         try:
-            await self._bounded(self._select, self._timeout_s)
+            await self._bounded(self._select, timeout_s)
         except _Unreachable as failure:
             self._errors.inc()
             self._last_error = _describe(failure.cause)
@@ -180,7 +180,11 @@ class DatabaseHealth:
         while True:
             await self._look.wait()
             self._look.clear()
-            while not await self._reachable():
+            # Confirming an outage gets a write's time: on a busy machine a read can be slow without the database
+            # being away, and calls are bounded meanwhile anyway. Looking for its return takes the usual bound.
+            timeout_s = self._timeout_s * WRITE_FACTOR
+            while not await self._reachable(timeout_s):
+                timeout_s = self._timeout_s
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     self._up.set(0)

@@ -133,8 +133,10 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             slow_closed=metrics.websocket_slow_closed,
         )
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
-        # Read once now, while the database is known to answer, so a snapshot exists to serve should it go away.
-        await hub.snapshot()
+        # Read once now, while the database is known to answer: should it go away, this process already holds
+        # every stored rate, for its snapshots and, as last known rates, for its lookups (docs/outages.md).
+        for rate in (await hub.snapshot()).rates:
+            cache.memory.supersede(rate)
         schedule: Schedule = (
             SharedSchedule(redis, settings.poll_interval_seconds, settings.poller_lock_ttl_seconds)
             if redis is not None
