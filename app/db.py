@@ -6,8 +6,8 @@ on PostgreSQL, so a rate comes back digit for digit on both. `UTCDateTime`
 hands back aware UTC datetimes on both, though SQLite keeps no zone.
 
 The service's engine is bounded: connecting, waiting for a pooled connection
-and each statement give up after `timeout_s`, so a database that refuses, cuts
-or stops answering costs a caller that long at most (docs/outages.md).
+and each statement give up (see `create_engine`), so a database that refuses,
+cuts or stops answering costs a caller a bounded time (docs/outages.md).
 Migrations take turns across processes: a PostgreSQL advisory lock, or on
 SQLite a lock file beside the database, so several workers or replicas
 starting together do not migrate at once.
@@ -24,6 +24,7 @@ from filelock import AsyncFileLock
 from sqlalchemy import Connection, DateTime, Dialect, MetaData, Numeric, String, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +92,24 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def create_engine(database_url: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> AsyncEngine:
-    """An engine whose every wait is bounded by `timeout_s`; `None` for migrations, which may wait their turn."""
+def create_engine(
+    database_url: str, *, timeout_s: float | None = DEFAULT_TIMEOUT_S, pooled: bool = True
+) -> AsyncEngine:
+    """An engine whose waits are bounded (docs/outages.md); `timeout_s=None` for migrations, which may wait their turn.
+
+    Connecting gives up after `timeout_s`. Waiting for a pooled connection, a statement (on the client and on
+    the server) and, on SQLite, the busy timeout give up after a write's bound, `WRITE_FACTOR` times that: a
+    write may queue behind another's lock on a busy machine. Readers are held to `timeout_s` by
+    `app.db_health.DatabaseHealth.call`; these inner bounds are what winds down work it abandoned.
+    `pooled=False` opens a connection per use: the health probe's, so a busy pool is never taken for an outage.
+    """
+    options: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
     if database_url.startswith("sqlite"):
-        # Readers never wait on the busy timeout in WAL mode; writers queue on it, so it is the write bound
-        # (app.db_health.WRITE_FACTOR) and a busy moment makes a writer wait rather than fail.
+        # Readers never wait on the busy timeout in WAL mode; writers queue on it.
         busy_s = timeout_s * WRITE_FACTOR if timeout_s is not None else UNBOUNDED_BUSY_S
-        engine = create_async_engine(database_url, connect_args={"timeout": busy_s}, pool_timeout=busy_s)
+        if pooled:
+            options["pool_timeout"] = busy_s
+        engine = create_async_engine(database_url, connect_args={"timeout": busy_s}, **options)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -109,20 +121,22 @@ def create_engine(database_url: str, *, timeout_s: float | None = DEFAULT_TIMEOU
             cursor.close()
 
         return engine
+    if pooled:
+        options.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
     if timeout_s is None:
-        return create_async_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_async_engine(database_url, **options)
+    write_s = timeout_s * WRITE_FACTOR
+    if pooled:
+        options["pool_timeout"] = write_s
     return create_async_engine(
         database_url,
-        pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
-        pool_timeout=timeout_s,
         connect_args={
             "timeout": timeout_s,  # connecting
-            "command_timeout": timeout_s,  # each statement, on the client
+            "command_timeout": write_s,  # each statement, on the client
             # ...and on the server, so a query the client gave up on does not run on.
-            "server_settings": {"statement_timeout": str(max(1, int(timeout_s * 1000)))},
+            "server_settings": {"statement_timeout": str(int(write_s * 1000))},
         },
+        **options,
     )
 
 

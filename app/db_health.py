@@ -82,9 +82,12 @@ class DatabaseHealth:
         up: Gauge,
         *,
         timeout_s: float,
+        probe_engine: AsyncEngine | None = None,
         probe_every_s: float = 0.5,
     ) -> None:
         self._engine = engine
+        # Unpooled, in the service: a pool busy with slow work must not make the database look away.
+        self._probe_engine = probe_engine or engine
         self._errors = errors
         self._up = up
         self._timeout_s = timeout_s
@@ -127,9 +130,12 @@ class DatabaseHealth:
         """A read of the rates table: on SQLite, `SELECT 1` alone would not notice a locked file."""
         await self.call(self._select)
 
-    async def _select(self) -> None:
-        async with self._engine.connect() as connection:
+    async def _select(self, engine: AsyncEngine | None = None) -> None:
+        async with (engine or self._engine).connect() as connection:
             await connection.execute(text("SELECT 1 FROM exchange_rates LIMIT 1"))
+
+    async def _probe(self) -> None:
+        await self._select(self._probe_engine)
 
     async def _bounded(self, work: Callable[[], Coroutine[Any, Any, T]], timeout_s: float) -> T:
         task = asyncio.ensure_future(work())
@@ -163,7 +169,7 @@ class DatabaseHealth:
 
     async def _reachable(self, timeout_s: float) -> bool:
         try:
-            await self._bounded(self._select, timeout_s)
+            await self._bounded(self._probe, timeout_s)
         except _Unreachable as failure:
             self._errors.inc()
             self._last_error = _describe(failure.cause)

@@ -84,8 +84,14 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 await migration_engine.dispose()
         engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(engine.dispose)
+        probe_engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds, pooled=False)
+        stack.push_async_callback(probe_engine.dispose)
         database = DatabaseHealth(
-            engine, metrics.database_errors, metrics.database_up, timeout_s=settings.db_timeout_seconds
+            engine,
+            metrics.database_errors,
+            metrics.database_up,
+            timeout_s=settings.db_timeout_seconds,
+            probe_engine=probe_engine,
         )
         stack.push_async_callback(database.close)
         await stack.enter_async_context(running(database.run(), "database-probe"))
