@@ -31,7 +31,7 @@ def run_migrations(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_engine(load_settings().database_url)
+    engine = create_engine(load_settings().database_url, timeout_s=None)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(run_migrations)

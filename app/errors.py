@@ -5,9 +5,11 @@
      ├── NotFound            404  nothing there (a pair with no rate yet at that moment, or one never fetched)
      ├── TooManyRequests     429  over a limit (docs/limits.md); says when to retry
      └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
+          └── DatabaseUnavailable  503  the answer needs the database, which cannot be reached now
 
 Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
-(docs/errors.md), validation errors add `errors`, a list naming each bad field.
+(docs/errors.md), validation errors add `errors`, a list naming each bad field. A database error
+that escaped the guards of `app.db_health` is still answered as `DatabaseUnavailable`, never a 500.
 """
 
 import logging
@@ -17,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,15 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
+class DatabaseUnavailable(RateUnavailable):
+    """A subclass of RateUnavailable: wherever a rate is unavailable, this is one more reason (docs/outages.md)."""
+
+    def __init__(
+        self, message: str = "The database cannot be reached right now; try again shortly.", *, retry_after_s: float
+    ) -> None:
+        super().__init__(message, retry_after_s)
+
+
 def error_body(message: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"status": "error", "message": message, "data": None}
     if errors is not None:
@@ -104,6 +116,12 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error_body(message), status_code=error.status_code, headers=error.headers)
 
 
+async def _database_error(request: Request, error: Exception) -> JSONResponse:
+    # A safety net: database calls go through app.db_health, which already turned this into DatabaseUnavailable.
+    log.warning("database error on %s %s: %s", request.method, request.url.path, type(error).__name__)
+    return await _service_error(request, DatabaseUnavailable(retry_after_s=5.0))
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
     return JSONResponse(error_body("Internal error; it has been logged."), status_code=500)
@@ -113,4 +131,5 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -61,6 +61,20 @@ class Metrics:
         self.websocket_slow_closed = Counter(
             "fxrates_websocket_slow_closed", "WebSocket clients closed for not reading their updates.", registry=r
         )
+        self.database_errors = Counter(
+            "fxrates_database_errors",
+            "Database calls that failed because it could not be reached (refused, cut, not answering, locked).",
+            registry=r,
+        )
+        self.database_up = Gauge(
+            "fxrates_database_up", "1 while the database answers, 0 while this process finds it away.", registry=r
+        )
+        self.stale_answers = Counter(
+            "fxrates_stale_answers",
+            "Answers served from what the process held because a part behind it could not be reached.",
+            ["reason"],
+            registry=r,
+        )
         self.publish_errors = Counter("fxrates_publish_errors", "Events that could not be published.", registry=r)
         # Set when /metrics is scraped (app.api.ops), so they tell the state at that moment.
         self.rate_age_seconds = Gauge(

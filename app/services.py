@@ -17,7 +17,8 @@ from app.api.client_limit import ClientLimiter
 from app.api.ws_limits import Admission
 from app.currencies import Pair
 from app.db import create_engine, create_sessionmaker, migrate
-from app.live.fanout import Fanout, create_broadcast, follow_rate_updates, rate_pair
+from app.db_health import DatabaseHealth
+from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.hub import Hub
 from app.live.poller import Poller
 from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
@@ -47,6 +48,7 @@ class Services:
     settings: Settings
     metrics: Metrics
     engine: AsyncEngine
+    database: DatabaseHealth
     sessions: async_sessionmaker[AsyncSession]
     redis: Redis | None
     provider: Provider
@@ -82,10 +84,26 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
 @asynccontextmanager
 async def open_services(settings: Settings, metrics: Metrics, *, start_poller: bool) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
-        engine = create_engine(settings.database_url)
-        stack.push_async_callback(engine.dispose)
         if settings.db_auto_migrate:
-            await migrate(engine)
+            # Unbounded: a replica may wait its turn behind another's migration, and a migration may run long.
+            migration_engine = create_engine(settings.database_url, timeout_s=None)
+            try:
+                await migrate(migration_engine)
+            finally:
+                await migration_engine.dispose()
+        engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds)
+        stack.push_async_callback(engine.dispose)
+        probe_engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds, pooled=False)
+        stack.push_async_callback(probe_engine.dispose)
+        database = DatabaseHealth(
+            engine,
+            metrics.database_errors,
+            metrics.database_up,
+            timeout_s=settings.db_timeout_seconds,
+            probe_engine=probe_engine,
+        )
+        stack.push_async_callback(database.close)
+        await stack.enter_async_context(running(database.run(), "database-probe"))
         sessions = create_sessionmaker(engine)
 
         redis: Redis | None = None
@@ -103,14 +121,15 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         broadcast = await stack.enter_async_context(create_broadcast(settings.redis_url))
         if redis is not None:
 
-            def forget_older(update: RateUpdate) -> None:
-                cache.memory.forget_older(rate_pair(update), update.rate.last_updated)
+            def supersede(update: RateUpdate) -> None:
+                # Kept as the last known rate too, so this replica holds every pair should the database go away.
+                cache.memory.supersede(update.rate.stored())
 
-            follower = follow_rate_updates(broadcast, forget_older, on_resync=cache.memory.clear)
+            follower = follow_rate_updates(broadcast, supersede, on_resync=cache.memory.clear)
             await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
-        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors))
+        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors), database=database)
         window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)
         stack.push_async_callback(window.aclose)
 
@@ -132,7 +151,6 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         lookup = await stack.enter_async_context(
             RateLookup(
                 cache,
-                sessions,
                 store,
                 provider,
                 metrics,
@@ -149,6 +167,10 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             slow_closed=metrics.websocket_slow_closed,
         )
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
+        # Read once now, while the database is known to answer: should it go away, this process already holds
+        # every stored rate, for its snapshots and, as last known rates, for its lookups (docs/outages.md).
+        for rate in (await hub.snapshot()).rates:
+            cache.memory.supersede(rate)
         schedule: Schedule = (
             SharedSchedule(redis, settings.poll_interval_seconds, settings.poller_lock_ttl_seconds)
             if redis is not None
@@ -174,6 +196,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             settings,
             metrics,
             engine,
+            database,
             sessions,
             redis,
             provider,

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     upstream_quote_amount: Decimal = Field(default=Decimal(1000), gt=0)
     cors_allow_origins: CommaList = ["*"]
     db_auto_migrate: bool = True
+    db_timeout_seconds: float = Field(default=2, gt=0, le=60)
     log_format: Literal["text", "json"] = "text"
     shutdown_drain_seconds: float = Field(default=0, ge=0, le=300)
     # The limits on what one anonymous client can cause (docs/limits.md).

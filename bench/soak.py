@@ -3,17 +3,23 @@
 Everything runs on loopback and is stopped by its own PID: the project's fake
 Flutterwave (changing rates every few seconds; 20 % 5xx, bursts of 429 with
 Retry-After, timeouts and hangs), a throw-away redis-server, two uvicorn
-replicas sharing a fresh PostgreSQL database, WebSocket clients spread over
-both (a few of them slow readers), and steady REST load from wrk. During the
-run Redis is restarted twice and the polling replica is killed with SIGKILL
-once and started again. Then the faults stop, the rates settle, and it checks:
+replicas sharing a fresh PostgreSQL database behind a TCP proxy, WebSocket
+clients spread over both (a few of them slow readers), and steady REST load
+from wrk. During the run Redis is restarted twice, the polling replica is
+killed with SIGKILL once and started again, and PostgreSQL is cut off for 20 s
+(scaled with --duration: connections aborted, new ones refused). Then the
+faults stop, the rates settle, and it checks:
 
   no 5xx; every REST answer sampled carries a value the upstream really gave;
   every client that stayed connected holds the final value of every pair;
-  history holds every change a poll saw, with no duplicate points; no stored
-  rate lost; slow readers closed, the others not; replica memory at the end
-  within 10 % of where it was after warm-up; the poller handed over within
-  one lock TTL (plus one interval).
+  history holds every change a poll saw (but what was fetched while the
+  database was away, which is never stored nor shown), with no duplicate
+  points, and every value any client was shown; no stored rate lost; slow
+  readers closed, the others not; replica memory at the end within 10 % of
+  where it was after warm-up; the poller handed over within one lock TTL
+  (plus one interval); while the database was away, /readyz named it,
+  history answered 503 with Retry-After and a new client got its snapshot;
+  each replica said so in one line when it went and one when it came back.
 
 Run from the repository root (needs wrk: apt-get install wrk):
 
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -50,6 +57,7 @@ from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
 from tests.replicas import Replica, wait_for_rates
 from tests.stalled_ws import StalledClient
+from tests.tcp_proxy import TcpProxy
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 POLL_INTERVAL_S = 2.0
@@ -58,6 +66,9 @@ SETTLE_S = 4 * POLL_INTERVAL_S
 MEMORY_TOLERANCE = 0.10
 # wrk paces each connection so the REST load is steady rather than all the CPU this 2-core machine has.
 WRK_SCRIPT = "function delay() return 20 end\n"
+# The PostgreSQL outage in the 5-minute run; shorter runs scale it with their duration.
+DATABASE_OUTAGE_S = 20.0
+FULL_DURATION_S = 300.0
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Client:
     cut_off: bool = False
     closed_code: int | None = None
     stayed_connected: bool = True
+    shown: dict[str, set[Decimal]] = field(default_factory=dict)  # shared by every client: all values shown
 
 
 @dataclass
@@ -81,6 +93,8 @@ class Figures:
     handover_s: float | None = None
     handovers: int = 0
     wrk_requests: int = 0
+    outage: tuple[float, float] | None = None  # monotonic start and end of the database outage
+    outage_lines: dict[int, tuple[int, int]] = field(default_factory=dict)  # port: (went, returned) log lines
     problems: list[str] = field(default_factory=list)
 
 
@@ -112,12 +126,14 @@ async def consume(client: Client, connection: ClientConnection, stop: asyncio.Ev
                 f"{r['source_currency']}/{r['destination_currency']}": Decimal(str(r["destination_per_source"]))
                 for r in message["rates"]
             }
+            for pair, value in client.state.items():
+                client.shown.setdefault(pair, set()).add(value)
         elif message["type"] == "rate_update":
             client.updates += 1
             rate = message["rate"]
-            client.state[f"{rate['source_currency']}/{rate['destination_currency']}"] = Decimal(
-                str(rate["destination_per_source"])
-            )
+            pair, value = f"{rate['source_currency']}/{rate['destination_currency']}", rate["destination_per_source"]
+            client.state[pair] = Decimal(str(value))
+            client.shown.setdefault(pair, set()).add(client.state[pair])
 
 
 async def slow_reader(client: Client, stop: asyncio.Event) -> None:
@@ -176,6 +192,41 @@ async def market(fake: FakeFlutterwave, pairs: list[Pair], stop: asyncio.Event, 
             fake.fail("timeout", times=1)
             fake.fail("hang", times=1)
         await asyncio.sleep(3)
+
+
+async def database_outage(proxy: TcpProxy, replicas: list[Replica], outage_s: float, figures: Figures) -> None:
+    """Cut PostgreSQL off (connections aborted, new ones refused), check the outage rules, then restore it."""
+    print(f"cutting PostgreSQL off for {outage_s:.0f}s")
+    started = time.monotonic()
+    proxy.refuse()
+    proxy.cut()
+    problems = figures.problems
+    async with httpx.AsyncClient(timeout=15) as http:
+        for replica in replicas:
+            ready = None
+            while time.monotonic() - started < outage_s:
+                ready = await http.get(f"{replica.url}/readyz")
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.1)
+            if ready is None or ready.status_code != 503 or "database" not in ready.json()["message"]:
+                problems.append(f"replica {replica.port}: /readyz did not name the database while it was away")
+            history = await http.get(
+                f"{replica.url}/api/rates/history", params={"source_currency": "USD", "destination_currency": "NGN"}
+            )
+            if history.status_code != 503 or not history.headers.get("retry-after"):
+                problems.append(f"replica {replica.port}: history answered {history.status_code} while away")
+            try:
+                async with connect(replica.ws_url, open_timeout=10) as websocket:
+                    snapshot = json.loads(await asyncio.wait_for(websocket.recv(), 10))
+                if snapshot["type"] != "all_rates" or len(snapshot["rates"]) < 44:
+                    problems.append(f"replica {replica.port}: a new client's snapshot held {len(snapshot['rates'])}")
+            except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake) as error:
+                problems.append(f"replica {replica.port}: a new client got no snapshot while away: {error!r}")
+    await asyncio.sleep(max(0.0, started + outage_s - time.monotonic()))
+    proxy.restore()
+    figures.outage = (started, time.monotonic())
+    print("PostgreSQL back")
 
 
 async def restart(redis: RedisServer, which: str) -> None:
@@ -250,8 +301,12 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         redis.start()
         stack.callback(redis.stop)
         database_dsn = await stack.enter_async_context(postgres_database())
+        database_url = database_dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
+        parts = urlsplit(database_dsn)
+        assert parts.hostname is not None and parts.port is not None
+        proxy = stack.enter_context(TcpProxy(parts.hostname, parts.port))
         env = {
-            "DATABASE_URL": database_dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            "DATABASE_URL": database_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}", 1),
             "REDIS_URL": redis.url,
             "FLUTTERWAVE_SECRET_KEY": SECRET_KEY,
             "FLUTTERWAVE_BASE_URL": fake.url,
@@ -272,7 +327,8 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         ]
 
         stop_clients, stop_load, stop_market = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        clients = [Client(replicas[i % 2]) for i in range(clients_n)]
+        shown: dict[str, set[Decimal]] = {}
+        clients = [Client(replicas[i % 2], shown=shown) for i in range(clients_n)]
         slow = [Client(replicas[i % 2], slow=True) for i in range(slow_n)]
         tasks = [asyncio.create_task(read_client(c, stop_clients)) for c in clients]
         tasks += [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
@@ -326,6 +382,9 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         await at(0.65)
         await restart(redis, "2 of 2")
 
+        await at(0.70)
+        await database_outage(proxy, replicas, DATABASE_OUTAGE_S * duration_s / FULL_DURATION_S, figures)
+
         await at(0.85)
         print("faults off; letting the rates settle")
         stop_market.set()
@@ -344,7 +403,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         await asyncio.gather(*tasks, return_exceptions=True)
 
         check(figures, replicas, clients, slow, final, warm_rss, end_rss)
-        await check_history(figures, env["DATABASE_URL"], fake, final)
+        await check_history(figures, database_url, fake, final, shown)
         for output in wrk_outputs:
             served, non_2xx = wrk_figures(output)
             figures.wrk_requests += served
@@ -365,9 +424,12 @@ def check(
 ) -> None:
     problems = figures.problems
     for replica in replicas:
-        # /readyz answers 503 on purpose while Redis is down; every other 5xx is a failure.
-        served_5xx = metric_sum(replica, "fxrates_http_requests_total", 'status="5') - metric_sum(
-            replica, 'fxrates_http_requests_total{route="/readyz",status="503"}'
+        # /readyz answers 503 on purpose while Redis or the database is down, and history while the database is
+        # (asked once per replica during the outage); every other 5xx is a failure.
+        served_5xx = (
+            metric_sum(replica, "fxrates_http_requests_total", 'status="5')
+            - metric_sum(replica, 'fxrates_http_requests_total{route="/readyz",status="503"}')
+            - metric_sum(replica, 'fxrates_http_requests_total{route="/api/rates/history",status="503"}')
         )
         if served_5xx:
             problems.append(f"replica {replica.port} answered {served_5xx:.0f} requests with 5xx")
@@ -406,13 +468,25 @@ def check(
     if slow and closed_for_lag < 1:
         problems.append("no replica counted a slow reader closed")
     for replica in replicas:
+        log = replica.log()
+        went, returned = log.count("database unreachable"), log.count("database reachable again")
+        figures.outage_lines[replica.port] = (went, returned)
+        if went < 1 or went != returned:
+            problems.append(f"replica {replica.port} logged the database going {went} times, returning {returned}")
+    for replica in replicas:
         before, after = warm[id(replica)], end[id(replica)]
         print(f"replica {replica.port} RSS after warm-up {before / 1024:.1f} MiB, at the end {after / 1024:.1f} MiB")
         if before > 0 and after > before * (1 + MEMORY_TOLERANCE):
             problems.append(f"replica {replica.port} memory grew {after / before - 1:.0%} after warm-up")
 
 
-async def check_history(figures: Figures, database_url: str, fake: FakeFlutterwave, final: dict[str, Decimal]) -> None:
+async def check_history(
+    figures: Figures,
+    database_url: str,
+    fake: FakeFlutterwave,
+    final: dict[str, Decimal],
+    shown: dict[str, set[Decimal]],
+) -> None:
     connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
         rows = await connection.fetch(
@@ -433,11 +507,19 @@ async def check_history(figures: Figures, database_url: str, fake: FakeFlutterwa
             figures.problems.append(f"history of {pair} holds values the upstream never gave")
         if pair in final and values[-1] != final[pair]:
             figures.problems.append(f"history of {pair} ends at {values[-1]}, not the final {final[pair]}")
-    # Every value a poll saw is a change the history must hold, unless the replica died holding it.
+    # Whatever a client was shown, history can answer afterwards.
+    for pair, values in shown.items():
+        unrecorded = values - set(history.get(pair, []))
+        if unrecorded:
+            figures.problems.append(f"clients were shown {pair} values history does not hold: {sorted(unrecorded)}")
+    # Every value a poll saw is a change the history must hold, unless the replica died holding it, or it was
+    # fetched while the database was away (then it was neither stored nor shown).
+    away_from, away_to = figures.outage or (0.0, 0.0)
+    away_from, away_to = away_from - POLL_INTERVAL_S, away_to + POLL_INTERVAL_S
     for pair in final:
-        seen = [v for _, v in fake.served.get(Pair(*pair.split("/")), [])]
-        changes = [b for a, b in itertools.pairwise(seen) if a != b]
-        missed = set(changes) - set(history.get(pair, []))
+        served = fake.served.get(Pair(*pair.split("/")), [])
+        changes = {b for (_, a), (t, b) in itertools.pairwise(served) if a != b and not away_from <= t <= away_to}
+        missed = changes - set(history.get(pair, []))
         if len(missed) > 1:
             figures.problems.append(f"history of {pair} misses {len(missed)} values the upstream gave")
 
@@ -445,7 +527,10 @@ async def check_history(figures: Figures, database_url: str, fake: FakeFlutterwa
 def report(figures: Figures, clients: list[Client], slow: list[Client], fake: FakeFlutterwave) -> None:
     probe = Pair("USD", "NGN")
     times = [t for t, _ in fake.served.get(probe, [])]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
+    away_from, away_to = figures.outage or (0.0, 0.0)
+    # Polling pauses on purpose while the database is away; that gap is judged apart.
+    spans_outage = [b - a for a, b in itertools.pairwise(times) if a <= away_to and b >= away_from]
+    gaps = [b - a for a, b in itertools.pairwise(times) if not (a <= away_to and b >= away_from)]
     print("---- figures")
     print(f"REST requests served to wrk: {figures.wrk_requests}")
     print(f"REST answers sampled and checked: {figures.rest_sampled} ({figures.rest_5xx} 5xx)")
@@ -465,6 +550,15 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
     print(f"poller handovers: {figures.handovers}, handover time {figures.handover_s}s (lock TTL {LOCK_TTL_S}s)")
     print(f"longest gap between successful polls of {probe}: {max(gaps, default=0):.1f}s (interval {POLL_INTERVAL_S}s)")
     print(f"upstream calls: {sum(fake.calls.values())}")
+    if figures.outage is not None:
+        outage_s = away_to - away_from
+        resumed_s = max(spans_outage, default=0.0) - outage_s
+        print(
+            f"database outage {outage_s:.1f}s: polling of {probe} resumed {resumed_s:.1f}s after its return "
+            f"(interval {POLL_INTERVAL_S}s); log lines (went, returned) per replica: {figures.outage_lines}"
+        )
+        if max(spans_outage, default=0.0) > outage_s + 4 * POLL_INTERVAL_S:
+            figures.problems.append(f"polling did not resume within {4 * POLL_INTERVAL_S:.0f}s of the database")
     # Besides the kill (one lock TTL), a pair may miss a cycle or two to injected faults; a stall is a failure.
     allowed_gap_s = LOCK_TTL_S + 4 * POLL_INTERVAL_S
     if max(gaps, default=0) > allowed_gap_s:

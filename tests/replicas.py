@@ -48,8 +48,15 @@ def service_env(**values: str) -> dict[str, str]:
 
 class Replica:
     def __init__(
-        self, log_dir: Path, name: str = "replica", *, uvicorn_args: tuple[str, ...] = ("--no-access-log",), **env: str
+        self,
+        log_dir: Path,
+        name: str = "replica",
+        *,
+        workers: int = 1,
+        uvicorn_args: tuple[str, ...] = ("--no-access-log",),
+        **env: str,
     ) -> None:
+        self.workers = workers
         self.uvicorn_args = uvicorn_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -70,6 +77,8 @@ class Replica:
             str(self.port),
             *self.uvicorn_args,
         ]
+        if self.workers > 1:
+            command += ["--workers", str(self.workers)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout_s

@@ -355,14 +355,12 @@ async def test_a_restart_serves_every_stored_rate_at_once_from_the_database(
     fake.fail("hang")
     fake.reset_counters()
     async with running_app(make_settings(redis_url=redis_url, poller_enabled=True)) as (client, _):
-        started = time.monotonic()
         served = await asyncio.gather(*(client.get(rate_url(pair)) for pair in settings.pairs))
-        elapsed_s = time.monotonic() - started
     assert [response.status_code for response in served] == [200] * 44
     assert {response.json()["meta"]["served_from"] for response in served} == {"database"}
     assert {response.json()["meta"]["stale"] for response in served} == {False}
-    # None of them waited on the hanging upstream, whose calls (the poller's) never answered.
-    assert elapsed_s < settings.upstream_timeout_seconds
+    # None of them went to the hanging upstream (a fresh stored rate is never refreshed): "database" and not
+    # stale say so without a wall-clock bound, which a loaded machine breaks.
 
 
 async def test_readyz_and_metrics(make_settings: Callable[..., Settings]) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.currencies import Pair
 from app.db import create_engine, create_sessionmaker
+from app.db_health import DatabaseHealth
 from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.metrics import Metrics
 from app.rates import repository
@@ -39,6 +40,10 @@ async def engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
     await engine.dispose()
 
 
+def health(engine: AsyncEngine, metrics: Metrics) -> DatabaseHealth:
+    return DatabaseHealth(engine, metrics.database_errors, metrics.database_up, timeout_s=2)
+
+
 @pytest.fixture
 async def broadcast() -> AsyncIterator[Broadcast]:
     async with create_broadcast(None) as broadcast:
@@ -49,7 +54,10 @@ async def broadcast() -> AsyncIterator[Broadcast]:
 def store(engine: AsyncEngine, broadcast: Broadcast) -> RateStore:
     metrics = Metrics()
     return RateStore(
-        create_sessionmaker(engine), TieredCache(MemoryCache(60), None), Fanout(broadcast, metrics.publish_errors)
+        create_sessionmaker(engine),
+        TieredCache(MemoryCache(60), None),
+        Fanout(broadcast, metrics.publish_errors),
+        database=health(engine, metrics),
     )
 
 
@@ -122,7 +130,12 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
     async with Redis.from_url(redis_url) as redis:
         cache = RedisCache(redis, 1200, metrics.cache_errors, prefix="fxrates-test:")
         tiers = TieredCache(MemoryCache(60), cache)
-        store = RateStore(create_sessionmaker(engine), tiers, Fanout(broadcast, metrics.publish_errors))
+        store = RateStore(
+            create_sessionmaker(engine),
+            tiers,
+            Fanout(broadcast, metrics.publish_errors),
+            database=health(engine, metrics),
+        )
         saved = await store.save(quote("1530.251234567891"))
         assert await cache.get(USD_NGN) == saved.rate
         ttl = await redis.ttl("fxrates-test:USD:NGN")
@@ -165,6 +178,7 @@ async def test_last_updated_never_goes_back_in_time(engine: AsyncEngine, broadca
         TieredCache(MemoryCache(60), None),
         Fanout(broadcast, Metrics().publish_errors),
         clock=lambda: next(moments),
+        database=health(engine, Metrics()),
     )
     first = await store.save(quote("1530.25"))
     second = await store.save(quote("1531.5"))  # its clock was read before the first writer's commit

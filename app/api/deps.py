@@ -11,7 +11,9 @@ from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.db_health import DatabaseHealth
 from app.live.hub import Hub
+from app.metrics import Metrics
 from app.rates.lookup import RateLookup
 from app.settings import Settings
 
@@ -33,6 +35,21 @@ async def get_hub(request: HTTPConnection) -> Hub:
     return hub
 
 
+async def get_database(request: HTTPConnection) -> DatabaseHealth:
+    database: DatabaseHealth = request.state.database
+    return database
+
+
+async def get_sessions(request: HTTPConnection) -> async_sessionmaker[AsyncSession]:
+    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
+    return sessions
+
+
+async def get_metrics(request: HTTPConnection) -> Metrics:
+    metrics: Metrics = request.state.metrics
+    return metrics
+
+
 async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
     sessions: async_sessionmaker[AsyncSession] = request.state.sessions
     async with sessions() as session:
@@ -43,6 +60,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 HubDep = Annotated[Hub, Depends(get_hub)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+DatabaseDep = Annotated[DatabaseHealth, Depends(get_database)]
+SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def get_with_and_without_slash(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:

@@ -8,14 +8,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.api.deps import SettingsDep, get_with_and_without_slash
+from app.db_health import DatabaseHealth
+from app.errors import DatabaseUnavailable
+from app.live.hub import Hub
 from app.live.poller import Poller
 from app.live.schedule import Role
 from app.metrics import Metrics
-from app.rates.store import RateStore
 from app.shutdown import GracefulShutdown
 
 router = APIRouter(tags=["operations"])
@@ -33,12 +33,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def _database(engine: AsyncEngine) -> str | None:
+async def _database(database: DatabaseHealth) -> str | None:
+    # Bounded by DB_TIMEOUT_SECONDS; while the database is known to be away, answered without touching it.
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S), engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-    except Exception as error:  # any failure at all means "not ready", named in the answer
-        return f"unreachable ({type(error).__name__})"
+        await database.ping()
+    except DatabaseUnavailable:
+        return database.problem or "unreachable"
     return None
 
 
@@ -70,8 +70,12 @@ async def _poller(poller: Poller, enabled: bool, interval_s: float) -> str | Non
 READY_EXAMPLE = {"status": "success", "message": "Ready", "data": {"database": "ok", "redis": "ok", "poller": "ok"}}
 NOT_READY_EXAMPLE = {
     "status": "error",
-    "message": "Not ready: redis unreachable (ConnectionError).",
-    "data": {"database": "ok", "redis": "unreachable (ConnectionError)", "poller": "ok"},
+    "message": "Not ready: database unreachable for 12s (ConnectionRefusedError: Connect call failed).",
+    "data": {
+        "database": "unreachable for 12s (ConnectionRefusedError: Connect call failed)",
+        "redis": "ok",
+        "poller": "ok (leading)",
+    },
 }
 
 
@@ -96,7 +100,7 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         return JSONResponse(body, status_code=503)
     poller: Poller = state.poller
     database, redis, polling = await asyncio.gather(
-        _database(state.engine),
+        _database(state.database),
         _redis(state.redis),
         _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
     )
@@ -125,7 +129,7 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
     state = request.state
     registry: Metrics = state.metrics
     database, redis, _ = await asyncio.gather(
-        _database(state.engine), _redis(state.redis), _read_rate_times(state.store, registry)
+        _database(state.database), _redis(state.redis), _read_rate_times(state.hub, registry)
     )
     registry.dependency_up.labels(dependency="database").set(database is None)
     if settings.redis_url is not None:
@@ -143,12 +147,13 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _read_rate_times(store: RateStore, registry: Metrics) -> None:
-    """Note when each stored rate was received; on a database failure the last values read stay."""
+async def _read_rate_times(hub: Hub, registry: Metrics) -> None:
+    """Note when each stored rate was received, from the hub's snapshot (read at most once a second, and kept
+    while the database is away); on a failure the last values read stay."""
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            rates = await store.all()
+            snapshot = await hub.snapshot()
     except Exception:  # the database check beside this one reports the failure
         return
-    for rate in rates:
+    for rate in snapshot.rates:
         registry.rate_received_at[str(rate.pair)] = rate.last_updated.timestamp()

@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.api.deps import HubDep, LookupDep, SessionDep, SettingsDep, get_with_and_without_slash
+from app.api.deps import (
+    DatabaseDep,
+    HubDep,
+    LookupDep,
+    MetricsDep,
+    SessionsDep,
+    SettingsDep,
+    get_with_and_without_slash,
+)
 from app.api.etags import etag, matches
 from app.api.schemas import (
     AllRatesData,
@@ -31,6 +39,7 @@ from app.api.schemas import (
 )
 from app.errors import NotFound, error_body
 from app.rates import repository
+from app.rates.models import ExchangeRateHistory
 from app.rates.quoting import destination_for, source_for
 from app.rates.store import utc_now
 
@@ -102,7 +111,8 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
         422: INVALID,
         429: LIMITED,
         503: _error(
-            "No rate is stored for the pair and the upstream cannot give one now; see `Retry-After`",
+            "No rate is held for the pair and the upstream (or the database, to store it) cannot give one now; "
+            "see `Retry-After`",
             "No rate for USD/NGN is stored yet and the upstream cannot give one now; try again shortly.",
             retry=True,
         ),
@@ -145,7 +155,8 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
     "/all",
     response_model=AllRatesResponse,
     summary="Every stored pair of one base currency",
-    description="Answers from what is stored; never waits on the upstream.",
+    description="Answers from what is stored; never waits on the upstream. While the database cannot be reached, "
+    "from the last snapshot read, each rate's `stale` by its age.",
     responses={
         200: {"headers": CACHED},
         304: NOT_MODIFIED,
@@ -159,10 +170,16 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
     },
 )
 async def get_all_rates(
-    query: Annotated[AllRatesQuery, Query()], hub: HubDep, settings: SettingsDep, request: Request
+    query: Annotated[AllRatesQuery, Query()],
+    hub: HubDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    request: Request,
 ) -> Response:
     # From the process's snapshot of every stored rate: no database read per request, no upstream ever.
     snapshot = await hub.snapshot()
+    if snapshot.held:
+        metrics.stale_answers.labels(reason="database").inc()
     wanted = set(query.destination_currencies) if query.destination_currencies is not None else None
     rates = [
         rate
@@ -229,15 +246,22 @@ def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:
         503: DATABASE_DOWN,
     },
 )
-async def get_history(query: Annotated[HistoryQuery, Query()], session: SessionDep, request: Request) -> Response:
+async def get_history(
+    query: Annotated[HistoryQuery, Query()], sessions: SessionsDep, database: DatabaseDep, request: Request
+) -> Response:
     pair = query.pair
-    if query.at is not None:
-        point = await repository.history_at(session, pair, query.at)
-        if point is None:
-            raise NotFound(f"{pair} had no rate yet at {query.at.isoformat().replace('+00:00', 'Z')}.")
-        rows = [point]
-    else:
-        rows = await repository.list_history(session, pair, query.since, query.until, query.limit + 1)
+
+    async def read() -> list[ExchangeRateHistory]:
+        async with sessions() as session:
+            if query.at is None:
+                return await repository.list_history(session, pair, query.since, query.until, query.limit + 1)
+            point = await repository.history_at(session, pair, query.at)
+            return [] if point is None else [point]
+
+    # Bounded, and a database that cannot be reached is a 503 with Retry-After (docs/outages.md).
+    rows = await database.call(read)
+    if query.at is not None and not rows:
+        raise NotFound(f"{pair} had no rate yet at {query.at.isoformat().replace('+00:00', 'Z')}.")
     truncated = len(rows) > query.limit
     points = [
         HistoryPoint(

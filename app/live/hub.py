@@ -3,6 +3,10 @@
 Each event arrives once, is parsed once, and the same frame text is queued for
 every client that wants it. Each client has a bounded outbox: one that stops
 reading fills it and is cut off, and nobody else waits for it.
+
+While the database cannot be reached, snapshots come from the last one read,
+brought up to date with every stored change announced since, each item's
+`stale` by its age now (docs/outages.md): new clients still get one.
 """
 
 import asyncio
@@ -11,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -18,6 +23,7 @@ from broadcaster import Broadcast
 from prometheus_client import Counter, Gauge
 
 from app.currencies import Pair
+from app.errors import DatabaseUnavailable
 from app.live.fanout import RATES_CHANNEL
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
@@ -60,12 +66,15 @@ class Outbox:
 class Snapshot:
     """Every stored rate, as read at one moment and as one `all_rates` frame, with the values it tells."""
 
-    def __init__(self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int]) -> None:
+    def __init__(
+        self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int], *, held: bool = False
+    ) -> None:
         self.rates = rates
         self.frame = frame
         self.values = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
         self.versions = versions  # (the store's, the hub's) when the read began
+        self.held = held  # True: the last snapshot read, served again because the database is away
 
 
 class HubClient:
@@ -148,6 +157,8 @@ class Hub:
         self._max_frames = max_frames
         self._clock = clock
         self._snapshot: Snapshot | None = None
+        self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
+        self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
         self._snapshot_lock = asyncio.Lock()
         self.version = 0  # bumped by every change any process announces
         self._closing_code: int | None = None
@@ -192,11 +203,30 @@ class Hub:
                 return current
             # Versions taken before the read: a change that lands during it makes this snapshot old at once.
             built_at, versions, now = self._clock(), (self._store.version, self.version), utc_now()
-            rates = await self._store.all()
-            items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
-            frame = AllRates(rates=items, as_of=now).model_dump_json()
-            self._snapshot = Snapshot(rates, frame, built_at, versions)
+            try:
+                rates = await self._store.all()
+            except DatabaseUnavailable:
+                # Served again for up to a second, then the database is asked again (at once, while it is down).
+                rates, read_at = self._held(now)
+                frame = self._frame(rates, read_at, now)
+                self._snapshot = Snapshot(rates, frame, built_at, versions, held=True)
+                return self._snapshot
+            self._last_read = (rates, now)
+            self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions)
             return self._snapshot
+
+    def _held(self, now: datetime) -> tuple[list[StoredRate], datetime]:
+        """The last snapshot read, with every change announced since: all of it was stored."""
+        last_rates, read_at = self._last_read or ([], now)
+        held = {rate.pair: rate for rate in last_rates}
+        for pair, rate in self._announced.items():
+            if pair not in held or held[pair].last_updated < rate.last_updated:
+                held[pair] = rate
+        return sorted(held.values(), key=lambda rate: (rate.pair.source, rate.pair.destination)), read_at
+
+    def _frame(self, rates: list[StoredRate], read_at: datetime, now: datetime) -> str:
+        items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
+        return AllRates(rates=items, as_of=read_at).model_dump_json()
 
     async def run(self) -> None:
         """Listen to the rate channel and fan each event out, until cancelled."""
@@ -217,6 +247,7 @@ class Hub:
             item = message["rate"]
             pair = Pair(item["source_currency"], item["destination_currency"])
             value = Decimal(str(item["destination_per_source"]))
+            self._announced[pair] = _stored(pair, item)
             for client in list(self._clients):
                 client.offer(pair, value, frame)
         elif kind == "all_rates_update":
@@ -229,3 +260,16 @@ class Hub:
             snapshot = await self.snapshot()
             for client in list(self._clients):
                 client.send_snapshot(snapshot)
+
+
+def _stored(pair: Pair, item: dict[str, Any]) -> StoredRate:
+    """A rate item from the channel as a stored rate (it was published once stored)."""
+    return StoredRate(
+        pair=pair,
+        rate=Decimal(str(item["rate"])),
+        destination_per_source=Decimal(str(item["destination_per_source"])),
+        source_amount=Decimal(str(item["source_amount"])),
+        destination_amount=Decimal(str(item["destination_amount"])),
+        provider=str(item["provider"]),
+        last_updated=datetime.fromisoformat(item["last_updated"]),
+    )

@@ -1,4 +1,10 @@
-"""The poller: refreshes every configured pair on a fixed, drift-free schedule (docs/design.md, "The poller")."""
+"""The poller: refreshes every configured pair on a fixed, drift-free schedule (docs/design.md, docs/outages.md).
+
+While the database cannot be reached, cycles are skipped: what the upstream
+said could not be stored, and a rate is shown only once it is stored. The
+first cycle after the database returns, at most one interval later, brings
+every pair.
+"""
 
 import asyncio
 import logging
@@ -9,6 +15,7 @@ from types import TracebackType
 from typing import Self
 
 from app.currencies import Pair
+from app.errors import DatabaseUnavailable
 from app.live.schedule import Schedule
 from app.metrics import Metrics
 from app.rates.store import RateStore, utc_now
@@ -61,6 +68,10 @@ class Poller:
         self.stopped = False
 
     async def run_cycle(self) -> CycleReport:
+        if not self._store.database.available:
+            # Nothing fetched now could be stored, so none of the upstream's quota is spent on it.
+            self._metrics.poll_pairs.labels(outcome="skipped").inc(len(self._pairs))
+            return CycleReport(ok=0, failed=len(self._pairs), changed=0, duration_s=0.0)
         started = time.perf_counter()
         outcomes = await asyncio.gather(*(self._refresh(pair) for pair in self._pairs))
         report = CycleReport(
@@ -96,8 +107,12 @@ class Poller:
             self._metrics.poll_pairs.labels(outcome="failed").inc()
             log.warning("poll %s failed, keeping its last good rate: %s", pair, error)
             return None
+        except DatabaseUnavailable:
+            # Said once for the whole outage by app.db_health; the value is not shown, since it is not stored.
+            self._metrics.poll_pairs.labels(outcome="failed").inc()
+            return None
         except Exception:
-            # Anything else (a database hiccup) also fails only this pair; the cycle goes on.
+            # Anything else also fails only this pair; the cycle goes on.
             self._metrics.poll_pairs.labels(outcome="failed").inc()
             log.exception("poll %s failed unexpectedly, keeping its last good rate", pair)
             return None

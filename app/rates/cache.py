@@ -7,8 +7,8 @@ is down only costs lookups: it is logged and counted, and reads fall through.
 import asyncio
 import json
 import logging
+import math
 import time
-from datetime import datetime
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -36,6 +36,9 @@ return 1
 
 
 class MemoryCache:
+    """Rates by pair, each fresh for `ttl_s`. An expired or superseded entry stays as the pair's last known
+    rate: what the process serves while the database cannot be reached (docs/outages.md)."""
+
     layer = "memory"
 
     def __init__(self, ttl_s: float) -> None:
@@ -48,6 +51,11 @@ class MemoryCache:
             return None
         return entry[1]
 
+    def last_known(self, pair: Pair) -> StoredRate | None:
+        """The newest rate this process has held for the pair, however long ago."""
+        entry = self._entries.get(pair)
+        return None if entry is None else entry[1]
+
     async def set(self, rate: StoredRate) -> None:
         current = self._entries.get(rate.pair)
         # Writers may finish out of order; an older rate never replaces a newer one.
@@ -55,13 +63,17 @@ class MemoryCache:
             self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
 
     def clear(self) -> None:
-        self._entries.clear()
+        """Nothing is fresh any more; every entry stays only as a last known rate."""
+        self._entries = {pair: (-math.inf, rate) for pair, (_, rate) in self._entries.items()}
 
-    def forget_older(self, pair: Pair, than: datetime) -> None:
-        """Drop the pair's entry if another process has since stored a newer rate."""
-        current = self._entries.get(pair)
-        if current is not None and current[1].last_updated < than:
-            del self._entries[pair]
+    def supersede(self, rate: StoredRate) -> None:
+        """Another process stored `rate`: an older entry is no longer served, and `rate` becomes the last known.
+
+        Not served fresh from here: Redis holds it, and reads go there while memory has nothing fresh.
+        """
+        current = self._entries.get(rate.pair)
+        if current is None or current[1].last_updated < rate.last_updated:
+            self._entries[rate.pair] = (-math.inf, rate)
 
 
 class RedisCache:

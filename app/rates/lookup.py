@@ -12,6 +12,11 @@ A pair outside the polled set is fetched only within the deployment's
 on-demand budget (`OnDemandBudget`, docs/limits.md): past it, a stored rate is
 served even when stale, and with none stored the reader is told to come back
 later (`TooManyRequests`).
+
+While the database cannot be reached, what the process holds stands in for
+it: Redis, then the last rate this process held in memory, however old
+(served `stale` once it is); nothing is fetched from the upstream then, since
+a rate is shown only once stored (docs/outages.md).
 """
 
 import asyncio
@@ -24,12 +29,9 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Literal, Self
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from app.currencies import Pair
-from app.errors import RateUnavailable, TooManyRequests
+from app.errors import DatabaseUnavailable, RateUnavailable, TooManyRequests
 from app.metrics import Metrics
-from app.rates import repository
 from app.rates.budget import OnDemandBudget
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
@@ -56,7 +58,6 @@ class RateLookup:
     def __init__(
         self,
         cache: TieredCache,
-        sessions: async_sessionmaker[AsyncSession],
         store: RateStore,
         provider: Provider,
         metrics: Metrics,
@@ -70,7 +71,6 @@ class RateLookup:
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._cache = cache
-        self._sessions = sessions
         self._store = store
         self._provider = provider
         self._metrics = metrics
@@ -124,6 +124,8 @@ class RateLookup:
                 return Found(fresh, "upstream", stale=False)
 
         if stored is None:
+            if not self._store.database.available:
+                raise self._store.database.unavailable()
             raise RateUnavailable(
                 f"No rate for {pair} is stored yet and the upstream cannot give one now; try again shortly.",
                 retry_after_s=resting_s or self._cooldown_s,
@@ -138,7 +140,6 @@ class RateLookup:
         ]
         if self._cache.shared is not None:
             layers.append(("redis", self._cache.shared.get))
-        layers.append(("database", self._from_database))
         best: tuple[StoredRate, Layer] | None = None
         for layer, read in layers:
             rate = await read(pair)
@@ -146,6 +147,13 @@ class RateLookup:
                 best = (rate, layer)
             if best is not None and not self.is_stale(best[0]):
                 break
+        if best is None or self.is_stale(best[0]):
+            try:
+                rate = await self._store.current(pair)
+            except DatabaseUnavailable:
+                return self._held(pair, best)
+            if rate is not None and (best is None or rate.last_updated > best[0].last_updated):
+                best = (rate, "database")
         if best is not None and best[1] != "memory":
             if best[1] == "database":
                 await self._cache.set(best[0])
@@ -153,9 +161,14 @@ class RateLookup:
                 await self._cache.memory.set(best[0])
         return best
 
-    async def _from_database(self, pair: Pair) -> StoredRate | None:
-        async with self._sessions() as session:
-            return await repository.get_current(session, pair)
+    def _held(self, pair: Pair, best: tuple[StoredRate, Layer] | None) -> tuple[StoredRate, Layer] | None:
+        """With the database away: the newest of what Redis gave and what this process last held."""
+        held = self._cache.memory.last_known(pair)
+        if held is not None and (best is None or held.last_updated > best[0].last_updated):
+            best = (held, "memory")
+        if best is not None:
+            self._metrics.stale_answers.labels(reason="database").inc()
+        return best
 
     def _refresh(self, pair: Pair, *, new: bool) -> asyncio.Task[StoredRate]:
         task = self._refreshing.get(pair)
@@ -171,7 +184,7 @@ class RateLookup:
         if not task.cancelled() and task.exception() is not None:
             # Retrieved here, so a refresh that every reader stopped waiting for is not reported as lost.
             error = task.exception()
-            if not isinstance(error, UpstreamError | TooManyRequests):
+            if not isinstance(error, UpstreamError | TooManyRequests | DatabaseUnavailable):
                 log.error("refreshing %s failed", pair, exc_info=error)
 
     async def _fetch_on_demand(self, pair: Pair, new: bool) -> StoredRate:
@@ -196,6 +209,8 @@ class RateLookup:
                 await self._budget.release_pair(pair)
 
     async def _fetch_and_store(self, pair: Pair) -> StoredRate:
+        if not self._store.database.available:
+            raise self._store.database.unavailable()  # what the upstream says now could not be stored, nor shown
         try:
             # Readers can ask for any of thousands of pairs: they get a share of the upstream, never all of it,
             # so the poller keeps its turn.

@@ -1,7 +1,11 @@
 """The one writer of rates: database first, then the cache, then the event.
 
 Publish after commit: a subscriber must never see a rate that rolls back, and
-the cache is written only once the database holds the value.
+the cache is written only once the database holds the value. So while the
+database cannot be reached nothing new is shown anywhere: whatever a client
+was shown, history holds (docs/outages.md). Every database call goes through
+`DatabaseHealth`, bounded, and raises `DatabaseUnavailable` when it cannot be
+made.
 """
 
 from collections.abc import Callable
@@ -11,6 +15,8 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.currencies import Pair
+from app.db_health import DatabaseHealth
 from app.rates import repository
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
@@ -47,8 +53,11 @@ class RateStore:
         cache: TieredCache,
         fanout: Publisher,
         clock: Callable[[], datetime] = utc_now,
+        *,
+        database: DatabaseHealth,
     ) -> None:
         self._sessions = sessions
+        self.database = database
         self._cache = cache
         self._fanout = fanout
         self._clock = clock
@@ -56,6 +65,13 @@ class RateStore:
 
     async def save(self, quote: Quote) -> SaveResult:
         """Store `quote` as the pair's current rate, appending to history when the value changed."""
+        result = await self.database.call(lambda: self._write(quote), write=True)
+        self.version += 1
+        await self._cache.set(result.rate)
+        await self._fanout.publish_rate(result.rate, result.previous)
+        return result
+
+    async def _write(self, quote: Quote) -> SaveResult:
         now = self._clock()
         async with self._sessions.begin() as session:
             previous: StoredRate | None = None
@@ -79,14 +95,21 @@ class RateStore:
             )
             if result.changed:
                 repository.append_history(session, quote, now)
-        self.version += 1
-        await self._cache.set(result.rate)
-        await self._fanout.publish_rate(result.rate, previous)
         return result
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
         await self._fanout.publish_cycle(update)
 
     async def all(self, source: str | None = None) -> list[StoredRate]:
-        async with self._sessions() as session:
-            return await repository.list_current(session, source)
+        async def read() -> list[StoredRate]:
+            async with self._sessions() as session:
+                return await repository.list_current(session, source)
+
+        return await self.database.call(read)
+
+    async def current(self, pair: Pair) -> StoredRate | None:
+        async def read() -> StoredRate | None:
+            async with self._sessions() as session:
+                return await repository.get_current(session, pair)
+
+        return await self.database.call(read)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, PlainSerializer
 
+from app.currencies import Pair
 from app.rates.rate import StoredRate
 
 
@@ -44,6 +45,18 @@ class RateItem(BaseModel):
             last_updated=rate.last_updated,
             stale=stale,
             provider=rate.provider,
+        )
+
+    def stored(self) -> StoredRate:
+        """The stored rate this item announced (items go out only once their rate is stored)."""
+        return StoredRate(
+            pair=Pair(self.source_currency, self.destination_currency),
+            rate=self.rate,
+            destination_per_source=self.destination_per_source,
+            source_amount=self.source_amount,
+            destination_amount=self.destination_amount,
+            provider=self.provider,
+            last_updated=self.last_updated,
         )
 
 
