@@ -1,16 +1,21 @@
 """The rates board in a real browser: Debian's chromium driven headless by Playwright, against a real service."""
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT
+from app.db import PROJECT_ROOT, create_engine, create_sessionmaker, migrate
+from app.rates.models import ExchangeRateHistory
+from tests import audits
 from tests.fake_flutterwave import FakeFlutterwave
 from tests.replicas import Replica, replica_on_sqlite
 
@@ -35,11 +40,42 @@ def fake() -> Iterator[FakeFlutterwave]:
         yield server
 
 
+# USD/NGN has a past: 1500 thirty hours ago, 1520 three hours ago, then the fake's 1530.25 once polled,
+# so its row shows a move of +2.02 % over 24 hours. Every other pair starts on a fresh install.
+HISTORY_PAIR = Pair("USD", "NGN")
+PAST_VALUES = [(timedelta(hours=30), Decimal("1500")), (timedelta(hours=3), Decimal("1520"))]
+
+
+async def record_past(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        async with create_sessionmaker(engine)() as session, session.begin():
+            now = datetime.now(UTC)
+            for ago, value in PAST_VALUES:
+                destination_amount = Decimal(1000)
+                source_amount = destination_amount / value
+                session.add(
+                    ExchangeRateHistory(
+                        source_currency=HISTORY_PAIR.source,
+                        destination_currency=HISTORY_PAIR.destination,
+                        rate=source_amount / destination_amount,
+                        destination_per_source=value,
+                        source_amount=source_amount,
+                        destination_amount=destination_amount,
+                        provider="flutterwave",
+                        observed_at=now - ago,
+                    )
+                )
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    with replica_on_sqlite(
-        Path(tmp_path_factory.mktemp("board")), fake, POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S)
-    ) as replica:
+    folder = Path(tmp_path_factory.mktemp("board"))
+    asyncio.run(record_past(f"sqlite+aiosqlite:///{folder / 'rates.db'}"))
+    with replica_on_sqlite(folder, fake, POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S)) as replica:
         yield replica
 
 
@@ -91,7 +127,12 @@ async def test_the_board_shows_every_pair_without_errors_and_at_both_widths(brow
         await expect(row.locator(".number")).to_have_text("1,530.25")
         await expect(row.locator(".badge.provider")).to_have_text("flutterwave")
         await expect(row.locator("td.age")).to_contain_text("s ago")
+        # USD is the last group, below the fold: its history is fetched all the same.
         await expect(row.locator("svg.spark")).to_have_count(1)
+        await expect(row.locator(".day-move")).to_have_text("+2.02 % 24 h")
+        # A pair with a single observation says why it has no sparkline yet.
+        fresh = page.locator('tr[data-pair="CAD/XOF"] td.spark-col')
+        await expect(fresh).to_have_text("collecting history")
         # Nothing sticks out sideways on a phone.
         assert await page.evaluate("document.documentElement.scrollWidth") <= width
         await page.screenshot(path=str(ARTIFACTS / f"board-{width}.png"), full_page=True)

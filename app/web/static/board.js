@@ -2,12 +2,13 @@
 // "rate at" lookup. Plain modules, no build step, nothing fetched from outside the service.
 
 const SPARK_DAYS = 7;
+const DAY_MS = 86400 * 1000;
 const MOVE_MARK_MS = 5000;
 const BACKOFF_START_MS = 500;
 const BACKOFF_MAX_MS = 30000;
 const OFFLINE_AFTER_ATTEMPTS = 6;
 
-const rows = new Map(); // "USD/NGN" -> {item, history: [{at, value}], element}
+const rows = new Map(); // "USD/NGN" -> {item, history: [{at, value}], element, cells, historyLoaded}
 const board = document.getElementById("board");
 const connection = document.getElementById("connection");
 
@@ -19,8 +20,13 @@ function digitsFor(value) {
   return Math.min(10, 3 - Math.floor(Math.log10(value)) + 2);
 }
 
+// Grouped by hand rather than with Intl.NumberFormat or toLocaleString: their first use loads the
+// locale data, which was the largest single cost of drawing the board (a long task on a phone CPU).
+// The board's numbers are always en-US style anyway: digits grouped by commas, a point for decimals.
 function formatNumber(value, digits = digitsFor(value)) {
-  return value.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  const [whole, fraction] = value.toFixed(digits).split(".");
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return fraction === undefined ? grouped : `${grouped}.${fraction}`;
 }
 
 function formatAge(isoTime) {
@@ -68,12 +74,35 @@ function scale(points, width, height, pad) {
   }));
 }
 
+const HISTORY_NOTES = { loading: "loading history…", loaded: "collecting history", failed: "history unavailable" };
+
+// One point is no line: the cell says why it has none (on a fresh install, that history is being collected).
+function sparkCell(points, state) {
+  if (points.length < 2) return [element("span", { class: "collecting", text: HISTORY_NOTES[state] })];
+  const cell = [sparkline(points)];
+  const move = state === "loaded" ? dayMove(points) : null;
+  if (move !== null) {
+    const sign = move > 0 ? "+" : move < 0 ? "−" : "±";
+    cell.push(element("span", { class: "day-move", "data-move": move, text: `${sign}${Math.abs(move).toFixed(2)} % 24 h` }));
+  }
+  return cell;
+}
+
+// The move in percent from the value in effect 24 hours ago (the last point at or before then) to the
+// newest, or null while the history does not reach back that far.
+function dayMove(points) {
+  const dayAgo = Date.now() - DAY_MS;
+  let then = null;
+  for (const point of points) {
+    if (Date.parse(point.at) > dayAgo) break;
+    then = point.value;
+  }
+  if (then === null) return null;
+  return ((points[points.length - 1].value - then) / then) * 100;
+}
+
 function sparkline(points) {
   const chart = svg("svg", { viewBox: "0 0 100 24", class: "spark", role: "img" });
-  if (points.length === 0) {
-    chart.setAttribute("aria-label", "no history yet");
-    return chart;
-  }
   const first = points[0].value;
   const last = points[points.length - 1].value;
   chart.setAttribute("aria-label", `${points.length} points over ${SPARK_DAYS} days, ${formatNumber(first)} to ${formatNumber(last)}`);
@@ -114,9 +143,11 @@ function bigChart(points) {
 
 // ---- the board --------------------------------------------------------------------------------
 
+const groups = new Map(); // "USD" -> tbody
+
 function groupFor(source) {
-  let group = board.querySelector(`section[data-source="${source}"]`);
-  if (group) return group.querySelector("tbody");
+  let tbody = groups.get(source);
+  if (tbody) return tbody;
   board.querySelector(".empty")?.remove();
   const head = element("tr", {},
     element("th", { scope: "col", text: "Pair" }),
@@ -124,23 +155,29 @@ function groupFor(source) {
     element("th", { scope: "col", text: "Updated" }),
     element("th", { scope: "col", class: "spark-col", text: `${SPARK_DAYS} days` }),
     element("th", { scope: "col", text: "Status" }));
-  group = element("section", { class: "group", "data-source": source, "aria-label": `From ${source}` },
+  tbody = element("tbody");
+  const group = element("section", { class: "group", "data-source": source, "aria-label": `From ${source}` },
     element("h2", { text: `From ${source}` }),
-    element("table", {}, element("thead", {}, head), element("tbody")));
-  const sources = [...board.querySelectorAll("section.group")];
-  const after = sources.find((s) => s.dataset.source > source);
-  board.insertBefore(group, after ?? null);
-  return group.querySelector("tbody");
+    element("table", {}, element("thead", {}, head), tbody));
+  const after = [...groups.keys()].sort().find((s) => s > source);
+  board.insertBefore(group, after ? groups.get(after).closest("section") : null);
+  groups.set(source, tbody);
+  return tbody;
 }
 
 function createRow(pair, item) {
   const tbody = groupFor(item.source_currency);
+  const cells = {
+    number: element("span", { class: "number" }),
+    move: element("span", { class: "move" }),
+    age: element("td", { class: "age" }),
+    spark: element("td", { class: "spark-col" }, ...sparkCell([], "loading")),
+    badges: element("td", { class: "badges" }),
+  };
   const tr = element("tr", { "data-pair": pair, tabindex: "0", "aria-label": `${pair}, open chart` },
     element("th", { scope: "row", class: "pair", text: `${item.source_currency} → ${item.destination_currency}` }),
-    element("td", { class: "value" }, element("span", { class: "number" }), element("span", { class: "move" })),
-    element("td", { class: "age" }),
-    element("td", { class: "spark-col" }),
-    element("td", { class: "badges" }));
+    element("td", { class: "value" }, cells.number, cells.move),
+    cells.age, cells.spark, cells.badges);
   tr.addEventListener("click", () => openChart(pair));
   tr.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") {
@@ -148,29 +185,57 @@ function createRow(pair, item) {
       openChart(pair);
     }
   });
-  const rowsOfGroup = [...tbody.querySelectorAll("tr")];
-  tbody.insertBefore(tr, rowsOfGroup.find((r) => r.dataset.pair > pair) ?? null);
-  return tr;
+  const after = [...tbody.rows].find((r) => r.dataset.pair > pair);
+  tbody.insertBefore(tr, after ?? null);
+  historyWatch.observe(tr);
+  return { tr, cells };
+}
+
+// Rows are drawn in one batch per animation frame: a snapshot of 44 pairs, or a poll cycle's burst of
+// updates, costs one style and layout pass instead of one per pair.
+const dirty = new Set();
+let drawScheduled = false;
+let choicesStale = false;
+
+function scheduleDraw(pair) {
+  dirty.add(pair);
+  if (drawScheduled) return;
+  drawScheduled = true;
+  requestAnimationFrame(drawDirty);
+}
+
+function drawDirty() {
+  drawScheduled = false;
+  for (const pair of dirty) render(pair);
+  dirty.clear();
+  if (choicesStale) {
+    choicesStale = false;
+    fillCurrencyChoices();
+  }
 }
 
 function render(pair) {
   const row = rows.get(pair);
-  const { item } = row;
-  row.element.querySelector(".number").textContent = formatNumber(item.destination_per_source);
-  row.element.querySelector(".number").dataset.value = item.destination_per_source;
-  row.element.querySelector(".age").dataset.time = item.last_updated;
-  row.element.querySelector(".age").textContent = formatAge(item.last_updated);
-  const badges = row.element.querySelector(".badges");
-  badges.replaceChildren();
-  if (item.stale) badges.append(element("span", { class: "badge stale", text: "stale" }));
-  badges.append(element("span", { class: `badge provider ${item.provider}`, text: item.provider === "demo" ? "DEMO rate" : item.provider }));
-  row.element.querySelector("td.spark-col").replaceChildren(sparkline(row.history));
+  const { item, cells } = row;
+  cells.number.textContent = formatNumber(item.destination_per_source);
+  cells.number.dataset.value = item.destination_per_source;
+  cells.age.dataset.time = item.last_updated;
+  cells.age.textContent = formatAge(item.last_updated);
+  const badges = [];
+  if (item.stale) badges.push(element("span", { class: "badge stale", text: "stale" }));
+  badges.push(element("span", { class: `badge provider ${item.provider}`, text: item.provider === "demo" ? "DEMO rate" : item.provider }));
+  cells.badges.replaceChildren(...badges);
+  if (row.drawnHistory !== row.history || row.drawnState !== row.historyState) {
+    row.drawnHistory = row.history;
+    row.drawnState = row.historyState;
+    cells.spark.replaceChildren(...sparkCell(row.history, row.historyState));
+  }
   row.element.classList.toggle("is-stale", item.stale);
 }
 
 function markMove(pair, direction) {
   const row = rows.get(pair);
-  const move = row.element.querySelector(".move");
+  const move = row.cells.move;
   move.textContent = direction > 0 ? "▲ up" : "▼ down";
   row.element.dataset.moved = direction > 0 ? "up" : "down";
   clearTimeout(row.moveTimer);
@@ -184,41 +249,87 @@ function upsert(item, { fromUpdate = false } = {}) {
   const pair = `${item.source_currency}/${item.destination_currency}`;
   let row = rows.get(pair);
   if (!row) {
-    row = { item, history: [], element: createRow(pair, item) };
+    const { tr, cells } = createRow(pair, item);
+    row = { item, history: [], historyState: "loading", historyLoaded: null, element: tr, cells };
     rows.set(pair, row);
-    loadHistory(pair);
+    choicesStale = true;
   }
   const before = row.item.destination_per_source;
   row.item = item;
   const last = row.history[row.history.length - 1];
   if (!last || last.value !== item.destination_per_source) {
-    row.history.push({ at: item.last_updated, value: item.destination_per_source });
+    // A new array, so the next draw sees the history changed and redraws the sparkline.
+    row.history = [...row.history, { at: item.last_updated, value: item.destination_per_source }];
   }
-  render(pair);
+  scheduleDraw(pair);
   if (fromUpdate && before !== item.destination_per_source) markMove(pair, item.destination_per_source - before);
-  fillCurrencyChoices();
 }
 
-async function loadHistory(pair) {
+// Histories are fetched first for the rows near the screen, then for the others one at a time while
+// the page is idle: 44 requests answered and parsed at once would keep a phone's main thread busy
+// just when the board is first drawn.
+const historyWatch = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    historyWatch.unobserve(entry.target);
+    loadHistory(entry.target.dataset.pair);
+  }
+}, { rootMargin: "200px 0px" });
+
+const whenIdle = window.requestIdleCallback ?? ((callback) => setTimeout(callback, 50));
+let idleLoading = false;
+
+function loadRemainingHistories() {
+  if (idleLoading) return;
+  idleLoading = true;
+  const next = () => whenIdle(async () => {
+    const row = [...rows.values()].find((r) => r.historyState === "loading" && r.historyLoaded === null);
+    if (!row) {
+      idleLoading = false;
+      return;
+    }
+    await loadHistory(`${row.item.source_currency}/${row.item.destination_currency}`);
+    next();
+  });
+  next();
+}
+
+function loadHistory(pair) {
+  const row = rows.get(pair);
+  row.historyLoaded ??= fetchHistory(pair);
+  return row.historyLoaded;
+}
+
+async function fetchHistory(pair) {
   const [source, destination] = pair.split("/");
-  const since = new Date(Date.now() - SPARK_DAYS * 86400 * 1000).toISOString();
+  const since = new Date(Date.now() - SPARK_DAYS * DAY_MS).toISOString();
   const url = `/api/rates/history?source_currency=${source}&destination_currency=${destination}&since=${encodeURIComponent(since)}&limit=5000`;
   try {
     const response = await fetch(url);
-    if (!response.ok) return;
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const body = await response.json();
     const row = rows.get(pair);
     const points = body.data.points.map((p) => ({ at: p.at, value: p.destination_per_source }));
-    const known = new Set(points.map((p) => p.at));
-    row.history = [...points, ...row.history.filter((p) => !known.has(p.at) && p.at > (points.at(-1)?.at ?? ""))];
-    render(pair);
+    // Live values seen since the request went out are kept when they are a change after the stored ones:
+    // a point is a change, so a repeat of the same value (a later `last_updated`) is not a new point.
+    for (const point of row.history) {
+      const last = points.at(-1);
+      if (!last || (point.at > last.at && point.value !== last.value)) points.push(point);
+    }
+    row.history = points;
+    row.historyState = "loaded";
   } catch {
-    // The sparkline stays as it was; the next update draws what is known.
+    // Said in the cell; opening the chart asks again.
+    const row = rows.get(pair);
+    row.historyState = "failed";
+    row.historyLoaded = null;
   }
+  scheduleDraw(pair);
 }
 
-function openChart(pair) {
+async function openChart(pair) {
   const row = rows.get(pair);
+  await loadHistory(pair);
   const dialog = document.getElementById("chart-dialog");
   document.getElementById("chart-title").textContent = `${pair.replace("/", " → ")}, last ${SPARK_DAYS} days`;
   document.getElementById("chart").replaceChildren(bigChart(row.history));
@@ -228,7 +339,12 @@ function openChart(pair) {
 }
 
 setInterval(() => {
-  for (const cell of board.querySelectorAll("td.age[data-time]")) cell.textContent = formatAge(cell.dataset.time);
+  // Only a changed text is written: each write would cost a style and layout pass, every second.
+  for (const { cells } of rows.values()) {
+    if (!cells.age.dataset.time) continue;
+    const age = formatAge(cells.age.dataset.time);
+    if (cells.age.textContent !== age) cells.age.textContent = age;
+  }
 }, 1000);
 
 // ---- the live connection ----------------------------------------------------------------------
@@ -264,6 +380,7 @@ function receive(message) {
   if (message.type === "all_rates") {
     for (const item of message.rates) upsert(item);
     board.setAttribute("aria-busy", "false");
+    loadRemainingHistories();
   } else if (message.type === "rate_update") {
     upsert(message.rate, { fromUpdate: true });
   }
