@@ -13,10 +13,10 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT, create_engine, create_sessionmaker, migrate
-from app.rates.models import ExchangeRateHistory
+from app.db import PROJECT_ROOT
 from tests import audits
 from tests.fake_flutterwave import FakeFlutterwave
+from tests.history import record_history
 from tests.replicas import Replica, replica_on_sqlite
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -46,35 +46,12 @@ HISTORY_PAIR = Pair("USD", "NGN")
 PAST_VALUES = [(timedelta(hours=30), Decimal("1500")), (timedelta(hours=3), Decimal("1520"))]
 
 
-async def record_past(database_url: str) -> None:
-    engine = create_engine(database_url)
-    try:
-        await migrate(engine)
-        async with create_sessionmaker(engine)() as session, session.begin():
-            now = datetime.now(UTC)
-            for ago, value in PAST_VALUES:
-                destination_amount = Decimal(1000)
-                source_amount = destination_amount / value
-                session.add(
-                    ExchangeRateHistory(
-                        source_currency=HISTORY_PAIR.source,
-                        destination_currency=HISTORY_PAIR.destination,
-                        rate=source_amount / destination_amount,
-                        destination_per_source=value,
-                        source_amount=source_amount,
-                        destination_amount=destination_amount,
-                        provider="flutterwave",
-                        observed_at=now - ago,
-                    )
-                )
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="module")
 def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     folder = Path(tmp_path_factory.mktemp("board"))
-    asyncio.run(record_past(f"sqlite+aiosqlite:///{folder / 'rates.db'}"))
+    now = datetime.now(UTC)
+    past = [(HISTORY_PAIR, now - ago, value) for ago, value in PAST_VALUES]
+    asyncio.run(record_history(f"sqlite+aiosqlite:///{folder / 'rates.db'}", past))
     with replica_on_sqlite(folder, fake, POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S)) as replica:
         yield replica
 
@@ -217,3 +194,58 @@ async def test_the_connection_indicator_follows_the_service(browser: Browser, se
     await expect(indicator).to_have_attribute("data-state", "live", timeout=15000)
     # The fresh snapshot after reconnecting fills the board again.
     await expect(page.locator("tr[data-pair]")).to_have_count(44)
+
+
+# WCAG 2.0, 2.1 and 2.2, levels A and AA: the tags axe-core files those rules under.
+WCAG_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
+
+
+async def axe_violations(page: Page) -> list[dict[str, Any]]:
+    """axe-core's WCAG violations on the page as it is now, each with the elements it found.
+
+    axe is evaluated from its file rather than added as a <script>: the page is served with a
+    Content-Security-Policy that allows only the service's own scripts, and an injected inline script would
+    be refused. An evaluation from the test is not subject to the page's policy, so the page is audited
+    exactly as served, policy and all (no `bypass_csp`, which would also change what is audited).
+    """
+    if not audits.AXE_SCRIPT.exists():
+        raise FileNotFoundError(audits.MISSING.format(audits.AXE_SCRIPT))
+    await page.evaluate(audits.AXE_SCRIPT.read_text())
+    violations: list[dict[str, Any]] = await page.evaluate(
+        """async (tags) => {
+            const results = await axe.run(document, { runOnly: { type: "tag", values: tags } });
+            return results.violations.map((v) => ({ id: v.id, help: v.help, nodes: v.nodes.map((n) => n.target) }));
+        }""",
+        WCAG_TAGS,
+    )
+    return violations
+
+
+@pytest.mark.parametrize("width", [360, 1280])
+async def test_axe_finds_no_wcag_violation(browser: Browser, service: Replica, width: int) -> None:
+    page, errors = await open_board(browser, service, width)
+    # Audit the board as a user sees it once it has settled: every history fetched, a quote answered.
+    await expect(page.locator("td.spark-col").filter(has_text="loading history")).to_have_count(0)
+    await page.locator("#quote-form button[type=submit]").click()
+    await expect(page.locator("#quote-result")).to_have_attribute("data-source-amount", "100")
+    assert await axe_violations(page) == []
+    # And the chart dialog, open over the board.
+    await page.locator(f'tr[data-pair="{HISTORY_PAIR}"]').click()
+    await expect(page.locator("#chart-dialog")).to_be_visible()
+    await page.locator("#chart-dialog details summary").click()
+    assert await axe_violations(page) == []
+    assert errors == []
+
+
+async def test_lighthouse_scores_accessibility_best_practices_and_seo(service: Replica) -> None:
+    """Lighthouse's mobile audit of the board: accessibility and best practices in full, SEO at least 0.9.
+
+    Performance is a timing and is measured by `python -m bench.lighthouse`, not asserted here.
+    """
+    report = await asyncio.to_thread(
+        audits.run_lighthouse, service.url + "/", ["accessibility", "best-practices", "seo"]
+    )
+    got = audits.scores(report)
+    failed = {category: audits.failed_audits(report, category) for category in got}
+    assert (got["accessibility"], got["best-practices"]) == (1, 1), failed
+    assert got["seo"] >= 0.9, failed

@@ -204,6 +204,21 @@ function scheduleDraw(pair) {
   requestAnimationFrame(drawDirty);
 }
 
+// Histories arrive one by one from the worker; each drawn at once would lay the tables out again for
+// every pair. They are gathered for a moment and drawn together.
+const HISTORY_GATHER_MS = 250;
+let historyTimer = null;
+const historyDirty = new Set();
+
+function scheduleHistoryDraw(pair) {
+  historyDirty.add(pair);
+  historyTimer ??= setTimeout(() => {
+    historyTimer = null;
+    for (const gathered of historyDirty) scheduleDraw(gathered);
+    historyDirty.clear();
+  }, HISTORY_GATHER_MS);
+}
+
 function drawDirty() {
   drawScheduled = false;
   for (const pair of dirty) render(pair);
@@ -265,9 +280,37 @@ function upsert(item, { fromUpdate = false } = {}) {
   if (fromUpdate && before !== item.destination_per_source) markMove(pair, item.destination_per_source - before);
 }
 
-// Histories are fetched first for the rows near the screen, then for the others one at a time while
-// the page is idle: 44 requests answered and parsed at once would keep a phone's main thread busy
-// just when the board is first drawn.
+// Histories are fetched and condensed by a worker (static/history.js): parsing a week of points for 44
+// pairs here would block the page just when it is first drawn. The rows near the screen ask first.
+const historyWorker = new Worker("/static/history.js", { type: "module" });
+const historyAnswers = new Map(); // request id -> {resolve, reject}
+let historyRequests = 0;
+
+historyWorker.addEventListener("message", (event) => {
+  const { id, points, error } = event.data;
+  const waiting = historyAnswers.get(id);
+  historyAnswers.delete(id);
+  if (error === undefined) waiting.resolve(points);
+  else waiting.reject(new Error(error));
+});
+
+function requestHistory(pair, { full = false } = {}) {
+  const id = ++historyRequests;
+  const since = new Date(Date.now() - SPARK_DAYS * DAY_MS).toISOString();
+  historyWorker.postMessage({ id, pair, since, dayAgo: Date.now() - DAY_MS, full });
+  return new Promise((resolve, reject) => historyAnswers.set(id, { resolve, reject }));
+}
+
+// Live values seen since the request went out are kept when they are a change after the stored ones: a
+// point is a change, so a repeat of the same value (with a later `last_updated`) is not a new point.
+function withLive(points, live) {
+  for (const point of live) {
+    const last = points.at(-1);
+    if (!last || (point.at > last.at && point.value !== last.value)) points.push(point);
+  }
+  return points;
+}
+
 const historyWatch = new IntersectionObserver((entries) => {
   for (const entry of entries) {
     if (!entry.isIntersecting) continue;
@@ -276,22 +319,8 @@ const historyWatch = new IntersectionObserver((entries) => {
   }
 }, { rootMargin: "200px 0px" });
 
-const whenIdle = window.requestIdleCallback ?? ((callback) => setTimeout(callback, 50));
-let idleLoading = false;
-
 function loadRemainingHistories() {
-  if (idleLoading) return;
-  idleLoading = true;
-  const next = () => whenIdle(async () => {
-    const row = [...rows.values()].find((r) => r.historyState === "loading" && r.historyLoaded === null);
-    if (!row) {
-      idleLoading = false;
-      return;
-    }
-    await loadHistory(`${row.item.source_currency}/${row.item.destination_currency}`);
-    next();
-  });
-  next();
+  for (const [pair, row] of rows) if (row.historyLoaded === null && row.historyState === "loading") loadHistory(pair);
 }
 
 function loadHistory(pair) {
@@ -301,39 +330,31 @@ function loadHistory(pair) {
 }
 
 async function fetchHistory(pair) {
-  const [source, destination] = pair.split("/");
-  const since = new Date(Date.now() - SPARK_DAYS * DAY_MS).toISOString();
-  const url = `/api/rates/history?source_currency=${source}&destination_currency=${destination}&since=${encodeURIComponent(since)}&limit=5000`;
+  const row = rows.get(pair);
   try {
-    const response = await fetch(url);
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const body = await response.json();
-    const row = rows.get(pair);
-    const points = body.data.points.map((p) => ({ at: p.at, value: p.destination_per_source }));
-    // Live values seen since the request went out are kept when they are a change after the stored ones:
-    // a point is a change, so a repeat of the same value (a later `last_updated`) is not a new point.
-    for (const point of row.history) {
-      const last = points.at(-1);
-      if (!last || (point.at > last.at && point.value !== last.value)) points.push(point);
-    }
-    row.history = points;
+    row.history = withLive(await requestHistory(pair), row.history);
     row.historyState = "loaded";
   } catch {
     // Said in the cell; opening the chart asks again.
-    const row = rows.get(pair);
     row.historyState = "failed";
     row.historyLoaded = null;
   }
-  scheduleDraw(pair);
+  scheduleHistoryDraw(pair);
 }
 
 async function openChart(pair) {
   const row = rows.get(pair);
-  await loadHistory(pair);
+  // Every point, not the sparkline's condensed line: the dialog lists them.
+  let points = row.history;
+  try {
+    points = withLive(await requestHistory(pair, { full: true }), row.history);
+  } catch {
+    // The condensed line is what there is.
+  }
   const dialog = document.getElementById("chart-dialog");
   document.getElementById("chart-title").textContent = `${pair.replace("/", " → ")}, last ${SPARK_DAYS} days`;
-  document.getElementById("chart").replaceChildren(bigChart(row.history));
-  dialog.querySelector("tbody").replaceChildren(...row.history.slice().reverse().map((p) =>
+  document.getElementById("chart").replaceChildren(bigChart(points));
+  dialog.querySelector("tbody").replaceChildren(...points.slice().reverse().map((p) =>
     element("tr", {}, element("td", { text: formatUtc(p.at) }), element("td", { text: formatNumber(p.value) }))));
   dialog.showModal();
 }
