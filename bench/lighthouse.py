@@ -183,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{workload:9s} TBT p50 above the bare page: {own:.0f} ms")
     print(f"load average at end: {load_average()}")
 
-    failing = [
-        run for w in workloads for run in runs[w] if run.score < MIN_SCORE or run.figures["tbt_ms"] > MAX_TBT_MS
-    ]
+    failing = [run for w in workloads for run in runs[w] if run.score < MIN_SCORE or run.figures["tbt_ms"] > MAX_TBT_MS]
     for run in failing:
         print(f"FAIL {run.workload}: performance {run.score:.2f}, TBT {run.figures['tbt_ms']:.0f} ms")
     return 1 if failing else 0
