@@ -191,8 +191,11 @@ function createRow(pair, item) {
   return { tr, cells };
 }
 
-// Rows are drawn in one batch per animation frame: a snapshot of 44 pairs, or a poll cycle's burst of
-// updates, costs one style and layout pass instead of one per pair.
+// Rows are drawn in animation frames, never as messages arrive: a poll cycle's burst of updates costs one
+// style and layout pass, not one per pair. A frame draws rows for at most DRAW_SLICE_MS and leaves the
+// rest to the next, so a snapshot of 44 new rows (or 44 sparklines) never blocks the page at once: on a
+// phone a single frame drawing them all took longer than the 50 ms that makes a task "long".
+const DRAW_SLICE_MS = 5;
 const dirty = new Set();
 let drawScheduled = false;
 let choicesStale = false;
@@ -221,8 +224,17 @@ function scheduleHistoryDraw(pair) {
 
 function drawDirty() {
   drawScheduled = false;
-  for (const pair of dirty) render(pair);
-  dirty.clear();
+  const until = performance.now() + DRAW_SLICE_MS;
+  for (const pair of dirty) {
+    dirty.delete(pair);
+    render(pair);
+    if (performance.now() > until) break;
+  }
+  if (dirty.size > 0) {
+    drawScheduled = true;
+    requestAnimationFrame(drawDirty);
+    return;
+  }
   if (choicesStale) {
     choicesStale = false;
     fillCurrencyChoices();
@@ -231,6 +243,11 @@ function drawDirty() {
 
 function render(pair) {
   const row = rows.get(pair);
+  if (!row.element) {
+    const { tr, cells } = createRow(pair, row.item);
+    row.element = tr;
+    row.cells = cells;
+  }
   const { item, cells } = row;
   cells.number.textContent = formatNumber(item.destination_per_source);
   cells.number.dataset.value = item.destination_per_source;
@@ -246,10 +263,13 @@ function render(pair) {
     cells.spark.replaceChildren(...sparkCell(row.history, row.historyState));
   }
   row.element.classList.toggle("is-stale", item.stale);
+  if (row.pendingMove) {
+    showMove(row, row.pendingMove);
+    row.pendingMove = 0;
+  }
 }
 
-function markMove(pair, direction) {
-  const row = rows.get(pair);
+function showMove(row, direction) {
   const move = row.cells.move;
   move.textContent = direction > 0 ? "▲ up" : "▼ down";
   row.element.dataset.moved = direction > 0 ? "up" : "down";
@@ -264,8 +284,8 @@ function upsert(item, { fromUpdate = false } = {}) {
   const pair = `${item.source_currency}/${item.destination_currency}`;
   let row = rows.get(pair);
   if (!row) {
-    const { tr, cells } = createRow(pair, item);
-    row = { item, history: [], historyState: "loading", historyLoaded: null, element: tr, cells };
+    // The row's element is made when it is first drawn.
+    row = { item, history: [], historyState: "loading", historyLoaded: null, element: null, cells: null };
     rows.set(pair, row);
     choicesStale = true;
   }
@@ -276,8 +296,8 @@ function upsert(item, { fromUpdate = false } = {}) {
     // A new array, so the next draw sees the history changed and redraws the sparkline.
     row.history = [...row.history, { at: item.last_updated, value: item.destination_per_source }];
   }
+  if (fromUpdate && before !== item.destination_per_source) row.pendingMove = item.destination_per_source - before;
   scheduleDraw(pair);
-  if (fromUpdate && before !== item.destination_per_source) markMove(pair, item.destination_per_source - before);
 }
 
 // Histories are fetched and condensed by a worker (static/history.js): parsing a week of points for 44
@@ -362,7 +382,7 @@ async function openChart(pair) {
 setInterval(() => {
   // Only a changed text is written: each write would cost a style and layout pass, every second.
   for (const { cells } of rows.values()) {
-    if (!cells.age.dataset.time) continue;
+    if (!cells?.age.dataset.time) continue;
     const age = formatAge(cells.age.dataset.time);
     if (cells.age.textContent !== age) cells.age.textContent = age;
   }
