@@ -102,7 +102,7 @@ function dayMove(points) {
 }
 
 function sparkline(points) {
-  const chart = svg("svg", { viewBox: "0 0 100 24", class: "spark", role: "img" });
+  const chart = svg("svg", { viewBox: "0 0 100 24", preserveAspectRatio: "none", class: "spark", role: "img" });
   const first = points[0].value;
   const last = points[points.length - 1].value;
   chart.setAttribute("aria-label", `${points.length} points over ${SPARK_DAYS} days, ${formatNumber(first)} to ${formatNumber(last)}`);
