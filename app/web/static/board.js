@@ -192,10 +192,12 @@ function createRow(pair, item) {
 }
 
 // Rows are drawn in animation frames, never as messages arrive: a poll cycle's burst of updates costs one
-// style and layout pass, not one per pair. A frame draws rows for at most DRAW_SLICE_MS and leaves the
+// style and layout pass, not one per pair. A frame draws at most DRAW_ROWS_PER_FRAME rows and leaves the
 // rest to the next, so a snapshot of 44 new rows (or 44 sparklines) never blocks the page at once: on a
-// phone a single frame drawing them all took longer than the 50 ms that makes a task "long".
-const DRAW_SLICE_MS = 5;
+// phone a single frame drawing them all took longer than the 50 ms that makes a task "long". (A count,
+// not a time budget: on a busy CPU a time budget runs out after a row or two, and every extra frame
+// lays out and paints the whole page again.)
+const DRAW_ROWS_PER_FRAME = 12;
 const dirty = new Set();
 let drawScheduled = false;
 let choicesStale = false;
@@ -224,11 +226,11 @@ function scheduleHistoryDraw(pair) {
 
 function drawDirty() {
   drawScheduled = false;
-  const until = performance.now() + DRAW_SLICE_MS;
+  let drawn = 0;
   for (const pair of dirty) {
     dirty.delete(pair);
     render(pair);
-    if (performance.now() > until) break;
+    if (++drawn === DRAW_ROWS_PER_FRAME) break;
   }
   if (dirty.size > 0) {
     drawScheduled = true;
