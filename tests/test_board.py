@@ -22,6 +22,8 @@ from tests.replicas import Replica, replica_on_sqlite
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 POLL_INTERVAL_S = 1.0
+# 44 histories, four at a time, from a service that is also polling every second on a shared machine.
+HISTORY_WAIT_MS = 20_000
 # No background traffic: this machine's network is closed, and the page must not need one.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -105,11 +107,11 @@ async def test_the_board_shows_every_pair_without_errors_and_at_both_widths(brow
         await expect(row.locator(".badge.provider")).to_have_text("flutterwave")
         await expect(row.locator("td.age")).to_contain_text("s ago")
         # USD is the last group, below the fold: its history is fetched all the same.
-        await expect(row.locator("svg.spark")).to_have_count(1)
+        await expect(row.locator("svg.spark")).to_have_count(1, timeout=HISTORY_WAIT_MS)
         await expect(row.locator(".day-move")).to_have_text("+2.02 % 24 h")
         # A pair with a single observation says why it has no sparkline yet.
         fresh = page.locator('tr[data-pair="CAD/XOF"] td.spark-col')
-        await expect(fresh).to_have_text("collecting history")
+        await expect(fresh).to_have_text("collecting history", timeout=HISTORY_WAIT_MS)
         # Nothing sticks out sideways on a phone.
         assert await page.evaluate("document.documentElement.scrollWidth") <= width
         await page.screenshot(path=str(ARTIFACTS / f"board-{width}.png"), full_page=True)
@@ -225,7 +227,9 @@ async def axe_violations(page: Page) -> list[dict[str, Any]]:
 async def test_axe_finds_no_wcag_violation(browser: Browser, service: Replica, width: int) -> None:
     page, errors = await open_board(browser, service, width)
     # Audit the board as a user sees it once it has settled: every history fetched, a quote answered.
-    await expect(page.locator("td.spark-col").filter(has_text="loading history")).to_have_count(0)
+    await expect(page.locator("td.spark-col").filter(has_text="loading history")).to_have_count(
+        0, timeout=HISTORY_WAIT_MS
+    )
     await page.locator("#quote-form button[type=submit]").click()
     await expect(page.locator("#quote-result")).to_have_attribute("data-source-amount", "100")
     assert await axe_violations(page) == []
