@@ -304,19 +304,26 @@ function upsert(item, { fromUpdate = false } = {}) {
 
 // Histories are fetched and condensed by a worker (static/history.js): parsing a week of points for 44
 // pairs here would block the page just when it is first drawn. The rows near the screen ask first.
-const historyWorker = new Worker("/static/history.js", { type: "module" });
 const historyAnswers = new Map(); // request id -> {resolve, reject}
 let historyRequests = 0;
+let historyWorker = null;
 
-historyWorker.addEventListener("message", (event) => {
-  const { id, points, error } = event.data;
-  const waiting = historyAnswers.get(id);
-  historyAnswers.delete(id);
-  if (error === undefined) waiting.resolve(points);
-  else waiting.reject(new Error(error));
-});
+// Started with the first request, not when the page loads: the worker's script is then no part of the
+// page's first paint.
+function startHistoryWorker() {
+  const worker = new Worker("/static/history.js", { type: "module" });
+  worker.addEventListener("message", (event) => {
+    const { id, points, error } = event.data;
+    const waiting = historyAnswers.get(id);
+    historyAnswers.delete(id);
+    if (error === undefined) waiting.resolve(points);
+    else waiting.reject(new Error(error));
+  });
+  return worker;
+}
 
 function requestHistory(pair, { full = false } = {}) {
+  historyWorker ??= startHistoryWorker();
   const id = ++historyRequests;
   const since = new Date(Date.now() - SPARK_DAYS * DAY_MS).toISOString();
   historyWorker.postMessage({ id, pair, since, dayAgo: Date.now() - DAY_MS, full });
