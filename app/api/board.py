@@ -37,7 +37,8 @@ def content_security_policy(host: str | None) -> str:
     )
 
 
-@router.get("/", include_in_schema=False)
+# HEAD as well as GET: HTTP requires it, and uptime checkers probe the page with it.
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def board(request: Request) -> FileResponse:
     headers = {
         "Cache-Control": "no-cache",

@@ -67,11 +67,17 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 def get_with_and_without_slash(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
     """Register a GET at `path` and at `path/`, both answering directly: clients of the Django service
-    call `/api/rates/`, and a redirect would cost them a round trip (or break a client that does not follow it)."""
+    call `/api/rates/`, and a redirect would cost them a round trip (or break a client that does not follow it).
+
+    Each also answers HEAD (HTTP requires it wherever GET works; uptime checkers and caches send it), as
+    routes of their own left out of the OpenAPI document, so it still lists one GET per path."""
 
     def register(endpoint: Endpoint) -> Endpoint:
         router.add_api_route(path, endpoint, methods=["GET"], **options)
-        router.add_api_route(f"{path}/", endpoint, methods=["GET"], include_in_schema=False, **options)
+        hidden = {**options, "include_in_schema": False}
+        router.add_api_route(f"{path}/", endpoint, methods=["GET"], **hidden)
+        for head_path in (path, f"{path}/"):
+            router.add_api_route(head_path, endpoint, methods=["HEAD"], **hidden)
         return endpoint
 
     return register

@@ -2,12 +2,13 @@
 // "rate at" lookup. Plain modules, no build step, nothing fetched from outside the service.
 
 const SPARK_DAYS = 7;
+const DAY_MS = 86400 * 1000;
 const MOVE_MARK_MS = 5000;
 const BACKOFF_START_MS = 500;
 const BACKOFF_MAX_MS = 30000;
 const OFFLINE_AFTER_ATTEMPTS = 6;
 
-const rows = new Map(); // "USD/NGN" -> {item, history: [{at, value}], element}
+const rows = new Map(); // "USD/NGN" -> {item, history: [{at, value}], element, cells, historyLoaded}
 const board = document.getElementById("board");
 const connection = document.getElementById("connection");
 
@@ -19,8 +20,13 @@ function digitsFor(value) {
   return Math.min(10, 3 - Math.floor(Math.log10(value)) + 2);
 }
 
+// Grouped by hand rather than with Intl.NumberFormat or toLocaleString: their first use loads the
+// locale data, which was the largest single cost of drawing the board (a long task on a phone CPU).
+// The board's numbers are always en-US style anyway: digits grouped by commas, a point for decimals.
 function formatNumber(value, digits = digitsFor(value)) {
-  return value.toLocaleString("en-US", { minimumFractionDigits: digits, maximumFractionDigits: digits });
+  const [whole, fraction] = value.toFixed(digits).split(".");
+  const grouped = whole.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  return fraction === undefined ? grouped : `${grouped}.${fraction}`;
 }
 
 function formatAge(isoTime) {
@@ -68,12 +74,35 @@ function scale(points, width, height, pad) {
   }));
 }
 
-function sparkline(points) {
-  const chart = svg("svg", { viewBox: "0 0 100 24", class: "spark", role: "img" });
-  if (points.length === 0) {
-    chart.setAttribute("aria-label", "no history yet");
-    return chart;
+const HISTORY_NOTES = { loading: "loading history…", loaded: "collecting history", failed: "history unavailable" };
+
+// One point is no line: the cell says why it has none (on a fresh install, that history is being collected).
+function sparkCell(points, state) {
+  if (points.length < 2) return [element("span", { class: "collecting", text: HISTORY_NOTES[state] })];
+  const cell = [sparkline(points)];
+  const move = state === "loaded" ? dayMove(points) : null;
+  if (move !== null) {
+    const sign = move > 0 ? "+" : move < 0 ? "−" : "±";
+    cell.push(element("span", { class: "day-move", "data-move": move, text: `${sign}${Math.abs(move).toFixed(2)} % 24 h` }));
   }
+  return cell;
+}
+
+// The move in percent from the value in effect 24 hours ago (the last point at or before then) to the
+// newest, or null while the history does not reach back that far.
+function dayMove(points) {
+  const dayAgo = Date.now() - DAY_MS;
+  let then = null;
+  for (const point of points) {
+    if (Date.parse(point.at) > dayAgo) break;
+    then = point.value;
+  }
+  if (then === null) return null;
+  return ((points[points.length - 1].value - then) / then) * 100;
+}
+
+function sparkline(points) {
+  const chart = svg("svg", { viewBox: "0 0 100 24", preserveAspectRatio: "none", class: "spark", role: "img" });
   const first = points[0].value;
   const last = points[points.length - 1].value;
   chart.setAttribute("aria-label", `${points.length} points over ${SPARK_DAYS} days, ${formatNumber(first)} to ${formatNumber(last)}`);
@@ -114,9 +143,11 @@ function bigChart(points) {
 
 // ---- the board --------------------------------------------------------------------------------
 
+const groups = new Map(); // "USD" -> tbody
+
 function groupFor(source) {
-  let group = board.querySelector(`section[data-source="${source}"]`);
-  if (group) return group.querySelector("tbody");
+  let tbody = groups.get(source);
+  if (tbody) return tbody;
   board.querySelector(".empty")?.remove();
   const head = element("tr", {},
     element("th", { scope: "col", text: "Pair" }),
@@ -124,23 +155,29 @@ function groupFor(source) {
     element("th", { scope: "col", text: "Updated" }),
     element("th", { scope: "col", class: "spark-col", text: `${SPARK_DAYS} days` }),
     element("th", { scope: "col", text: "Status" }));
-  group = element("section", { class: "group", "data-source": source, "aria-label": `From ${source}` },
+  tbody = element("tbody");
+  const group = element("section", { class: "group", "data-source": source, "aria-label": `From ${source}` },
     element("h2", { text: `From ${source}` }),
-    element("table", {}, element("thead", {}, head), element("tbody")));
-  const sources = [...board.querySelectorAll("section.group")];
-  const after = sources.find((s) => s.dataset.source > source);
-  board.insertBefore(group, after ?? null);
-  return group.querySelector("tbody");
+    element("table", {}, element("thead", {}, head), tbody));
+  const after = [...groups.keys()].sort().find((s) => s > source);
+  board.insertBefore(group, after ? groups.get(after).closest("section") : null);
+  groups.set(source, tbody);
+  return tbody;
 }
 
 function createRow(pair, item) {
   const tbody = groupFor(item.source_currency);
+  const cells = {
+    number: element("span", { class: "number" }),
+    move: element("span", { class: "move" }),
+    age: element("td", { class: "age" }),
+    spark: element("td", { class: "spark-col" }, ...sparkCell([], "loading")),
+    badges: element("td", { class: "badges" }),
+  };
   const tr = element("tr", { "data-pair": pair, tabindex: "0", "aria-label": `${pair}, open chart` },
     element("th", { scope: "row", class: "pair", text: `${item.source_currency} → ${item.destination_currency}` }),
-    element("td", { class: "value" }, element("span", { class: "number" }), element("span", { class: "move" })),
-    element("td", { class: "age" }),
-    element("td", { class: "spark-col" }),
-    element("td", { class: "badges" }));
+    element("td", { class: "value" }, cells.number, cells.move),
+    cells.age, cells.spark, cells.badges);
   tr.addEventListener("click", () => openChart(pair));
   tr.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") {
@@ -148,29 +185,94 @@ function createRow(pair, item) {
       openChart(pair);
     }
   });
-  const rowsOfGroup = [...tbody.querySelectorAll("tr")];
-  tbody.insertBefore(tr, rowsOfGroup.find((r) => r.dataset.pair > pair) ?? null);
-  return tr;
+  const after = [...tbody.rows].find((r) => r.dataset.pair > pair);
+  tbody.insertBefore(tr, after ?? null);
+  historyWatch.observe(tr);
+  return { tr, cells };
+}
+
+// Rows are drawn in animation frames, never as messages arrive: a poll cycle's burst of updates costs one
+// style and layout pass, not one per pair. A frame draws at most DRAW_ROWS_PER_FRAME rows and leaves the
+// rest to the next, so a snapshot of 44 new rows (or 44 sparklines) never blocks the page at once: on a
+// phone a single frame drawing them all took longer than the 50 ms that makes a task "long". (A count,
+// not a time budget: on a busy CPU a time budget runs out after a row or two, and every extra frame
+// lays out and paints the whole page again.)
+const DRAW_ROWS_PER_FRAME = 12;
+const dirty = new Set();
+let drawScheduled = false;
+let choicesStale = false;
+
+function scheduleDraw(pair) {
+  dirty.add(pair);
+  if (drawScheduled) return;
+  drawScheduled = true;
+  requestAnimationFrame(drawDirty);
+}
+
+// Histories arrive one by one from the worker; each drawn at once would lay the tables out again for
+// every pair. They are gathered for a moment and drawn together.
+const HISTORY_GATHER_MS = 250;
+let historyTimer = null;
+const historyDirty = new Set();
+
+function scheduleHistoryDraw(pair) {
+  historyDirty.add(pair);
+  historyTimer ??= setTimeout(() => {
+    historyTimer = null;
+    for (const gathered of historyDirty) scheduleDraw(gathered);
+    historyDirty.clear();
+  }, HISTORY_GATHER_MS);
+}
+
+function drawDirty() {
+  drawScheduled = false;
+  let drawn = 0;
+  for (const pair of dirty) {
+    dirty.delete(pair);
+    render(pair);
+    if (++drawn === DRAW_ROWS_PER_FRAME) break;
+  }
+  if (dirty.size > 0) {
+    drawScheduled = true;
+    requestAnimationFrame(drawDirty);
+    return;
+  }
+  if (choicesStale) {
+    choicesStale = false;
+    fillCurrencyChoices();
+  }
 }
 
 function render(pair) {
   const row = rows.get(pair);
-  const { item } = row;
-  row.element.querySelector(".number").textContent = formatNumber(item.destination_per_source);
-  row.element.querySelector(".number").dataset.value = item.destination_per_source;
-  row.element.querySelector(".age").dataset.time = item.last_updated;
-  row.element.querySelector(".age").textContent = formatAge(item.last_updated);
-  const badges = row.element.querySelector(".badges");
-  badges.replaceChildren();
-  if (item.stale) badges.append(element("span", { class: "badge stale", text: "stale" }));
-  badges.append(element("span", { class: `badge provider ${item.provider}`, text: item.provider === "demo" ? "DEMO rate" : item.provider }));
-  row.element.querySelector("td.spark-col").replaceChildren(sparkline(row.history));
+  if (!row.element) {
+    const { tr, cells } = createRow(pair, row.item);
+    row.element = tr;
+    row.cells = cells;
+  }
+  const { item, cells } = row;
+  cells.number.textContent = formatNumber(item.destination_per_source);
+  cells.number.dataset.value = item.destination_per_source;
+  cells.age.dataset.time = item.last_updated;
+  cells.age.textContent = formatAge(item.last_updated);
+  const badges = [];
+  if (item.stale) badges.push(element("span", { class: "badge stale", text: "stale" }));
+  badges.push(element("span", { class: `badge provider ${item.provider}`, text: item.provider === "demo" ? "DEMO rate" : item.provider }));
+  cells.badges.replaceChildren(...badges);
+  if (row.drawnHistory !== row.history || row.drawnState !== row.historyState) {
+    row.drawnHistory = row.history;
+    row.drawnState = row.historyState;
+    cells.spark.replaceChildren(...sparkCell(row.history, row.historyState));
+  }
   row.element.classList.toggle("is-stale", item.stale);
+  if (row.pendingMove) {
+    showMove(row, row.pendingMove);
+    row.pendingMove = 0;
+  }
 }
 
-function markMove(pair, direction) {
-  const row = rows.get(pair);
-  const move = row.element.querySelector(".move");
+function showMove(row, direction) {
+  const move = row.cells.move;
   move.textContent = direction > 0 ? "▲ up" : "▼ down";
   row.element.dataset.moved = direction > 0 ? "up" : "down";
   clearTimeout(row.moveTimer);
@@ -184,51 +286,115 @@ function upsert(item, { fromUpdate = false } = {}) {
   const pair = `${item.source_currency}/${item.destination_currency}`;
   let row = rows.get(pair);
   if (!row) {
-    row = { item, history: [], element: createRow(pair, item) };
+    // The row's element is made when it is first drawn.
+    row = { item, history: [], historyState: "loading", historyLoaded: null, element: null, cells: null };
     rows.set(pair, row);
-    loadHistory(pair);
+    choicesStale = true;
   }
   const before = row.item.destination_per_source;
   row.item = item;
   const last = row.history[row.history.length - 1];
   if (!last || last.value !== item.destination_per_source) {
-    row.history.push({ at: item.last_updated, value: item.destination_per_source });
+    // A new array, so the next draw sees the history changed and redraws the sparkline.
+    row.history = [...row.history, { at: item.last_updated, value: item.destination_per_source }];
   }
-  render(pair);
-  if (fromUpdate && before !== item.destination_per_source) markMove(pair, item.destination_per_source - before);
-  fillCurrencyChoices();
+  if (fromUpdate && before !== item.destination_per_source) row.pendingMove = item.destination_per_source - before;
+  scheduleDraw(pair);
 }
 
-async function loadHistory(pair) {
-  const [source, destination] = pair.split("/");
-  const since = new Date(Date.now() - SPARK_DAYS * 86400 * 1000).toISOString();
-  const url = `/api/rates/history?source_currency=${source}&destination_currency=${destination}&since=${encodeURIComponent(since)}&limit=5000`;
-  try {
-    const response = await fetch(url);
-    if (!response.ok) return;
-    const body = await response.json();
-    const row = rows.get(pair);
-    const points = body.data.points.map((p) => ({ at: p.at, value: p.destination_per_source }));
-    const known = new Set(points.map((p) => p.at));
-    row.history = [...points, ...row.history.filter((p) => !known.has(p.at) && p.at > (points.at(-1)?.at ?? ""))];
-    render(pair);
-  } catch {
-    // The sparkline stays as it was; the next update draws what is known.
-  }
+// Histories are fetched and condensed by a worker (static/history.js): parsing a week of points for 44
+// pairs here would block the page just when it is first drawn. The rows near the screen ask first.
+const historyAnswers = new Map(); // request id -> {resolve, reject}
+let historyRequests = 0;
+let historyWorker = null;
+
+// Started with the first request, not when the page loads: the worker's script is then no part of the
+// page's first paint.
+function startHistoryWorker() {
+  const worker = new Worker("/static/history.js", { type: "module" });
+  worker.addEventListener("message", (event) => {
+    const { id, points, error } = event.data;
+    const waiting = historyAnswers.get(id);
+    historyAnswers.delete(id);
+    if (error === undefined) waiting.resolve(points);
+    else waiting.reject(new Error(error));
+  });
+  return worker;
 }
 
-function openChart(pair) {
+function requestHistory(pair, { full = false } = {}) {
+  historyWorker ??= startHistoryWorker();
+  const id = ++historyRequests;
+  const since = new Date(Date.now() - SPARK_DAYS * DAY_MS).toISOString();
+  historyWorker.postMessage({ id, pair, since, dayAgo: Date.now() - DAY_MS, full });
+  return new Promise((resolve, reject) => historyAnswers.set(id, { resolve, reject }));
+}
+
+// Live values seen since the request went out are kept when they are a change after the stored ones: a
+// point is a change, so a repeat of the same value (with a later `last_updated`) is not a new point.
+function withLive(points, live) {
+  for (const point of live) {
+    const last = points.at(-1);
+    if (!last || (point.at > last.at && point.value !== last.value)) points.push(point);
+  }
+  return points;
+}
+
+const historyWatch = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    if (!entry.isIntersecting) continue;
+    historyWatch.unobserve(entry.target);
+    loadHistory(entry.target.dataset.pair);
+  }
+}, { rootMargin: "200px 0px" });
+
+function loadRemainingHistories() {
+  for (const [pair, row] of rows) if (row.historyLoaded === null && row.historyState === "loading") loadHistory(pair);
+}
+
+function loadHistory(pair) {
   const row = rows.get(pair);
+  row.historyLoaded ??= fetchHistory(pair);
+  return row.historyLoaded;
+}
+
+async function fetchHistory(pair) {
+  const row = rows.get(pair);
+  try {
+    row.history = withLive(await requestHistory(pair), row.history);
+    row.historyState = "loaded";
+  } catch {
+    // Said in the cell; opening the chart asks again.
+    row.historyState = "failed";
+    row.historyLoaded = null;
+  }
+  scheduleHistoryDraw(pair);
+}
+
+async function openChart(pair) {
+  const row = rows.get(pair);
+  // Every point, not the sparkline's condensed line: the dialog lists them.
+  let points = row.history;
+  try {
+    points = withLive(await requestHistory(pair, { full: true }), row.history);
+  } catch {
+    // The condensed line is what there is.
+  }
   const dialog = document.getElementById("chart-dialog");
   document.getElementById("chart-title").textContent = `${pair.replace("/", " → ")}, last ${SPARK_DAYS} days`;
-  document.getElementById("chart").replaceChildren(bigChart(row.history));
-  dialog.querySelector("tbody").replaceChildren(...row.history.slice().reverse().map((p) =>
+  document.getElementById("chart").replaceChildren(bigChart(points));
+  dialog.querySelector("tbody").replaceChildren(...points.slice().reverse().map((p) =>
     element("tr", {}, element("td", { text: formatUtc(p.at) }), element("td", { text: formatNumber(p.value) }))));
   dialog.showModal();
 }
 
 setInterval(() => {
-  for (const cell of board.querySelectorAll("td.age[data-time]")) cell.textContent = formatAge(cell.dataset.time);
+  // Only a changed text is written: each write would cost a style and layout pass, every second.
+  for (const { cells } of rows.values()) {
+    if (!cells?.age.dataset.time) continue;
+    const age = formatAge(cells.age.dataset.time);
+    if (cells.age.textContent !== age) cells.age.textContent = age;
+  }
 }, 1000);
 
 // ---- the live connection ----------------------------------------------------------------------
@@ -264,6 +430,7 @@ function receive(message) {
   if (message.type === "all_rates") {
     for (const item of message.rates) upsert(item);
     board.setAttribute("aria-busy", "false");
+    loadRemainingHistories();
   } else if (message.type === "rate_update") {
     upsert(message.rate, { fromUpdate: true });
   }
