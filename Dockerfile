@@ -11,7 +11,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/fxrates
 # From the lock file, every hash checked: the image gets exactly the versions the tests ran on.
 COPY requirements/service.lock /tmp/service.lock
-RUN /opt/fxrates/bin/pip install --require-hashes --no-deps -r /tmp/service.lock \
+RUN /opt/fxrates/bin/pip install --require-hashes -r /tmp/service.lock \
     && /opt/fxrates/bin/pip uninstall --yes pip setuptools
 
 

@@ -65,7 +65,14 @@ def create_app(settings: Settings) -> FastAPI:
         allow_origins=settings.cors_allow_origins,
         allow_methods=["GET"],
         allow_headers=["*"],
-        expose_headers=["Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "ETag"],
+        expose_headers=[
+            "Retry-After",
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+            "ETag",
+            "X-Request-ID",
+        ],
     )
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, requests=metrics.requests, durations=metrics.request_seconds)

@@ -41,6 +41,7 @@ class GracefulShutdown:
         self._drain_s = drain_s
         self.draining = False
         self._task: asyncio.Task[None] | None = None
+        self._poller_stopping: asyncio.Task[None] | None = None
 
     @asynccontextmanager
     async def on_sigterm(self) -> AsyncIterator["GracefulShutdown"]:
@@ -68,6 +69,8 @@ class GracefulShutdown:
             if self._task is not None:
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
+            if self._poller_stopping is not None:
+                await asyncio.gather(self._poller_stopping, return_exceptions=True)
 
     def _start(self, stop_server: Callable[[], None]) -> None:
         self._task = asyncio.create_task(self._drain(stop_server), name="graceful-shutdown")
@@ -76,10 +79,10 @@ class GracefulShutdown:
     async def _drain(self, stop_server: Callable[[], None]) -> None:
         log.info("SIGTERM: not ready any more; closing WebSocket clients with 1012 and handing the poller's lease back")
         self._hub.close_all(SERVICE_RESTART)
-        try:
-            await self._poller.stop()
-        except Exception:  # stopping the server matters more than a clean poller stop
-            log.exception("the poller did not stop cleanly")
+        # Beside the drain, not before it: a poll cycle slow to stop must not hold up the server's own shutdown
+        # (the lifespan waits for this same stop before closing what the poller uses).
+        self._poller_stopping = asyncio.create_task(self._poller.stop(), name="poller-stop")
+        self._poller_stopping.add_done_callback(log_crash)
         if self._drain_s > 0:
             log.info("draining for %.1fs before the server stops", self._drain_s)
             await asyncio.sleep(self._drain_s)

@@ -87,7 +87,9 @@ async def test_age_of_each_polled_pair_poller_role_and_dependencies(
             await asyncio.sleep(0.05)
         # A pair fetched on demand is not polled, so it has no age to watch.
         await client.get("/api/rates", params={"source_currency": "GBP", "destination_currency": "JPY"})
-        found = samples(await scrape(client))
+        text = await scrape(client)
+    found = samples(text)
+    await promtool_check(text)
     for pair in ("USD/NGN", "USD/KES"):
         age = value(found, "fxrates_rate_age_seconds", pair=pair)
         assert age is not None and 0 <= age < settings.rate_stale_after_seconds
@@ -111,13 +113,18 @@ async def test_redis_down_shows_in_the_metrics(
 async def test_promtool_finds_nothing_wrong_with_a_live_scrape(
     make_settings: Callable[..., Settings], fake: FakeFlutterwave
 ) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: apt-get install prometheus (.ci/run does)"
     fake.fail("429", pairs=[Pair("USD", "GHS")], times=1, retry_after=0)
     async with running_app(make_settings()) as (client, _):
         await client.get("/api/rates", params={"source_currency": "USD", "destination_currency": "GHS"})
         await client.get("/static/board.js")
         text = await scrape(client)
+    assert "fxrates_upstream_call_duration_seconds_bucket" in text
+    await promtool_check(text)
+
+
+async def promtool_check(text: str) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (.ci/run does)"
     result = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )

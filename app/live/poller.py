@@ -63,6 +63,7 @@ class Poller:
         self._amount = amount
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Future[None] | None = None
         self._saving: set[asyncio.Task[object]] = set()
         self.started_at: float | None = None  # time.time() when the loop started
         self.stopped = False
@@ -145,16 +146,22 @@ class Poller:
         await self.stop()
 
     async def stop(self) -> None:
-        """Stop cycling and hand the lease back; a write under way is finished. Safe to call twice."""
-        task, self._task = self._task, None
-        if task is None:
-            return
+        """Stop cycling and hand the lease back; a write under way is finished. A second call waits for the first."""
+        if self._stopping is None:
+            if self._task is None:
+                return
+            self._stopping = asyncio.ensure_future(self._stop(self._task))
+            self._task = None
+        # Shielded: a caller that gives up waiting (the shutdown's drain) must not leave the stop half done.
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, task: asyncio.Task[None]) -> None:
         self.stopped = True
         task.cancel()
         try:
             await task
         except asyncio.CancelledError:
-            # Our own cancel; if the caller itself is being cancelled, pass that on.
+            # Our own cancel; if this stop itself is being cancelled, pass that on.
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
