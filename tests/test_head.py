@@ -32,7 +32,6 @@ PATHS = [
     "/api/rates?source_currency=USD&destination_currency=USD",
     "/no/such/page",
 ]
-# Headers that differ between two answers to the same question for reasons other than the method.
 # Differ between any two answers: times, sizes, the rate limit's count, and each request's own id.
 VARYING = {
     "date",
