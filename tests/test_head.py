@@ -26,8 +26,13 @@ PATHS = [
     "/healthz/",
     "/readyz",
     "/metrics",
+    "/static/history.js",
+    "/static/favicon.svg",
     "/openapi.json",
     "/docs",
+    "/redoc",
+    "/asyncapi.json",
+    "/docs/websocket",
     # An error answers HEAD just as it answers GET: same status, no body.
     "/api/rates?source_currency=USD&destination_currency=USD",
     "/no/such/page",

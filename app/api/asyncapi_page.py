@@ -22,12 +22,13 @@ def _document(request: Request) -> dict[str, Any]:
     return build_asyncapi(request.app.version, request.url.netloc, protocol)
 
 
-@router.get("/asyncapi.json")
+# HEAD as well as GET, as everywhere in the service (docs/board.md).
+@router.api_route("/asyncapi.json", methods=["GET", "HEAD"])
 async def asyncapi_json(request: Request) -> JSONResponse:
     return JSONResponse(_document(request))
 
 
-@router.get("/docs/websocket")
+@router.api_route("/docs/websocket", methods=["GET", "HEAD"])
 async def asyncapi_page(request: Request) -> HTMLResponse:
     return HTMLResponse(render(_document(request)))
 
