@@ -179,9 +179,6 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         poller = Poller(
             provider, store, settings.pairs, schedule, amount=settings.upstream_quote_amount, metrics=metrics
         )
-        if start_poller:
-            # Entered last, so it stops first: no cycle runs against a closed client or engine.
-            await stack.enter_async_context(poller)
         client_limiter = await stack.enter_async_context(
             ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused).flushing()
         )
@@ -192,6 +189,9 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             messages_per_s=settings.ws_messages_per_second,
             message_burst=settings.ws_message_burst,
         )
+        if start_poller:
+            # Entered last, so it stops first: no cycle runs against a closed client or engine.
+            await stack.enter_async_context(poller)
         yield Services(
             settings,
             metrics,

@@ -26,14 +26,20 @@ NPM_TOOLS = ROOT / "tools" / "npm"
 # Error codes the model declares that this service has no way to make here, each with its reason.
 CODES_NOT_PROVOKED = {
     "too_large": "declared, but a frame over 64 KiB closes the connection with 1009 instead of an error frame",
-    "try_again_later": "needs the deployment's on-demand budget spent; tests/test_limits.py provokes it",
+    "try_again_later": "needs the deployment's on-demand budget spent; tests/test_limits_replicas.py provokes it",
 }
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     # Polls every half second, so pushed updates arrive while a test listens.
-    with live_service_on(tmp_path_factory.mktemp("asyncapi"), POLL_INTERVAL_SECONDS="0.5") as service:
+    # The message limit at its production figures (the one-address test settings raise it), so it can be provoked.
+    with live_service_on(
+        tmp_path_factory.mktemp("asyncapi"),
+        POLL_INTERVAL_SECONDS="0.5",
+        WS_MESSAGES_PER_SECOND="10",
+        WS_MESSAGE_BURST="50",
+    ) as service:
         yield service
 
 
