@@ -186,11 +186,10 @@ class DatabaseHealth:
         while True:
             await self._look.wait()
             self._look.clear()
-            # Confirming an outage gets a write's time: on a busy machine a read can be slow without the database
-            # being away, and calls are bounded meanwhile anyway. Looking for its return takes the usual bound.
+            # The probe gets a write's time, to confirm an outage and to find the database back: on a busy machine
+            # a fresh connection can be slow without the database being away, and calls are bounded meanwhile.
             timeout_s = self._timeout_s * WRITE_FACTOR
             while not await self._reachable(timeout_s):
-                timeout_s = self._timeout_s
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     self._up.set(0)

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.api.client_limit import ClientLimiter
 from app.api.ws_limits import Admission
 from app.currencies import Pair
-from app.db import create_engine, create_sessionmaker, migrate
+from app.db import WRITE_FACTOR, create_engine, create_sessionmaker, migrate
 from app.db_health import DatabaseHealth
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.hub import Hub
@@ -93,7 +93,10 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 await migration_engine.dispose()
         engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(engine.dispose)
-        probe_engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds, pooled=False)
+        # A connection per probe, given a write's time to connect: see app.db_health.
+        probe_engine = create_engine(
+            settings.database_url, timeout_s=settings.db_timeout_seconds * WRITE_FACTOR, pooled=False
+        )
         stack.push_async_callback(probe_engine.dispose)
         database = DatabaseHealth(
             engine,
