@@ -111,12 +111,19 @@ def test_every_message_has_examples_that_its_model_and_schema_accept(document: d
     assert error_examples == set(error_codes()), "every error code has its example"
 
 
-async def frames_until(client: WsClient, wanted: set[str], seen: list[dict[str, Any]]) -> None:
-    """Receive into `seen` until every type in `wanted` has arrived (30 s at most)."""
+async def frames_until(
+    client: WsClient, wanted: set[str], seen: list[dict[str, Any]], codes: frozenset[str] = frozenset()
+) -> None:
+    """Receive into `seen` until every type in `wanted`, and an error with each of `codes`, arrived (30 s at most)."""
     deadline = time.monotonic() + 30
-    while not wanted <= {frame["type"] for frame in seen}:
-        missing = wanted - {frame["type"] for frame in seen}
-        assert time.monotonic() < deadline, f"never sent: {missing}"
+
+    def missing() -> set[str]:
+        types = {frame["type"] for frame in seen}
+        errors = {frame["code"] for frame in seen if frame["type"] == "error"}
+        return (wanted - types) | {f"error {code}" for code in codes - errors}
+
+    while missing():
+        assert time.monotonic() < deadline, f"never sent: {missing()}"
         seen.append(await client.recv(timeout_s=15))
 
 
@@ -141,7 +148,7 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
         await client.send(
             {"type": "subscribe", "pairs": ["*"], "min_change_bps": 0, **({"batch": False} if batch else {})}
         )
-        await frames_until(client, sends - {"rates_update"}, seen)
+        await frames_until(client, sends - {"rates_update"}, seen, frozenset({"bad_request", "not_found"}))
     if batch:
         async with WsClient(live.ws_url) as client:
             await client.send({"type": "subscribe", "pairs": ["*"], "batch": True})
