@@ -75,6 +75,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.websocket_frames_sent = Counter(
+            "fxrates_websocket_frames_sent", "Frames sent to WebSocket clients (replies and pushes).", registry=r
+        )
+        self.websocket_updates_conflated = Counter(
+            "fxrates_websocket_updates_conflated",
+            "Rate updates replaced, before a client took them, by a newer one for the same pair.",
+            registry=r,
+        )
         self.publish_errors = Counter("fxrates_publish_errors", "Events that could not be published.", registry=r)
         # Set when /metrics is scraped (app.api.ops), so they tell the state at that moment.
         self.rate_age_seconds = Gauge(

@@ -133,6 +133,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
         store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors), database=database)
+        # Closed before the broadcast and the engine: writes already handed over finish first.
+        stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)
         stack.push_async_callback(window.aclose)
 
@@ -166,8 +168,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             broadcast,
             store,
             stale_after_s=settings.rate_stale_after_seconds,
-            clients_gauge=metrics.websocket_clients,
-            slow_closed=metrics.websocket_slow_closed,
+            metrics=metrics,
+            stall_timeout_s=settings.ws_stall_timeout_seconds,
         )
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
         # Read once now, while the database is known to answer: should it go away, this process already holds

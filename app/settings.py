@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     upstream_max_attempts: int = Field(default=3, ge=1, le=10)
     upstream_concurrency: int = Field(default=4, ge=1, le=64)
     upstream_quote_amount: Decimal = Field(default=Decimal(1000), gt=0)
+    ws_stall_timeout_seconds: float = Field(default=30, gt=0)
     cors_allow_origins: CommaList = ["*"]
     db_auto_migrate: bool = True
     db_timeout_seconds: float = Field(default=2, gt=0, le=60)

@@ -169,17 +169,42 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
         assert await cache.get(USD_NGN) is None  # unreadable: a miss, not an error
 
 
-async def test_last_updated_never_goes_back_in_time(engine: AsyncEngine, broadcast: Broadcast) -> None:
+async def test_last_updated_never_goes_back_in_time(store: RateStore) -> None:
+    from dataclasses import replace
     from datetime import timedelta
 
-    moments = iter([datetime.now(UTC), datetime.now(UTC) - timedelta(seconds=3)])
-    store = RateStore(
-        create_sessionmaker(engine),
-        TieredCache(MemoryCache(60), None),
-        Fanout(broadcast, Metrics().publish_errors),
-        clock=lambda: next(moments),
-        database=health(engine, Metrics()),
-    )
     first = await store.save(quote("1530.25"))
-    second = await store.save(quote("1531.5"))  # its clock was read before the first writer's commit
+    # An answer received before the stored one, but written after it (a slower writer, landing late).
+    late = replace(quote("1531.5"), received_at=first.rate.last_updated - timedelta(seconds=3))
+    second = await store.save(late)
     assert second.rate.last_updated >= first.rate.last_updated
+
+
+async def test_last_updated_is_when_the_upstream_answer_arrived(store: RateStore) -> None:
+    from dataclasses import replace
+    from datetime import timedelta
+
+    received_at = datetime.now(UTC) - timedelta(seconds=2)
+    saved = await store.save(replace(quote("1530.25"), received_at=received_at))
+    assert saved.rate.last_updated == received_at
+
+
+async def test_rates_written_together_are_published_as_one_event_after_commit(
+    store: RateStore, engine: AsyncEngine, broadcast: Broadcast
+) -> None:
+    from dataclasses import replace
+
+    quotes = [quote("1530.25"), replace(quote("1531.5")), quote("1532.75")]
+    async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
+        results = await store.save_many(quotes)
+        event = await asyncio.wait_for(subscriber.get(), timeout=5)
+    assert [result.changed for result in results] == [True, True, True]
+    assert [r.previous.destination_per_source if r.previous else None for r in results] == [
+        None,
+        Decimal("1530.25"),
+        Decimal("1531.5"),
+    ]
+    assert event.message.count('"type":"rate_update"') == 3
+    async with create_sessionmaker(engine)() as session:
+        points = await repository.list_history(session, USD_NGN)
+    assert [p.destination_per_source for p in points] == [Decimal("1530.25"), Decimal("1531.5"), Decimal("1532.75")]

@@ -1,13 +1,15 @@
 """WebSocket `/ws/rates` (docs/websocket.md): a snapshot on connect, then every change, pushed.
 
-Each socket is served by a receiver and a sender in one task group, so when
-either ends (the client leaves, or stops reading and overflows its outbox) the
-other is cancelled with it.
+Each socket is served by a receiver, a sender and a watcher in one task group,
+so when one ends (the client leaves, or is cut off for not reading) the others
+are cancelled with it. The client messages below, with the server frames in
+`app.rates.wire.SERVER_FRAMES`, are the whole protocol.
 """
 
 import asyncio
 import json
 import logging
+import time
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -50,6 +52,8 @@ class Subscribe(_Message):
     type: Literal["subscribe"]
     pairs: list[str] = Field(min_length=1, max_length=1000)
     min_change_bps: Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False, strict=False)] | None = None
+    # true: `rates_update` frames (every update due since the last frame) instead of one `rate_update` each.
+    batch: bool | None = None
 
 
 class Unsubscribe(_Message):
@@ -143,6 +147,8 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         client.subscribed_once = True
         if message.min_change_bps is not None:
             client.min_change_bps = message.min_change_bps
+        if message.batch is not None:
+            client.batch = message.batch
         client.send(_subscribed(client))
     elif isinstance(message, Unsubscribe):
         unwanted = _pairs(message.pairs)
@@ -151,6 +157,7 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         else:
             current = client.pairs if client.pairs is not None else set((await hub.snapshot()).values)
             client.pairs = current - unwanted
+        client.forget(unwanted)
         client.subscribed_once = True
         client.send(_subscribed(client))
 
@@ -181,19 +188,23 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
 
 
 async def _send(websocket: WebSocket, client: HubClient) -> None:
+    clock = time.monotonic
     while True:
-        frame = await client.outbox.get()
+        frame = await client.take()
+        client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
         try:
             await websocket.send_text(frame)
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:
             # The client's close frame arrived first and the server already answered it: the socket is done.
             raise WebSocketDisconnect(1000) from error
+        client.sending_since = None
+        client.frames_sent += 1
 
 
-async def _overflow(client: HubClient, hub: Hub) -> None:
+async def _cut_off(client: HubClient, hub: Hub) -> None:
     # Watched apart from the sender, which may sit blocked on a client that stopped reading.
-    await client.outbox.overflowed.wait()
-    hub.slow_closed.inc()
+    await client.cut_off.wait()
+    hub.count_slow_closed()
     client.close_code = CLOSE_TRY_AGAIN_LATER
 
 
@@ -212,7 +223,7 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
             tasks = [
                 group.create_task(_receive(websocket, client, hub, lookup)),
                 group.create_task(_send(websocket, client)),
-                group.create_task(_overflow(client, hub)),
+                group.create_task(_cut_off(client, hub)),
                 group.create_task(client.closing.wait()),
             ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

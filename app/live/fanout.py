@@ -4,7 +4,7 @@ Each event is serialised once, here, whatever the number of listeners.
 """
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
@@ -14,8 +14,8 @@ from redis.exceptions import RedisError
 
 from app.currencies import Pair
 from app.live.redis_backend import ResilientRedisBackend
-from app.rates.rate import StoredRate
-from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RateUpdate
+from app.rates.store import SaveResult
+from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,17 @@ class Fanout:
         self._broadcast = broadcast
         self._errors = errors
 
-    async def publish_rate(self, rate: StoredRate, previous: StoredRate | None) -> None:
+    async def publish_rates(self, results: Sequence[SaveResult]) -> None:
+        """One event for a store batch, however many rates it holds."""
         # A rate is published the moment it is stored, so it is fresh by definition.
-        item = RateItem.of(rate, stale=False)
-        await self._publish(RateUpdate(rate=item, previous_rate=previous.rate if previous else None))
+        updates = [
+            RateUpdate(
+                rate=RateItem.of(result.rate, stale=False),
+                previous_rate=result.previous.rate if result.previous else None,
+            )
+            for result in results
+        ]
+        await self._publish(RatesStored(updates=updates))
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
         await self._publish(update)
@@ -55,20 +62,28 @@ class Fanout:
             log.warning("could not publish %s: %s", type(event).__name__, error)
 
 
+def stored_updates(message: str) -> list[RateUpdate] | None:
+    """The rate updates an event tells of (a store batch), or None for any other event."""
+    if not message.startswith('{"type":"rates_stored"'):
+        return None
+    try:
+        return RatesStored.model_validate_json(message).updates
+    except ValidationError:
+        log.warning("ignoring a malformed rates_stored event on %s", RATES_CHANNEL)
+        return None
+
+
 async def follow_rate_updates(
     broadcast: Broadcast, on_update: Callable[[RateUpdate], None], on_resync: Callable[[], None]
 ) -> None:
-    """Hand every `rate_update` any process publishes to `on_update`, and a fan-out comeback to `on_resync`."""
+    """Hand every rate update any process publishes to `on_update`, and a fan-out comeback to `on_resync`."""
     async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
         while True:
             event = await subscriber.get()
             if event.message == RESYNC:
                 on_resync()
-            elif '"rate_update"' in event.message:
-                try:
-                    on_update(RateUpdate.model_validate_json(event.message))
-                except ValidationError:
-                    log.warning("ignoring a malformed rate_update on %s", RATES_CHANNEL)
+            for update in stored_updates(event.message) or ():
+                on_update(update)
 
 
 def rate_pair(update: RateUpdate) -> Pair:

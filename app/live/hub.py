@@ -1,8 +1,16 @@
 """The process's one listener to the rate channel, fanning every event out to its connected clients.
 
-Each event arrives once, is parsed once, and the same frame text is queued for
-every client that wants it. Each client has a bounded outbox: one that stops
-reading fills it and is cut off, and nobody else waits for it.
+Each event arrives once and is parsed once, and each rate update is serialised
+once in both shapes a client may take it in (a `rate_update` frame, and an item
+of a `rates_update` frame); every client is handed the same text.
+
+What a client has not taken yet waits in its own queue, conflated per pair
+(docs/websocket.md): a newer update for a pair replaces the queued one, so a
+slow client costs memory bounded by the number of pairs, never by time, and a
+client that catches up gets each pair's newest value. A client that takes
+nothing for `stall_timeout_s` while a frame waits is cut off (the endpoint
+closes it with 1013); so is one that keeps asking and never reads the answers
+(its replies are bounded by count, as they cannot be conflated).
 
 While the database cannot be reached, snapshots come from the last one read,
 brought up to date with every stored change announced since, each item's
@@ -10,57 +18,66 @@ brought up to date with every stored change announced since, each item's
 """
 
 import asyncio
-import json
+import itertools
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 from broadcaster import Broadcast
-from prometheus_client import Counter, Gauge
 
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
-from app.live.fanout import RATES_CHANNEL
+from app.live.fanout import RATES_CHANNEL, Delivered, stored_updates
+from app.metrics import Metrics
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
-from app.rates.wire import RESYNC, AllRates, RateItem
+from app.rates.wire import RESYNC, AllRates, RateItem, RatesUpdateItem, RateUpdate, rates_update_frame
 
 log = logging.getLogger(__name__)
 
 ALL = "*"
 # A snapshot is rebuilt after any change, and at least this often so its `stale` flags stay true.
 SNAPSHOT_MAX_AGE_S = 1.0
+# Replies to one client's own requests that may wait unread before it is cut off.
+MAX_QUEUED_REPLIES = 256
+# The key under which a client's pending end-of-cycle event waits: only the newest one matters.
+_CYCLE = "all_rates_update"
 
 
-class Outbox:
-    """A bounded queue of frames for one client."""
+class Update:
+    """One stored rate, serialised once for every client in both shapes."""
 
-    def __init__(self, max_frames: int) -> None:
-        self._frames: deque[str] = deque()
-        self._max_frames = max_frames
-        self._ready = asyncio.Event()
-        self.overflowed = asyncio.Event()
+    __slots__ = ("as_of", "frame", "item", "pair", "stamp", "stored", "value")
 
-    def put(self, frame: str) -> None:
-        if self.overflowed.is_set():
-            return
-        if len(self._frames) >= self._max_frames:
-            # The client stopped reading: what it has not taken is dropped, and it is to be cut off.
-            self._frames.clear()
-            self.overflowed.set()
-            return
-        self._frames.append(frame)
-        self._ready.set()
+    def __init__(self, update: RateUpdate) -> None:
+        rate = update.rate
+        self.pair = Pair(rate.source_currency, rate.destination_currency)
+        self.value = rate.destination_per_source
+        self.stamp: datetime = rate.last_updated
+        self.frame = update.model_dump_json()
+        self.item = RatesUpdateItem.of_update(update).model_dump_json()
+        self.as_of = '"' + rate.model_dump(mode="json", include={"last_updated"})["last_updated"] + '"'
+        # As a stored rate (it was published once stored): what a snapshot holds while the database is away.
+        self.stored = StoredRate(
+            pair=self.pair,
+            rate=rate.rate,
+            destination_per_source=rate.destination_per_source,
+            source_amount=rate.source_amount,
+            destination_amount=rate.destination_amount,
+            provider=rate.provider,
+            last_updated=rate.last_updated,
+        )
 
-    async def get(self) -> str:
-        while not self._frames:
-            self._ready.clear()
-            await self._ready.wait()
-        return self._frames.popleft()
+
+class _Reply:
+    """An answer to the client's own request; `pair` and `value` when it tells the client a rate."""
+
+    __slots__ = ("frame", "pair", "value")
+
+    def __init__(self, frame: str, pair: Pair | None, value: Decimal | None) -> None:
+        self.frame, self.pair, self.value = frame, pair, value
 
 
 class Snapshot:
@@ -78,19 +95,27 @@ class Snapshot:
 
 
 class HubClient:
-    """One connected client: what it subscribed to, what it was last sent, and its outbox."""
+    """One connected client: what it subscribed to, what it was last sent, and what waits for it."""
 
-    def __init__(self, max_frames: int) -> None:
-        self.outbox = Outbox(max_frames)
+    def __init__(self, max_replies: int = MAX_QUEUED_REPLIES) -> None:
         self.pairs: set[Pair] | None = None  # None: every pair
         self.min_change_bps = Decimal(0)
         self.subscribed_once = False
+        self.batch = False
         self.close_code: int | None = None
         self.closing = asyncio.Event()  # set when the service asks this connection to close (see Hub.close_all)
+        self.cut_off = asyncio.Event()  # set when the client is to be closed for not reading
+        self.sending_since: float | None = None  # when the frame being sent now was handed over
+        self.frames_sent = 0  # since the hub last counted them
+        # In send order: updates under their Pair, replies under an int, the end-of-cycle event under _CYCLE.
+        self._queue: dict[object, Update | _Reply | str] = {}
+        self._ready = asyncio.Event()
+        self._reply_keys = itertools.count()
+        self._replies = 0
+        self._max_replies = max_replies
+        self._snapshot_sent = False
         self._sent_base: dict[Pair, Decimal] = {}  # a snapshot's values, shared with other clients, never written
         self._sent: dict[Pair, Decimal] = {}
-        # Events that arrive before the first snapshot, passed on once it is sent: it must come first.
-        self._held: list[tuple[Pair | None, Decimal, str]] | None = []
 
     def close(self, code: int) -> None:
         self.close_code = code
@@ -101,39 +126,99 @@ class HubClient:
 
     def send_snapshot(self, snapshot: Snapshot) -> None:
         self._sent_base, self._sent = snapshot.values, {}
-        self.outbox.put(snapshot.frame)
-        held, self._held = self._held, None
-        for pair, value, frame in held or ():
-            if pair is None:
-                self.outbox.put(frame)
-            else:
-                self.offer(pair, value, frame)
+        reply = _Reply(snapshot.frame, None, None)
+        if self._snapshot_sent:
+            self._put_reply(reply)
+            return
+        # The first snapshot goes before any update that arrived while it was read.
+        self._snapshot_sent = True
+        self._queue = {next(self._reply_keys): reply, **self._queue}
+        self._replies += 1
+        self._ready.set()
 
     def send(self, frame: str, pair: Pair | None = None, value: Decimal | None = None) -> None:
-        if pair is not None and value is not None:
-            self._sent[pair] = value
-        self.outbox.put(frame)
+        """Queue a reply to the client's own request."""
+        self._put_reply(_Reply(frame, pair, value))
+
+    def _put_reply(self, reply: _Reply) -> None:
+        if self._replies >= self._max_replies:
+            # It keeps asking and does not read the answers: it is to be cut off.
+            self.cut_off.set()
+            return
+        self._replies += 1
+        self._queue[next(self._reply_keys)] = reply
+        self._ready.set()
 
     def push(self, frame: str) -> None:
-        """Queue an event every client gets (the end of a poll cycle)."""
-        if self._held is not None:
-            self._held.append((None, Decimal(0), frame))
-        else:
-            self.outbox.put(frame)
+        """Queue the end of a poll cycle; an older one still waiting is replaced, and moves behind the updates."""
+        self._queue.pop(_CYCLE, None)
+        self._queue[_CYCLE] = frame
+        self._ready.set()
 
-    def offer(self, pair: Pair, value: Decimal, frame: str) -> None:
-        """Queue a rate update if this client wants the pair and the move is big enough for it."""
-        if self._held is not None:
-            self._held.append((pair, value, frame))
-            return
-        if self.pairs is not None and pair not in self.pairs:
-            return
-        last = self.last_sent(pair)
-        if self.min_change_bps and last is not None and last:
-            moved_bps = abs(value - last) / last * 10_000
-            if moved_bps < self.min_change_bps:
-                return
-        self.send(frame, pair, value)
+    def offer(self, updates: Iterable[Update]) -> int:
+        """Queue the updates this client wants and whose move is big enough for it; how many replaced one queued."""
+        queue, pairs, threshold = self._queue, self.pairs, self.min_change_bps
+        conflated = queued = 0
+        for update in updates:
+            pair = update.pair
+            if pairs is not None and pair not in pairs:
+                continue
+            if threshold:
+                last = self.last_sent(pair)
+                if last and abs(update.value - last) / last * 10_000 < threshold:
+                    # Back within reach of what the client holds: a queued bigger move is no longer news.
+                    if queue.pop(pair, None) is not None:
+                        conflated += 1
+                    continue
+            # Moved to the back, so everything queued before an end-of-cycle event belongs to that cycle.
+            if queue.pop(pair, None) is not None:
+                conflated += 1
+            queue[pair] = update
+            queued += 1
+        if queued:
+            self._ready.set()
+        return conflated
+
+    def forget(self, pairs: set[Pair] | None) -> None:
+        """Drop queued updates of pairs the client no longer wants (None: every pair)."""
+        for key in [key for key, entry in self._queue.items() if type(entry) is Update]:
+            if pairs is None or key in pairs:
+                del self._queue[key]
+
+    async def take(self) -> str:
+        """The next frame to send: a reply or event alone, or (in batch mode) every update queued before it."""
+        queue = self._queue
+        while not queue:
+            self._ready.clear()
+            await self._ready.wait()
+        key = next(iter(queue))
+        entry = queue[key]
+        if type(entry) is Update:
+            if self.batch:
+                return self._take_batch()
+            del queue[key]
+            self._sent[entry.pair] = entry.value
+            return entry.frame
+        del queue[key]
+        if type(entry) is _Reply:
+            self._replies -= 1
+            if entry.pair is not None and entry.value is not None:
+                self._sent[entry.pair] = entry.value
+            return entry.frame
+        assert isinstance(entry, str)
+        return entry
+
+    def _take_batch(self) -> str:
+        queue, taken = self._queue, []
+        for entry in queue.values():
+            if type(entry) is not Update:
+                break
+            taken.append(entry)
+        for update in taken:
+            del queue[update.pair]
+            self._sent[update.pair] = update.value
+        newest = max(taken, key=lambda update: update.stamp)
+        return rates_update_frame([update.item for update in taken], newest.as_of)
 
 
 class Hub:
@@ -143,31 +228,33 @@ class Hub:
         store: RateStore,
         *,
         stale_after_s: float,
-        clients_gauge: Gauge,
-        slow_closed: Counter,
-        max_frames: int = 256,
+        metrics: Metrics,
+        stall_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._broadcast = broadcast
         self._store = store
         self._stale_after_s = stale_after_s
+        self._metrics = metrics
+        self._stall_timeout_s = stall_timeout_s
         self._clients: set[HubClient] = set()
-        self._clients_gauge = clients_gauge
-        self.slow_closed = slow_closed
-        self._max_frames = max_frames
         self._clock = clock
         self._snapshot: Snapshot | None = None
         self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
         self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
         self._snapshot_lock = asyncio.Lock()
+        self._delivered = Delivered()
         self.version = 0  # bumped by every change any process announces
-        self._closing_code: int | None = None
+        self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
+
+    def count_slow_closed(self) -> None:
+        self._metrics.websocket_slow_closed.inc()
 
     def join(self) -> HubClient:
-        """A new client; it holds updates until it is sent its first snapshot."""
-        client = HubClient(self._max_frames)
+        """A new client; whatever arrives before its first snapshot waits behind that snapshot."""
+        client = HubClient()
         self._clients.add(client)
-        self._clients_gauge.set(len(self._clients))
+        self._metrics.websocket_clients.set(len(self._clients))
         if self._closing_code is not None:
             client.close(self._closing_code)
         return client
@@ -180,7 +267,8 @@ class Hub:
 
     def leave(self, client: HubClient) -> None:
         self._clients.discard(client)
-        self._clients_gauge.set(len(self._clients))
+        self._count_frames((client,))
+        self._metrics.websocket_clients.set(len(self._clients))
 
     def _current(self) -> Snapshot | None:
         # Out of date after a save in this process, an event from another (see _dispatch), or a second.
@@ -229,47 +317,72 @@ class Hub:
         return AllRates(rates=items, as_of=read_at).model_dump_json()
 
     async def run(self) -> None:
-        """Listen to the rate channel and fan each event out, until cancelled."""
+        """Listen to the rate channel and fan each event out, and watch for stalled clients, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._listen())
+            group.create_task(self._watch())
+
+    def deliver(self, message: str) -> None:
+        """An event this process published, handed over directly (`Fanout.deliver_here`): fanned out now."""
+        self._delivered.add(message)
+        try:
+            self._fan_out(message)
+        except Exception:
+            log.exception("could not fan out an event")
+
+    async def _listen(self) -> None:
         async with self._broadcast.subscribe(RATES_CHANNEL) as subscriber:
             while True:
                 event = await subscriber.get()
+                if self._delivered.take(event.message):
+                    continue
                 try:
                     await self._dispatch(event.message)
                 except Exception:
                     log.exception("could not fan out an event")
 
-    async def _dispatch(self, frame: str) -> None:
-        message: dict[str, Any] = json.loads(frame)
-        kind = message.get("type")
-        if kind == "rate_update":
-            self._snapshot = None
-            self.version += 1
-            item = message["rate"]
-            pair = Pair(item["source_currency"], item["destination_currency"])
-            value = Decimal(str(item["destination_per_source"]))
-            self._announced[pair] = _stored(pair, item)
-            for client in list(self._clients):
-                client.offer(pair, value, frame)
-        elif kind == "all_rates_update":
-            for client in list(self._clients):
-                client.push(frame)
-        elif frame == RESYNC:
+    async def _watch(self) -> None:
+        """Once a second (or sooner for a short timeout): cut off stalled clients, count the frames sent."""
+        period_s = min(1.0, self._stall_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period_s)
+            now = self._clock()
+            for client in self._clients:
+                since = client.sending_since
+                if since is not None and now - since >= self._stall_timeout_s:
+                    client.cut_off.set()
+            self._count_frames(self._clients)
+
+    def _count_frames(self, clients: Iterable[HubClient]) -> None:
+        sent = 0
+        for client in clients:
+            sent, client.frames_sent = sent + client.frames_sent, 0
+        if sent:
+            self._metrics.websocket_frames_sent.inc(sent)
+
+    async def _dispatch(self, message: str) -> None:
+        if message == RESYNC:
             # Redis was away: whatever changed meanwhile reaches every client as a fresh snapshot.
             self._snapshot = None
             self.version += 1
             snapshot = await self.snapshot()
             for client in list(self._clients):
                 client.send_snapshot(snapshot)
+        else:
+            self._fan_out(message)
 
-
-def _stored(pair: Pair, item: dict[str, Any]) -> StoredRate:
-    """A rate item from the channel as a stored rate (it was published once stored)."""
-    return StoredRate(
-        pair=pair,
-        rate=Decimal(str(item["rate"])),
-        destination_per_source=Decimal(str(item["destination_per_source"])),
-        source_amount=Decimal(str(item["source_amount"])),
-        destination_amount=Decimal(str(item["destination_amount"])),
-        provider=str(item["provider"]),
-        last_updated=datetime.fromisoformat(item["last_updated"]),
-    )
+    def _fan_out(self, message: str) -> None:
+        if (stored := stored_updates(message)) is not None:
+            self._snapshot = None
+            self.version += 1
+            updates = [Update(update) for update in stored]
+            for update in updates:
+                self._announced[update.pair] = update.stored
+            conflated = 0
+            for client in list(self._clients):
+                conflated += client.offer(updates)
+            if conflated:
+                self._metrics.websocket_updates_conflated.inc(conflated)
+        elif message.startswith('{"type":"all_rates_update"'):
+            for client in list(self._clients):
+                client.push(message)

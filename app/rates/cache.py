@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
@@ -105,17 +106,25 @@ class RedisCache:
             return None
 
     async def set(self, rate: StoredRate) -> None:
+        await self.set_many([rate])
+
+    async def set_many(self, rates: Sequence[StoredRate]) -> None:
+        """Every rate in one round trip (a store batch), each set only if it is newer than what is held."""
+        if not rates:
+            return
         try:
-            async with asyncio.timeout(REDIS_OP_TIMEOUT_S):
-                # Writers (replicas, read-through fills) may land out of order: an older rate never wins.
-                await self._redis.eval(
-                    SET_IF_NEWER,
-                    1,
-                    self._key(rate.pair),
-                    json.dumps(rate.to_cache()),
-                    repr(rate.last_updated.timestamp()),
-                    self._ttl_s,
-                )
+            async with asyncio.timeout(REDIS_OP_TIMEOUT_S), self._redis.pipeline(transaction=False) as pipe:
+                for rate in rates:
+                    # Writers (replicas, read-through fills) may land out of order: an older rate never wins.
+                    pipe.eval(
+                        SET_IF_NEWER,
+                        1,
+                        self._key(rate.pair),
+                        json.dumps(rate.to_cache()),
+                        repr(rate.last_updated.timestamp()),
+                        self._ttl_s,
+                    )
+                await pipe.execute()
         except (RedisError, OSError) as error:
             self._failed("write", error)
 
@@ -132,6 +141,10 @@ class TieredCache:
         self.shared = shared
 
     async def set(self, rate: StoredRate) -> None:
-        await self.memory.set(rate)
+        await self.set_many([rate])
+
+    async def set_many(self, rates: Sequence[StoredRate]) -> None:
+        for rate in rates:
+            await self.memory.set(rate)
         if self.shared is not None:
-            await self.shared.set(rate)
+            await self.shared.set_many(rates)

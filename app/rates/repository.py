@@ -1,8 +1,9 @@
 """SQL for the rate tables, and nothing else: no cache, no events, no commits."""
 
+from collections.abc import Collection
 from datetime import datetime
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -57,6 +58,26 @@ async def lock_current(session: AsyncSession, pair: Pair) -> ExchangeRate:
         .execution_options(populate_existing=True)
     )
     return (await session.execute(statement)).scalar_one()
+
+
+async def lock_current_many(session: AsyncSession, pairs: Collection[Pair]) -> dict[Pair, ExchangeRate]:
+    """The rows of those of `pairs` already stored, locked until the transaction ends, in one statement.
+
+    Locked in pair order, so two writers of overlapping batches take turns instead of deadlocking.
+    """
+    statement = (
+        select(ExchangeRate)
+        .where(
+            tuple_(ExchangeRate.source_currency, ExchangeRate.destination_currency).in_(
+                [(pair.source, pair.destination) for pair in pairs]
+            )
+        )
+        .order_by(ExchangeRate.source_currency, ExchangeRate.destination_currency)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    rows = (await session.scalars(statement)).all()
+    return {Pair(row.source_currency, row.destination_currency): row for row in rows}
 
 
 def update_current(row: ExchangeRate, quote: Quote, now: datetime) -> None:

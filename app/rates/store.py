@@ -6,9 +6,17 @@ database cannot be reached nothing new is shown anywhere: whatever a client
 was shown, history holds (docs/outages.md). Every database call goes through
 `DatabaseHealth`, bounded, and raises `DatabaseUnavailable` when it cannot be
 made.
+
+Writes are group-committed: whatever quotes arrive while a transaction runs go
+into the next one, together, followed by one cache round trip and one published
+event. A quote that arrives when nothing is being written is written at once,
+alone, so batching never adds a delay; under a poll cycle it saves a
+transaction, a cache round trip and a publish per pair (docs/performance.md).
 """
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -17,23 +25,19 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.currencies import Pair
 from app.db_health import DatabaseHealth
+from app.errors import DatabaseUnavailable
 from app.rates import repository
 from app.rates.cache import TieredCache
+from app.rates.models import ExchangeRate
 from app.rates.rate import StoredRate
 from app.rates.wire import AllRatesUpdate
 from app.upstream.quote import Quote
 
+log = logging.getLogger(__name__)
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class Publisher(Protocol):
-    """Where stored rates are announced (`app.live.fanout.Fanout`); the store knows nothing of how."""
-
-    async def publish_rate(self, rate: StoredRate, previous: StoredRate | None) -> None: ...
-
-    async def publish_cycle(self, update: AllRatesUpdate) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +50,23 @@ class SaveResult:
         return self.previous is None or self.previous.destination_per_source != self.rate.destination_per_source
 
 
+class Publisher(Protocol):
+    """Where stored rates are announced (`app.live.fanout.Fanout`); the store knows nothing of how."""
+
+    async def publish_rates(self, results: Sequence[SaveResult]) -> None: ...
+
+    async def publish_cycle(self, update: AllRatesUpdate) -> None: ...
+
+
+_Waiting = tuple[Quote, "asyncio.Future[SaveResult]"]
+
+
 class RateStore:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
         cache: TieredCache,
         fanout: Publisher,
-        clock: Callable[[], datetime] = utc_now,
         *,
         database: DatabaseHealth,
     ) -> None:
@@ -60,41 +74,100 @@ class RateStore:
         self.database = database
         self._cache = cache
         self._fanout = fanout
-        self._clock = clock
+        self._waiting: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
         self.version = 0  # bumped by every save in this process, so derived views know they are out of date
 
     async def save(self, quote: Quote) -> SaveResult:
-        """Store `quote` as the pair's current rate, appending to history when the value changed."""
-        result = await self.database.call(lambda: self._write(quote), write=True)
-        self.version += 1
-        await self._cache.set(result.rate)
-        await self._fanout.publish_rate(result.rate, result.previous)
+        """Store `quote` as the pair's current rate, appending to history when the value changed.
+
+        Its `received_at` becomes `last_updated` (never earlier than the pair's current one).
+        """
+        (result,) = await self.save_many([quote])
         return result
 
-    async def _write(self, quote: Quote) -> SaveResult:
-        now = self._clock()
+    async def save_many(self, quotes: Sequence[Quote]) -> list[SaveResult]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[SaveResult]] = [loop.create_future() for _ in quotes]
+        self._waiting += zip(quotes, futures, strict=True)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain(), name="rate-store-writer")
+        # Shielded: a caller that stops waiting does not take a write others share with it.
+        return list(await asyncio.shield(asyncio.gather(*futures)))
+
+    async def aclose(self) -> None:
+        """Wait for the writes already handed over (the lifespan calls this before the engine goes)."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                await self._write_settling(batch)
+        finally:
+            self._writer = None
+
+    async def _write_settling(self, batch: list[_Waiting]) -> None:
+        try:
+            results = await self._write([quote for quote, _ in batch])
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as error:
+            if len(batch) == 1 or isinstance(error, DatabaseUnavailable):
+                # Alone, or the database is away for all of them alike: each waiting save gets the error.
+                for _, future in batch:
+                    _settle(future, error=error)
+                return
+            # One bad write must not fail the others it was batched with: each goes again alone.
+            log.warning("a batch of %d rates failed (%s); writing each alone", len(batch), error)
+            for waiting in batch:
+                await self._write_settling([waiting])
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            _settle(future, result=result)
+
+    async def _write(self, quotes: list[Quote]) -> list[SaveResult]:
+        results = await self.database.call(lambda: self._transaction(quotes), write=True)
+        self.version += 1
+        # Publish after commit, cache first: a client told of a rate finds it wherever it looks.
+        await self._cache.set_many([result.rate for result in results])
+        await self._fanout.publish_rates(results)
+        return results
+
+    async def _transaction(self, quotes: list[Quote]) -> list[SaveResult]:
         async with self._sessions.begin() as session:
-            previous: StoredRate | None = None
-            if not await repository.insert_if_absent(session, quote, now):
-                row = await repository.lock_current(session, quote.pair)
-                previous = repository.to_stored(row)
-                # Two writers of one pair take turns on the row lock; the second never goes back in time.
-                now = max(now, previous.last_updated)
-                repository.update_current(row, quote, now)
-            result = SaveResult(
-                rate=StoredRate(
-                    pair=quote.pair,
-                    rate=quote.rate,
-                    destination_per_source=quote.destination_per_source,
-                    source_amount=quote.source_amount,
-                    destination_amount=quote.destination_amount,
-                    provider=quote.provider,
-                    last_updated=now,
-                ),
-                previous=previous,
-            )
-            if result.changed:
-                repository.append_history(session, quote, now)
+            rows = await repository.lock_current_many(session, {quote.pair for quote in quotes})
+            return [await self._write_one(session, rows, quote) for quote in quotes]
+
+    async def _write_one(self, session: AsyncSession, rows: dict[Pair, ExchangeRate], quote: Quote) -> SaveResult:
+        now = quote.received_at
+        previous: StoredRate | None = None
+        row = rows.get(quote.pair)
+        if row is not None or not await repository.insert_if_absent(session, quote, now):
+            # Stored before, by an earlier batch, earlier in this one, or another writer just now.
+            if row is None:
+                row = rows[quote.pair] = await repository.lock_current(session, quote.pair)
+            previous = repository.to_stored(row)
+            # Two writers of one pair take turns on the row lock; the second never goes back in time.
+            now = max(now, previous.last_updated)
+            repository.update_current(row, quote, now)
+        result = SaveResult(
+            rate=StoredRate(
+                pair=quote.pair,
+                rate=quote.rate,
+                destination_per_source=quote.destination_per_source,
+                source_amount=quote.source_amount,
+                destination_amount=quote.destination_amount,
+                provider=quote.provider,
+                last_updated=now,
+            ),
+            previous=previous,
+        )
+        if result.changed:
+            repository.append_history(session, quote, now)
         return result
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
@@ -113,3 +186,14 @@ class RateStore:
                 return await repository.get_current(session, pair)
 
         return await self.database.call(read)
+
+
+def _settle(
+    future: "asyncio.Future[SaveResult]", *, result: SaveResult | None = None, error: Exception | None = None
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    elif result is not None:
+        future.set_result(result)

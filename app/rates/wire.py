@@ -61,9 +61,34 @@ class RateItem(BaseModel):
 
 
 class RateUpdate(BaseModel):
+    """Pushed to a per-pair client each time a rate is stored."""
+
     type: Literal["rate_update"] = "rate_update"
     rate: RateItem
     previous_rate: Number | None
+
+
+class RatesUpdateItem(RateItem):
+    """A rate item in a `rates_update`, with the value stored before it."""
+
+    previous_rate: Number | None
+
+    @classmethod
+    def of_update(cls, update: RateUpdate) -> "RatesUpdateItem":
+        return cls(**dict(update.rate), previous_rate=update.previous_rate)
+
+
+class RatesUpdate(BaseModel):
+    """Pushed to a batch client: every update it is due since its last frame, the newest per pair.
+
+    The hub writes this frame by joining items it serialised once for every
+    client (see `rates_update_frame`); the model is its schema, and tests hold
+    the two to the same bytes.
+    """
+
+    type: Literal["rates_update"] = "rates_update"
+    rates: list[RatesUpdateItem]
+    as_of: datetime
 
 
 class AllRatesUpdate(BaseModel):
@@ -100,10 +125,23 @@ class ErrorFrame(BaseModel):
     message: str
 
 
+class RatesStored(BaseModel):
+    """Published between processes, never sent to a client: one store batch, committed together."""
+
+    type: Literal["rates_stored"] = "rates_stored"
+    updates: list[RateUpdate]
+
+
+def rates_update_frame(items: list[str], as_of: str) -> str:
+    """A `RatesUpdate` frame from items already serialised as `RatesUpdateItem` JSON, and `as_of` as JSON."""
+    return '{"type":"rates_update","rates":[' + ",".join(items) + '],"as_of":' + as_of + "}"
+
+
 # Every frame the server sends a WebSocket client (docs/websocket.md), for schema generators.
 SERVER_FRAMES: tuple[type[BaseModel], ...] = (
     AllRates,
     RateUpdate,
+    RatesUpdate,
     AllRatesUpdate,
     RateReply,
     Subscribed,

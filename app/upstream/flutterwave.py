@@ -4,6 +4,7 @@ import asyncio
 import email.utils
 import logging
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import httpx
@@ -127,20 +128,21 @@ class FlutterwaveClient:
             started = time.perf_counter()
             try:
                 response = await self._http.get(RATES_PATH, params=params)
+                received_at = datetime.now(UTC)
             except httpx.TimeoutException:
                 self._count("timeout", started)
                 raise UpstreamUnavailable(pair, "timed out") from None
             except httpx.RequestError as error:  # transport failures, and bodies that do not decode
                 self._count("connection_error", started)
                 raise UpstreamUnavailable(pair, f"request failed ({type(error).__name__})") from None
-        return self._read(pair, response, started)
+        return self._read(pair, response, started, received_at)
 
     def _count(self, outcome: str, started: float) -> None:
         self._calls.labels(outcome=outcome).inc()
         if self._durations is not None:
             self._durations.labels(outcome=outcome).observe(time.perf_counter() - started)
 
-    def _read(self, pair: Pair, response: httpx.Response, started: float) -> Quote:
+    def _read(self, pair: Pair, response: httpx.Response, started: float, received_at: datetime) -> Quote:
         status = response.status_code
         error: UpstreamError
         if status == 429:
@@ -151,7 +153,7 @@ class FlutterwaveClient:
             outcome, error = "rejected", UpstreamRejected(pair, _error_message(response))
         else:
             try:
-                quote = parse_quote(response.content, pair, self.name)
+                quote = parse_quote(response.content, pair, self.name, received_at)
             except MalformedQuote as malformed:
                 self._count("malformed", started)
                 log.error("upstream answer rejected as malformed: %s", malformed)

@@ -8,7 +8,8 @@ and the upstream's own `rate` is kept as the precise figure.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Annotated, Any, Literal
 
@@ -47,9 +48,18 @@ class _RatePayload(BaseModel):
     data: _RateData
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class Quote:
-    """A consistent quote; `rate` is source per destination unit, as Flutterwave documents it."""
+    """A consistent quote; `rate` is source per destination unit, as Flutterwave documents it.
+
+    `received_at` is the moment the upstream's answer arrived: it becomes the
+    rate's `last_updated`, so every delay after it (parsing, storing, fanning
+    out) shows in what clients measure.
+    """
 
     pair: Pair
     rate: Decimal
@@ -57,6 +67,7 @@ class Quote:
     source_amount: Decimal
     destination_amount: Decimal
     provider: str
+    received_at: datetime = field(default_factory=_now, compare=False)
 
 
 def significant(value: Decimal, digits: int = SIGNIFICANT_DIGITS) -> Decimal:
@@ -81,7 +92,12 @@ def _near(value: Decimal, expected: Decimal) -> bool:
 
 
 def quote_from_amounts(
-    pair: Pair, rate: Decimal, source_amount: Decimal, destination_amount: Decimal, provider: str
+    pair: Pair,
+    rate: Decimal,
+    source_amount: Decimal,
+    destination_amount: Decimal,
+    provider: str,
+    received_at: datetime | None = None,
 ) -> Quote:
     """Work out which way `rate` points from the amounts, or raise `MalformedQuote`."""
     for name, value in (("rate", rate), ("source.amount", source_amount), ("destination.amount", destination_amount)):
@@ -112,6 +128,7 @@ def quote_from_amounts(
         source_amount=source_amount,
         destination_amount=destination_amount,
         provider=provider,
+        received_at=received_at or _now(),
     )
 
 
@@ -121,7 +138,7 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def parse_quote(body: bytes, pair: Pair, provider: str) -> Quote:
+def parse_quote(body: bytes, pair: Pair, provider: str, received_at: datetime | None = None) -> Quote:
     """Parse a Flutterwave rates body for `pair`, or raise `MalformedQuote` saying what is wrong."""
     try:
         # Decimals straight from the text: a float would lose digits before we ever saw them.
@@ -137,6 +154,6 @@ def parse_quote(body: bytes, pair: Pair, provider: str) -> Quote:
     if echoed != pair:
         raise MalformedQuote(pair, f"answer is for {echoed}, not the pair asked for")
     try:
-        return quote_from_amounts(pair, data.rate, data.source.amount, data.destination.amount, provider)
+        return quote_from_amounts(pair, data.rate, data.source.amount, data.destination.amount, provider, received_at)
     except ArithmeticError:
         raise MalformedQuote(pair, "amounts or rate beyond what decimal arithmetic can hold") from None
