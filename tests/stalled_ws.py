@@ -6,9 +6,12 @@ At the end, `outcome()` reads everything the server sent and says how the stream
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
 
 
 def _masked_text_frame(text: str) -> bytes:
@@ -54,6 +57,26 @@ class StalledClient:
         for _ in range(times):
             self._writer.write(frame)
             await self._writer.drain()
+
+    async def read_until(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 15
+    ) -> list[dict[str, Any]]:
+        """Start reading again: every text message, in order, until `done` says the list is complete."""
+        assert self._reader is not None
+        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+        messages: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout_s):
+            while not done(messages):
+                head = await self._reader.readexactly(2)
+                length = head[1] & 0x7F
+                if length == 126:
+                    length = struct.unpack("!H", await self._reader.readexactly(2))[0]
+                elif length == 127:
+                    length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
+                payload = await self._reader.readexactly(length)
+                if head[0] & 0x0F == 0x1:
+                    messages.append(json.loads(payload))
+        return messages
 
     async def outcome(self, timeout_s: float = 15) -> int | None:
         """Read what is left: the close code the server sent, 1006 if it just hung up, None if it never did."""

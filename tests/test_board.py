@@ -1,6 +1,7 @@
 """The rates board in a real browser: Debian's chromium driven headless by Playwright, against a real service."""
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -82,8 +83,16 @@ document.addEventListener("securitypolicyviolation", (event) => {
 """
 
 
-async def open_board(browser: Browser, service: Replica, width: int = 1280) -> tuple[Page, list[str]]:
+async def open_board(
+    browser: Browser, service: Replica, width: int = 1280, frame_types: list[str] | None = None
+) -> tuple[Page, list[str]]:
+    """The board, loaded and live; the type of every WebSocket frame it receives goes to `frame_types`."""
     page = await browser.new_page(viewport={"width": width, "height": 900})
+    if frame_types is not None:
+        page.on(
+            "websocket",
+            lambda socket: socket.on("framereceived", lambda payload: frame_types.append(json.loads(payload)["type"])),
+        )
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -122,7 +131,8 @@ async def test_the_board_shows_every_pair_without_errors_and_at_both_widths(brow
 async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
     browser: Browser, service: Replica, fake: FakeFlutterwave
 ) -> None:
-    page, errors = await open_board(browser, service)
+    frame_types: list[str] = []
+    page, errors = await open_board(browser, service, frame_types=frame_types)
     pair = Pair("GBP", "KES")
     row = page.locator(f'tr[data-pair="{pair}"]')
     moved = fake.bump(pair, Decimal("1.02"))
@@ -132,6 +142,8 @@ async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
     await expect(row).to_have_attribute("data-moved", "up")
     await expect(row.locator(".move")).to_have_text("▲ up")
     assert errors == []
+    # The board asks for batch mode: moves arrive as rates_update frames, never one rate_update per pair.
+    assert "rates_update" in frame_types and "rate_update" not in frame_types
 
 
 async def test_the_quote_box_agrees_with_the_rest_api(browser: Browser, service: Replica) -> None:

@@ -412,6 +412,8 @@ function connect() {
   socket.addEventListener("open", () => {
     attempts = 0;
     setConnection("live");
+    // Batch mode: one frame carries every pair that moved since the last, so a poll cycle is a few repaints.
+    socket.send(JSON.stringify({ type: "subscribe", pairs: ["*"], batch: true }));
   });
   socket.addEventListener("message", (event) => receive(JSON.parse(event.data)));
   socket.addEventListener("close", () => reconnectLater());
@@ -431,6 +433,8 @@ function receive(message) {
     for (const item of message.rates) upsert(item);
     board.setAttribute("aria-busy", "false");
     loadRemainingHistories();
+  } else if (message.type === "rates_update") {
+    for (const item of message.rates) upsert(item, { fromUpdate: true });
   } else if (message.type === "rate_update") {
     upsert(message.rate, { fromUpdate: true });
   }

@@ -1,0 +1,274 @@
+"""Batch mode, conflation and the stalled-reader cut-off of `/ws/rates`, on a real uvicorn process."""
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.currencies import Pair
+from app.rates.wire import RatesUpdate
+from tests.fake_flutterwave import FakeFlutterwave
+from tests.replicas import Replica, replica_on_sqlite
+from tests.stalled_ws import StalledClient
+from tests.ws_client import WsClient
+
+POLL_INTERVAL_S = 0.3
+# Long enough for the conflation test to pause a reader without losing it, short enough to wait out.
+STALL_TIMEOUT_S = 10.0
+ITEM_FIELDS = {
+    "source_currency",
+    "destination_currency",
+    "rate",
+    "source_amount",
+    "destination_amount",
+    "destination_per_source",
+    "last_updated",
+    "stale",
+    "provider",
+    "previous_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeFlutterwave]:
+    with FakeFlutterwave(slow_s=3.0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    with replica_on_sqlite(
+        Path(tmp_path_factory.mktemp("ws-batch")),
+        fake,
+        POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
+        UPSTREAM_TIMEOUT_SECONDS="1",
+        UPSTREAM_MAX_ATTEMPTS="1",
+        WS_STALL_TIMEOUT_SECONDS=str(STALL_TIMEOUT_S),
+    ) as replica:
+        yield replica
+
+
+def metric(replica: Replica, name: str) -> float:
+    with urllib.request.urlopen(f"{replica.url}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def pair_of(item: dict[str, Any]) -> str:
+    return f"{item['source_currency']}/{item['destination_currency']}"
+
+
+async def batches_over_cycles(client: WsClient, cycles: int) -> list[dict[str, Any]]:
+    """The `rates_update` frames received until `cycles` poll cycles have ended (the first, partial one aside)."""
+    frames: list[dict[str, Any]] = []
+    await client.recv_until(lambda m: m["type"] == "all_rates_update")
+    for _ in range(cycles):
+        _, before = await client.recv_until(lambda m: m["type"] == "all_rates_update")
+        assert all(m["type"] != "rate_update" for m in before), "a batch client got a per-pair frame"
+        frames += [m for m in before if m["type"] == "rates_update"]
+    return frames
+
+
+async def test_batch_frames_hold_the_newest_update_of_each_pair_in_the_documented_shape(service: Replica) -> None:
+    async with WsClient(service.ws_url) as client:
+        await client.recv()
+        subscribed = await client.ask({"type": "subscribe", "pairs": ["*"], "batch": True}, "subscribed")
+        assert subscribed == {"type": "subscribed", "pairs": ["*"], "min_change_bps": 0}
+        await client.recv_until(lambda m: m["type"] == "all_rates_update")
+        raw = await asyncio.wait_for(client.connection.recv(), 10)
+        while json.loads(raw)["type"] != "rates_update":
+            raw = await asyncio.wait_for(client.connection.recv(), 10)
+        # The hub writes the frame by hand from items serialised once: it is exactly what the model would write.
+        assert isinstance(raw, str) and RatesUpdate.model_validate_json(raw).model_dump_json() == raw
+        frames = await batches_over_cycles(client, cycles=2)
+    for frame in frames:
+        pairs = [pair_of(item) for item in frame["rates"]]
+        assert len(pairs) == len(set(pairs)), "a pair twice in one frame"
+        assert all(set(item) == ITEM_FIELDS for item in frame["rates"])
+        assert frame["as_of"] == max(item["last_updated"] for item in frame["rates"])
+    assert len({pair_of(item) for frame in frames for item in frame["rates"]}) == 44
+    # A poll cycle's stores reach a batch client in a few frames of many, not one frame per pair.
+    assert max(len(frame["rates"]) for frame in frames) > 1
+
+
+async def test_batch_mode_keeps_the_subscription_filter_and_min_change_bps(
+    service: Replica, fake: FakeFlutterwave
+) -> None:
+    pair = Pair("CAD", "GHS")
+    async with WsClient(service.ws_url) as client:
+        await client.recv()
+        await client.ask({"type": "subscribe", "pairs": ["gbp/kes", str(pair)], "batch": True}, "subscribed")
+        frames = await batches_over_cycles(client, cycles=2)
+        assert {pair_of(item) for frame in frames for item in frame["rates"]} == {"GBP/KES", str(pair)}
+        await client.ask({"type": "unsubscribe", "pairs": ["GBP/KES"]}, "subscribed")
+        await client.ask({"type": "subscribe", "pairs": [str(pair)], "min_change_bps": 50}, "subscribed")
+        fake.bump(pair, Decimal("1.002"))  # 20 bps: under the threshold
+        assert not await batches_over_cycles(client, cycles=2)
+        moved = fake.bump(pair, Decimal("1.004"))  # 60 bps from what the client was last sent
+        update, before = await client.recv_until(lambda m: m["type"] == "rates_update", timeout_s=10)
+    (item,) = update["rates"]
+    assert pair_of(item) == str(pair) and Decimal(str(item["destination_per_source"])) == moved
+    assert item["previous_rate"] is not None
+    assert all(m["type"] != "rate_update" for m in before)
+
+
+async def test_batch_false_goes_back_to_one_rate_update_per_pair(service: Replica) -> None:
+    async with WsClient(service.ws_url) as client:
+        await client.recv()
+        await client.ask({"type": "subscribe", "pairs": ["USD/NGN"], "batch": True}, "subscribed")
+        await client.recv_until(lambda m: m["type"] == "rates_update")
+        await client.ask({"type": "subscribe", "pairs": ["USD/NGN"], "batch": False}, "subscribed")
+        await client.recv_until(lambda m: m["type"] == "all_rates_update")
+        _, before = await client.recv_until(lambda m: m["type"] == "all_rates_update")
+    assert [m["type"] for m in before] == ["rate_update"]
+    assert pair_of(before[0]["rate"]) == "USD/NGN"
+
+
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_paused_client_gets_each_pair_in_time_order_conflated_ending_at_the_current_value(
+    service: Replica, fake: FakeFlutterwave, batch: bool
+) -> None:
+    pairs = [Pair(item["source_currency"], item["destination_currency"]) for item in all_rates(service)]
+    async with WsClient(service.ws_url) as reader:
+        # A client that reads all along, for comparison: it is sent every store of every pair.
+        await reader.recv()
+        read: list[dict[str, Any]] = []
+        reading = asyncio.create_task(read_into(reader, read))
+        try:
+            paused = await pause_then_read(service, fake, pairs, batch)
+            final = latest_values(paused)
+            await wait_for(lambda: latest_values(read) == final, 10, "the reading client to see the last values")
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+    assert final == {str(pair): fake.rate(pair) for pair in pairs}
+    kinds = {m["type"] for m in paused}
+    assert ("rates_update" in kinds) == batch and ("rate_update" in kinds) != batch
+    everything = by_pair(read)
+    for pair, history in by_pair(paused).items():
+        stamps = [datetime.fromisoformat(item["last_updated"]) for item in history]
+        assert stamps == sorted(stamps), "a pair's values arrived out of time order"
+        # While it paused, each pair's queued update was replaced by newer ones instead of piling up.
+        assert len(history) < len(everything[pair]), pair
+
+
+async def read_into(client: WsClient, messages: list[dict[str, Any]]) -> None:
+    while True:
+        messages.append(await client.recv(timeout_s=30))
+
+
+async def pause_then_read(
+    service: Replica, fake: FakeFlutterwave, pairs: list[Pair], batch: bool
+) -> list[dict[str, Any]]:
+    """A client stops reading until updates wait for it, conflated, then reads until it holds every last value."""
+    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    client = StalledClient(host, int(port))
+    await client.connect()
+    try:
+        if batch:
+            await client.send('{"type": "subscribe", "pairs": ["*"], "batch": true}')
+        await fill(client)
+        conflated_before = metric(service, "fxrates_websocket_updates_conflated_total")
+        probe = pairs[0]
+
+        def stored_and_bumped() -> bool:
+            # A round of bumps once the poller stored the last one, until updates were conflated for this client.
+            if Decimal(str(rate_of(service, probe)["destination_per_source"])) == fake.rate(probe):
+                if metric(service, "fxrates_websocket_updates_conflated_total") >= conflated_before + 3 * len(pairs):
+                    return True
+                for pair in pairs:
+                    fake.bump(pair, Decimal("1.0001"))
+            return False
+
+        await wait_for(stored_and_bumped, STALL_TIMEOUT_S * 0.7, "updates to wait, conflated")
+        final = {str(pair): fake.rate(pair) for pair in pairs}
+        return await client.read_until(lambda messages: latest_values(messages) == final)
+    finally:
+        await client.outcome(timeout_s=0.1)
+
+
+def latest_values(messages: list[dict[str, Any]]) -> dict[str, Decimal]:
+    return {pair: Decimal(str(history[-1]["destination_per_source"])) for pair, history in by_pair(messages).items()}
+
+
+def by_pair(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every rate item pushed (in `rate_update`s or `rates_update`s), by pair, in the order received."""
+    received: dict[str, list[dict[str, Any]]] = {}
+    for message in messages:
+        if message["type"] == "rate_update":
+            items = [message["rate"]]
+        elif message["type"] == "rates_update":
+            items = message["rates"]
+        else:
+            continue
+        for item in items:
+            received.setdefault(pair_of(item), []).append(item)
+    return received
+
+
+async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013(service: Replica) -> None:
+    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    closed_before = metric(service, "fxrates_websocket_slow_closed_total")
+    client = StalledClient(host, int(port))
+    await client.connect()
+    async with WsClient(service.ws_url) as reader:
+        await reader.recv()
+        read: list[dict[str, Any]] = []
+        reading = asyncio.create_task(read_into(reader, read))
+        try:
+            await fill(client)
+            await wait_for(
+                lambda: metric(service, "fxrates_websocket_slow_closed_total") > closed_before,
+                STALL_TIMEOUT_S + 15,
+                "the stalled client to be cut off",
+            )
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+    assert await client.outcome() == 1013
+    # Nobody else waited for it: all along, a reading client got cycle after cycle.
+    assert sum(m["type"] == "all_rates_update" for m in read) >= 3
+
+
+async def fill(client: StalledClient) -> None:
+    """Ask for enough snapshots to fill the socket's buffers (up to 4 MiB in the kernel), so the server's sends block.
+
+    In rounds, so the replies waiting at any moment stay under the bound that would cut the client off sooner.
+    """
+    for _ in range(6):
+        await client.send('{"type": "get_all_rates"}', times=80)
+        await asyncio.sleep(POLL_INTERVAL_S)  # pacing the rounds, not waiting for anything
+
+
+def rate_of(replica: Replica, pair: Pair) -> dict[str, Any]:
+    url = f"{replica.url}/api/rates?source_currency={pair.source}&destination_currency={pair.destination}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        data: dict[str, Any] = json.loads(response.read())["meta"]
+        return data
+
+
+def all_rates(replica: Replica) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for base in ("USD", "CAD", "GBP", "EUR"):
+        with urllib.request.urlopen(f"{replica.url}/api/rates/all?base_currency={base}", timeout=5) as response:
+            items += [
+                {"source_currency": base, "destination_currency": code, **item}
+                for code, item in json.loads(response.read())["data"]["rates"].items()
+            ]
+    return items
