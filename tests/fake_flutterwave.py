@@ -7,6 +7,7 @@ switches for everything the real one does on a bad day:
     fake.orientation = "destination_per_source"   which way `rate` points
     fake.set_rate(pair, Decimal("1530.25"))  the market value (destination per source)
     fake.bump(pair, Decimal("1.01"))         move a pair's value
+    fake.drift = Decimal("0.0005")           every answer moves its pair this much, up and down in turn
     fake.fail("503", pairs=[...], times=2)   inject a fault: see FAULTS
     fake.clear_faults()
 
@@ -95,6 +96,7 @@ def _number(value: Decimal) -> str:
 class FakeFlutterwave:
     def __init__(self, *, slow_s: float = 5.0) -> None:
         self.latency_s = 0.0
+        self.drift: Decimal | None = None
         self.slow_s = slow_s
         self.orientation: Literal["source_per_destination", "destination_per_source"] = "source_per_destination"
         self.calls: Counter[Pair] = Counter()
@@ -232,6 +234,9 @@ class FakeFlutterwave:
         return self._success(pair, amount)
 
     def _success(self, pair: Pair, amount: Decimal) -> Response:
+        if self.drift:
+            # Up on odd calls, down on even ones: every answer is a change, and the value stays near its start.
+            self.bump(pair, 1 + self.drift if self.calls[pair] % 2 else 1 / (1 + self.drift))
         body = self._body(pair, amount)
         with self._lock:
             self.served.setdefault(pair, []).append((time.monotonic(), self._rates[pair]))

@@ -1,0 +1,655 @@
+"""Benchmark: whole poll cycles to N WebSocket clients, as production runs them, against a bare app in the same run.
+
+The workload (docs/performance.md): the fake upstream answers after 150 ms and
+drifts, so every one of the 44 polled pairs changes every cycle; the poller runs
+every --interval seconds (10) with its usual concurrency (4), so a cycle stores
+all 44 pairs within about two seconds; N clients hold /ws/rates open. Latency is
+receipt - the rate's `last_updated`, which is the moment the upstream's answer
+reached the service: the store, the cache, Redis and the fan-out are all inside
+it. It is taken over every delivery of every pair in --cycles measured cycles
+(p50, p99, max), with deliveries made against those due (44 per client per
+cycle), the time a whole cycle takes to reach every client (from its first
+answer to the last client's end-of-cycle event, which each client gets behind
+that cycle's updates), the gaps between cycle ends (is the interval kept?), the
+connect rate while cycles run, and memory per connection.
+
+Each case runs the service (`uvicorn app.main:app`, SQLite or PostgreSQL, with
+Redis) and, unless --no-baseline, the floor beside it: bench/ws_bare.py, a
+minimal ASGI app polling the same fake the same way and fanning out the same
+frames, conflated per client, with no database or Redis. Every figure is shown
+as a ratio to the floor's. --flags docker runs uvicorn as the Dockerfile does
+(no permessage-deflate, backlog 8192); --flags defaults runs uvicorn's defaults,
+where permessage-deflate is negotiated with clients that offer it (these
+clients offer it, as browsers do). --protocol pair keeps the per-pair
+`rate_update` frames; batch subscribes with `"batch": true`.
+
+Clients are raw sockets on uvloop in --client-procs processes (bench/ws_fanout.py's
+RawClient): all of them count what they receive; a sample of --sample of them
+also parse every delivery's `last_updated`, so the client side stays cheap.
+
+Run from the repository root, one command per case (each prints a summary table):
+
+    python -m bench.ws_cycle --clients 1 --db sqlite postgres
+    python -m bench.ws_cycle --clients 1000 --protocol pair batch
+    python -m bench.ws_cycle --clients 1000 --flags defaults
+    python -m bench.ws_cycle --clients 10000 --protocol pair batch
+    python -m bench.ws_cycle --clients 1000 --profile      # py-spy on the service during the cycles
+
+The isolated change of one pair is bench/ws_fanout.py: a secondary figure.
+"""
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import gc
+import itertools
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from bench import pyspy
+from bench.rest import Server, clean_environment, free_port, stop_server, wait_until
+from bench.ws_fanout import RawClient, _masked, listen_counters, quantile, rss_kib, schedstat
+from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = 44
+DOCKER_FLAGS = ["--ws-per-message-deflate", "false", "--backlog", "8192"]
+POSTGRES_ADMIN_URL = "postgresql://127.0.0.1:5432/test"
+TOP_UP_CONCURRENCY = 100
+TARGETS = {  # (protocol, clients): p99 bound in ms, for the Dockerfile's flags
+    ("pair", 1): 10.0,
+    ("batch", 1): 10.0,
+    ("pair", 1000): 100.0,
+    ("batch", 1000): 75.0,
+    ("pair", 10_000): 5000.0,
+    ("batch", 10_000): 1500.0,
+}
+LAST_UPDATED = b'"last_updated":"'
+
+
+# ---------------------------------------------------------------- client processes
+
+
+class Stats:
+    """What one client process saw since the last reset."""
+
+    def __init__(self) -> None:
+        self.latencies: list[tuple[float, float]] = []  # (last_updated, receipt - last_updated), sample only
+        self.markers: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)  # as_of: (receipt, items)
+        self.stamps: dict[bytes, float] = {}
+
+
+class CycleClient(RawClient):
+    def __init__(self, host: str, port: int, deflate: bool, stats: Stats, batch: bool, sample: bool) -> None:
+        super().__init__(host, port, deflate, tracker=None)  # type: ignore[arg-type]
+        self._stats, self._batch, self._sample = stats, batch, sample
+        self._items = 0
+
+    def _message(self, message: bytes, now: float) -> None:
+        if not self.snapshot.done():
+            if b'"type":"all_rates"' in message[:40]:
+                if self._batch and self.transport is not None:
+                    self.transport.write(_masked(0x1, b'{"type":"subscribe","pairs":["*"],"batch":true}'))
+                self._resolve((now, message.count(b'"source_currency"')))
+            else:
+                self._fail("the first frame is not all_rates")
+            return
+        head = message[:30]
+        if b'"rate_update"' in head or b'"rates_update"' in head:
+            self._items += message.count(LAST_UPDATED)
+            if self._sample:
+                stats, position = self._stats, 0
+                while (position := message.find(LAST_UPDATED, position)) >= 0:
+                    start = position + len(LAST_UPDATED)
+                    end = message.index(b'"', start)
+                    stamp = message[start:end]
+                    moment = stats.stamps.get(stamp)
+                    if moment is None:
+                        moment = stats.stamps[stamp] = datetime.fromisoformat(stamp.decode()).timestamp()
+                    stats.latencies.append((moment, now - moment))
+                    position = end
+        elif b'"all_rates_update"' in head:
+            start = message.index(b'"as_of":"') + 9
+            as_of = message[start : message.index(b'"', start)].decode()
+            self._stats.markers[as_of].append((now, self._items))
+            self._items = 0
+
+    def reset(self) -> None:
+        self._items = 0
+
+
+class Worker:
+    def __init__(self, pipe: Connection, host: str, port: int) -> None:
+        self.pipe, self.host, self.port = pipe, host, port
+        self.stats = Stats()
+        self.clients: list[CycleClient] = []
+
+    async def _open(self, deflate: bool, batch: bool, sample: bool, deadline: float) -> CycleClient | str:
+        loop = asyncio.get_running_loop()
+        client = CycleClient(self.host, self.port, deflate, self.stats, batch, sample)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await loop.create_connection(lambda: client, self.host, self.port)
+                result = await client.snapshot
+        except TimeoutError:
+            result = "timeout"
+        except OSError as error:
+            result = f"connect: {error.strerror or type(error).__name__}"
+        if isinstance(result, str):
+            if client.transport is not None:
+                client.transport.abort()
+            return result
+        return client
+
+    async def connect(
+        self, count: int, samples: int, start_at: float, timeout_s: float, deflate: bool, batch: bool
+    ) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        deadline = loop.time() + timeout_s
+        results = await asyncio.gather(
+            *(self._open(deflate, batch, index < samples, deadline) for index in range(count))
+        )
+        opened = [result for result in results if not isinstance(result, str)]
+        failures = collections.Counter(result for result in results if isinstance(result, str))
+        burst_last = time.time()
+        limiter = asyncio.Semaphore(TOP_UP_CONCURRENCY)
+        deadline = loop.time() + timeout_s
+
+        async def again() -> CycleClient | str:
+            async with limiter:
+                return await self._open(deflate, batch, False, deadline)
+
+        retried = await asyncio.gather(*(again() for _ in range(count - len(opened))))
+        topped = [result for result in retried if not isinstance(result, str)]
+        self.clients += opened + topped
+        gc.collect()
+        gc.freeze()
+        return {
+            "ok": len(opened),
+            "topped_up": len(topped),
+            "last": burst_last,
+            "deflate": sum(client.deflate for client in self.clients),
+            "failures": dict(failures),
+        }
+
+    async def reset(self) -> dict[str, Any]:
+        self.stats.latencies.clear()
+        self.stats.markers.clear()
+        for client in self.clients:
+            client.reset()
+        return {"alive": sum(client.alive for client in self.clients)}
+
+    async def collect(self) -> dict[str, Any]:
+        return {
+            "latencies": self.stats.latencies,
+            "markers": dict(self.stats.markers),
+            "alive": sum(client.alive for client in self.clients),
+        }
+
+    async def close(self) -> dict[str, Any]:
+        for client in self.clients:
+            client.close()
+        await asyncio.sleep(0.5)
+        for client in self.clients:
+            if client.transport is not None:
+                client.transport.abort()
+        self.clients = []
+        gc.unfreeze()
+        return {}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        loop.add_reader(self.pipe.fileno(), lambda: commands.put_nowait(self.pipe.recv()))
+        while True:
+            command, *arguments = await commands.get()
+            if command == "quit":
+                return
+            handler: Callable[..., Any] = getattr(self, command)
+            try:
+                reply: dict[str, Any] = await handler(*arguments)
+            except Exception as error:
+                reply = {"error": f"client process {os.getpid()}, {command}: {error!r}"}
+            reply["sched"] = schedstat(Path("/proc/self/schedstat"))
+            # The event loop made the pipe non-blocking; a reply of many latencies needs a blocking write.
+            os.set_blocking(self.pipe.fileno(), True)
+            self.pipe.send(reply)
+
+
+def run_worker(pipe: Connection, host: str, port: int, cpus: set[int] | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(Worker(pipe, host, port).run())
+
+
+@dataclass(slots=True)
+class Workers:
+    processes: list[SpawnProcess] = field(default_factory=list)
+    pipes: list[Connection] = field(default_factory=list)
+
+    def ask(self, *commands: tuple[Any, ...]) -> list[dict[str, Any]]:
+        for index, pipe in enumerate(self.pipes):
+            pipe.send(commands[index] if len(commands) > 1 else commands[0])
+        replies = [pipe.recv() for pipe in self.pipes]
+        for reply in replies:
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+        return replies
+
+
+@contextlib.contextmanager
+def client_processes(count: int, port: int, cpus: set[int] | None) -> Iterator[Workers]:
+    context = multiprocessing.get_context("spawn")
+    workers = Workers()
+    try:
+        for _ in range(count):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=run_worker, args=(child_end, "127.0.0.1", port, cpus), daemon=True)
+            process.start()
+            child_end.close()
+            workers.processes.append(process)
+            workers.pipes.append(parent_end)
+        yield workers
+    finally:
+        for pipe in workers.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("quit",))
+        for process in workers.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+        for pipe in workers.pipes:
+            pipe.close()
+
+
+# ---------------------------------------------------------------- servers
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    server: str  # "service" or "bare"
+    clients: int
+    db: str  # "sqlite", "postgres", or "-" for the bare app
+    flags: str  # "docker" or "defaults"
+    protocol: str  # "pair" or "batch"
+
+    @property
+    def label(self) -> str:
+        name = "minimal app" if self.server == "bare" else f"service {self.db}"
+        return f"{name}, {self.protocol}, {self.flags}, N={self.clients:,}"
+
+
+@dataclass(slots=True)
+class Result:
+    case: Case
+    connected: int = 0
+    burst_failures: dict[str, int] = field(default_factory=dict)
+    connect_rate: float = math.nan
+    kib_per_client: float = math.nan
+    deflate: int = 0
+    latencies: list[float] = field(default_factory=list)
+    made: int = 0
+    due: int = 0
+    reach_s: list[float] = field(default_factory=list)
+    gaps_s: list[float] = field(default_factory=list)
+    server_cpu_s: float = math.nan
+    loadavg: str = ""
+
+    def p(self, fraction: float) -> float:
+        return quantile(self.latencies, fraction)
+
+
+def ready(case: Case) -> Callable[[httpx.Client], bool]:
+    def check(client: httpx.Client) -> bool:
+        if case.server == "bare":
+            return bool(client.get("/").json()["count"] == PAIRS)
+        if client.get("/readyz").status_code != 200:
+            return False
+        counts = [
+            client.get("/api/rates/all", params={"base_currency": base}).json()["meta"]["count"]
+            for base in ("USD", "CAD", "GBP", "EUR")
+        ]
+        return sum(counts) == PAIRS
+
+    return check
+
+
+# ---------------------------------------------------------------- one case
+
+
+def run_case(case: Case, fake: FakeFlutterwave, args: argparse.Namespace, cpus: tuple[Any, Any]) -> Result:
+    result = Result(case)
+    server_cpus, client_cpus = cpus
+    with tempfile.TemporaryDirectory(prefix="bench-ws-cycle-") as tmp:
+        directory = Path(tmp)
+        if case.server == "service":
+            flush_redis(args.redis_url)
+            if case.db == "postgres":
+                reset_postgres(args)
+        env_url = database_url_for(case, directory, args)
+        server = start_with_url(case, fake, args, directory, server_cpus, env_url)
+        try:
+            wait_until(server, directory / "server.log", args.ready_timeout, ready(case))
+            pid = server.process.pid
+            port = int(server.url.rsplit(":", 1)[1])
+            procs = 1 if case.clients < 100 else args.client_procs
+            with client_processes(procs, port, client_cpus) as workers:
+                rss_before = rss_kib(pid)
+                shares = [case.clients // procs + (i < case.clients % procs) for i in range(procs)]
+                sample_shares = [min(share, math.ceil(args.sample / procs)) for share in shares]
+                start_at = time.time() + 0.5
+                counters = listen_counters()
+                replies = workers.ask(
+                    *(
+                        (
+                            "connect",
+                            share,
+                            samples,
+                            start_at,
+                            args.connect_timeout,
+                            case.flags == "defaults",
+                            case.protocol == "batch",
+                        )
+                        for share, samples in zip(shares, sample_shares, strict=True)
+                    )
+                )
+                counters = {name: value - counters[name] for name, value in listen_counters().items()}
+                burst_ok = sum(reply["ok"] for reply in replies)
+                result.connected = burst_ok + sum(reply["topped_up"] for reply in replies)
+                result.deflate = sum(reply["deflate"] for reply in replies)
+                for reply in replies:
+                    for reason, count in reply["failures"].items():
+                        result.burst_failures[reason] = result.burst_failures.get(reason, 0) + count
+                last = max(reply["last"] for reply in replies)
+                result.connect_rate = burst_ok / max(1e-6, last - start_at)
+                time.sleep(2)
+                result.kib_per_client = (rss_kib(pid) - rss_before) / max(1, result.connected)
+                # Measured cycles start at the first cycle that begins after this reset.
+                workers.ask(("reset",))
+                cpu_before = sum(schedstat(task / "schedstat")[0] for task in Path(f"/proc/{pid}/task").iterdir())
+                profile = profile_path(args, case)
+                with py_spy(pid, profile) if profile else contextlib.nullcontext():
+                    time.sleep((args.cycles + 1) * args.interval + args.interval / 2)
+                result.server_cpu_s = (
+                    sum(schedstat(task / "schedstat")[0] for task in Path(f"/proc/{pid}/task").iterdir()) - cpu_before
+                )
+                result.loadavg = " ".join(f"{value:.2f}" for value in os.getloadavg())
+                collected = workers.ask(("collect",))
+                summarise(result, collected, args)
+                workers.ask(("close",))
+                if profile is not None and profile.exists():
+                    print(f"  py-spy profile of {case.label}: {profile}")
+                    pyspy.summarise(profile)
+                if counters.get("ListenOverflows"):
+                    print(f"  kernel listen-queue counters during the connect: {counters}")
+        finally:
+            stop_server(server)
+            if args.log_dir is not None:
+                args.log_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(directory / "server.log", args.log_dir / f"{slug(case)}.log")
+    report(result)
+    return result
+
+
+def database_url_for(case: Case, directory: Path, args: argparse.Namespace) -> str:
+    if case.db == "postgres":
+        return args.postgres_url
+    return f"sqlite+aiosqlite:///{directory / 'rates.db'}"
+
+
+def start_with_url(
+    case: Case, fake: FakeFlutterwave, args: argparse.Namespace, directory: Path, cpus: set[int] | None, url: str
+) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--no-access-log", "--log-level", "warning"]
+    if case.flags == "docker":
+        command += DOCKER_FLAGS
+    if case.server == "bare":
+        command += ["bench.ws_bare:create_bare_app", "--factory"]
+        env = clean_environment(
+            {
+                "BENCH_UPSTREAM_URL": fake.url,
+                "BENCH_UPSTREAM_KEY": SECRET_KEY,
+                "BENCH_INTERVAL_S": str(args.interval),
+                "BENCH_CONCURRENCY": str(args.concurrency),
+            }
+        )
+    else:
+        command += ["app.main:app"]
+        env = clean_environment(
+            {
+                "ENVIRONMENT": "test",
+                "DATABASE_URL": url,
+                "REDIS_URL": args.redis_url,
+                "FLUTTERWAVE_SECRET_KEY": SECRET_KEY,
+                "FLUTTERWAVE_BASE_URL": fake.url,
+                "POLL_INTERVAL_SECONDS": str(args.interval),
+                "UPSTREAM_CONCURRENCY": str(args.concurrency),
+                "RATE_STALE_AFTER_SECONDS": "3600",
+            }
+        )
+
+    def pin() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    with (directory / "server.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+    return Server(case.label, f"http://127.0.0.1:{port}", process)
+
+
+def profile_path(args: argparse.Namespace, case: Case) -> Path | None:
+    if not args.profile:
+        return None
+    directory = Path(args.profile_dir or tempfile.mkdtemp(prefix="bench-ws-cycle-profile-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{slug(case)}.txt"
+
+
+def slug(case: Case) -> str:
+    return f"{case.server}-{case.db}-{case.protocol}-{case.flags}-{case.clients}"
+
+
+def summarise(result: Result, collected: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Cycles from the end-of-cycle events; latencies and deliveries within the measured ones."""
+    markers: dict[str, list[tuple[float, int]]] = collections.defaultdict(list)
+    for reply in collected:
+        for as_of, seen in reply["markers"].items():
+            markers[as_of] += seen
+    ends = sorted(markers, key=lambda as_of: datetime.fromisoformat(as_of).timestamp())
+    times = [datetime.fromisoformat(as_of).timestamp() for as_of in ends]
+    result.gaps_s = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # The first end after the reset closes a cycle that may have begun before it: measured cycles follow it.
+    measured = list(range(1, min(len(ends), args.cycles + 1)))
+    if not measured:
+        print("  no complete cycle measured (the server never ended a cycle)")
+        return
+    low, high = times[measured[0] - 1], times[measured[-1]]
+    latencies = [
+        (stamp, latency) for reply in collected for stamp, latency in reply["latencies"] if low < stamp <= high
+    ]
+    result.latencies = sorted(latency for _, latency in latencies)
+    result.made = sum(items for index in measured for _, items in markers[ends[index]])
+    result.due = PAIRS * len(measured) * result.connected
+    for index in measured:
+        first_answer = min((stamp for stamp, _ in latencies if times[index - 1] < stamp <= times[index]), default=None)
+        receipts = [receipt for receipt, _ in markers[ends[index]]]
+        if first_answer is not None and receipts:
+            reached = max(receipts) if len(receipts) >= result.connected else math.inf
+            result.reach_s.append(reached - first_answer)
+
+
+def report(result: Result) -> None:
+    case = result.case
+    failures = ", ".join(f"{count} {reason}" for reason, count in result.burst_failures.items()) or "none"
+    print(
+        f"{case.label}: {result.connected:,} connected ({failures} failed in the burst, "
+        f"{result.connect_rate:,.0f}/s), {result.kib_per_client:.1f} KiB per connection"
+        + (f", {result.deflate:,} with permessage-deflate" if result.deflate else "")
+    )
+    if result.latencies:
+        print(
+            f"  latency over {len(result.latencies):,} sampled deliveries: p50 {ms(result.p(0.5))}, "
+            f"p99 {ms(result.p(0.99))}, max {ms(result.latencies[-1])}; deliveries made {result.made:,} of "
+            f"{result.due:,} due; a cycle reaches everyone in {', '.join(sec(value) for value in result.reach_s)}; "
+            f"cycle ends {', '.join(sec(value) for value in result.gaps_s)} apart; server on a CPU "
+            f"{result.server_cpu_s:.1f} s; load average {result.loadavg}"
+        )
+
+
+def ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else ("never" if math.isinf(seconds) else f"{seconds * 1000:.1f} ms")
+
+
+def sec(seconds: float) -> str:
+    return "never" if math.isinf(seconds) else f"{seconds:.2f} s"
+
+
+def flush_redis(url: str) -> None:
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+
+
+def reset_postgres(args: argparse.Namespace) -> None:
+    """A fresh database for the run: dropped and created again, so every case starts from the same empty state."""
+    name = args.postgres_url.rsplit("/", 1)[1]
+    admin = args.postgres_admin
+    for statement in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
+        subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def py_spy(pid: int, path: Path) -> Iterator[None]:
+    executable = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    command = [executable, "record", "--pid", str(pid), "--gil", "--format", "raw", "--output", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ws_cycle", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1000], help="N (default 1000)")
+    parser.add_argument("--db", nargs="+", choices=("sqlite", "postgres"), default=["sqlite"])
+    parser.add_argument("--flags", nargs="+", choices=("docker", "defaults"), default=["docker"])
+    parser.add_argument("--protocol", nargs="+", choices=("pair", "batch"), default=["pair"])
+    parser.add_argument("--no-baseline", action="store_true", help="skip the minimal app")
+    parser.add_argument("--cycles", type=int, default=3, help="measured cycles per case (default 3)")
+    parser.add_argument("--interval", type=float, default=10, help="poll interval, s (default 10)")
+    parser.add_argument("--concurrency", type=int, default=4, help="upstream requests in flight (default 4)")
+    parser.add_argument("--upstream-latency", type=float, default=0.15, help="the fake's answer delay (0.15 s)")
+    parser.add_argument("--sample", type=int, default=1000, help="clients that parse every delivery (1000)")
+    parser.add_argument("--client-procs", type=int, default=2, help="client processes (default 2)")
+    parser.add_argument("--connect-timeout", type=float, default=60)
+    parser.add_argument("--ready-timeout", type=float, default=90)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed before each case")
+    parser.add_argument("--postgres-url", default="postgresql+asyncpg://127.0.0.1:5432/fxrates_bench")
+    parser.add_argument("--postgres-admin", default=POSTGRES_ADMIN_URL, help="psql URL that may create databases")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="server on CPU 0")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server during the measured cycles")
+    parser.add_argument("--profile-dir", type=Path)
+    parser.add_argument("--log-dir", type=Path, help="keep each server's log here")
+    return parser.parse_args(argv)
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    planned: list[Case] = []
+    for clients in args.clients:
+        for flags in args.flags:
+            for protocol in args.protocol:
+                if not args.no_baseline:
+                    planned.append(Case("bare", clients, "-", flags, protocol))
+                planned += [Case("service", clients, db, flags, protocol) for db in args.db]
+    return planned
+
+
+def table(results: list[Result]) -> None:
+    floors = {(r.case.clients, r.case.flags, r.case.protocol): r for r in results if r.case.server == "bare"}
+    print()
+    print("| case | p50 | p99 | max | p99 / floor | made / due | cycle reaches all | KiB/conn | connects/s | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for result in results:
+        floor = floors.get((result.case.clients, result.case.flags, result.case.protocol))
+        ratio = (
+            f"{result.p(0.99) / floor.p(0.99):.2f}x"
+            if floor is not None and floor is not result and floor.latencies and result.latencies
+            else "-"
+        )
+        reach = max(result.reach_s) if result.reach_s else math.nan
+        print(
+            f"| {result.case.label} | {ms(result.p(0.5))} | {ms(result.p(0.99))} | "
+            f"{ms(result.latencies[-1] if result.latencies else math.nan)} | {ratio} | "
+            f"{result.made:,} / {result.due:,} | {sec(reach) if not math.isnan(reach) else '-'} | "
+            f"{result.kib_per_client:.1f} | {result.connect_rate:,.0f} | {result.loadavg} |"
+        )
+    for result in results:
+        bound = TARGETS.get((result.case.protocol, min(result.case.clients, 10_000)))
+        if result.case.server == "service" and result.case.flags == "docker" and bound and result.latencies:
+            met = result.p(0.99) * 1000 <= bound
+            print(f"target {result.case.label}: p99 <= {bound:.0f} ms: {'met' if met else 'NOT MET'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    available = sorted(os.sched_getaffinity(0))
+    server_cpus, client_cpus = ({available[0]}, set(available[1:])) if args.pin and len(available) > 1 else (None, None)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    print(
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        f"poll every {args.interval:g} s, upstream {args.upstream_latency * 1000:.0f} ms, concurrency "
+        f"{args.concurrency}, {args.cycles} measured cycles per case"
+    )
+    results: list[Result] = []
+    with FakeFlutterwave() as fake:
+        fake.latency_s = args.upstream_latency
+        fake.orientation = "destination_per_source"
+        fake.drift = Decimal("0.0005")
+        for case in cases(args):
+            results.append(run_case(case, fake, args, (server_cpus, client_cpus)))
+    table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
