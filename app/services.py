@@ -132,7 +132,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
-        store = RateStore(sessions, cache, Fanout(broadcast, metrics.publish_errors), database=database)
+        fanout = Fanout(broadcast, metrics.publish_errors)
+        store = RateStore(sessions, cache, fanout, database=database)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)
@@ -171,6 +172,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             metrics=metrics,
             stall_timeout_s=settings.ws_stall_timeout_seconds,
         )
+        fanout.deliver_here(hub.deliver)
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
         # Read once now, while the database is known to answer: should it go away, this process already holds
         # every stored rate, for its snapshots and, as last known rates, for its lookups (docs/outages.md).

@@ -3,6 +3,7 @@
 Each event is serialised once, here, whatever the number of listeners.
 """
 
+import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -34,9 +35,22 @@ async def create_broadcast(redis_url: str | None) -> AsyncIterator[Broadcast]:
 
 
 class Fanout:
+    """Publishes each event to every process; this process's own listeners are handed it first, directly.
+
+    Handing it over in-process spares this process's clients the round trip
+    through Redis and back (each a turn of an event loop that may be busy
+    sending to thousands of clients); the copy that comes back from the channel
+    is the same text, and listeners skip it (see `Delivered`).
+    """
+
     def __init__(self, broadcast: Broadcast, errors: Counter) -> None:
         self._broadcast = broadcast
         self._errors = errors
+        self._local: list[Callable[[str], None]] = []
+
+    def deliver_here(self, listener: Callable[[str], None]) -> None:
+        """Hand every event this process publishes to `listener` as well, before it goes out."""
+        self._local.append(listener)
 
     async def publish_rates(self, results: Sequence[SaveResult]) -> None:
         """One event for a store batch, however many rates it holds."""
@@ -54,12 +68,40 @@ class Fanout:
         await self._publish(update)
 
     async def _publish(self, event: BaseModel) -> None:
+        message = event.model_dump_json()
+        for listener in self._local:
+            listener(message)
         try:
-            await self._broadcast.publish(RATES_CHANNEL, event.model_dump_json())
+            await self._broadcast.publish(RATES_CHANNEL, message)
         except (RedisError, OSError) as error:
             # The rate is already stored and cached; only the push is lost, and the next cycle repairs it.
             self._errors.inc()
             log.warning("could not publish %s: %s", type(event).__name__, error)
+
+
+class Delivered:
+    """The events a listener was already handed in-process, so it skips their copies from the channel.
+
+    Bounded: a copy that never comes back (Redis lost it) is forgotten after `size` later events.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._order: collections.deque[str] = collections.deque()
+        self._texts: set[str] = set()
+        self._size = size
+
+    def add(self, message: str) -> None:
+        self._order.append(message)
+        self._texts.add(message)
+        if len(self._order) > self._size:
+            self._texts.discard(self._order.popleft())
+
+    def take(self, message: str) -> bool:
+        """True (once) when `message` was handed over in-process already."""
+        if message not in self._texts:
+            return False
+        self._texts.discard(message)
+        return True
 
 
 def stored_updates(message: str) -> list[RateUpdate] | None:
