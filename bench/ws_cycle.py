@@ -101,7 +101,7 @@ class Stats:
 class CycleClient(RawClient):
     def __init__(self, host: str, port: int, deflate: bool, stats: Stats, batch: bool, sample: bool) -> None:
         super().__init__(host, port, deflate, tracker=None)  # type: ignore[arg-type]
-        self._stats, self._batch, self._sample = stats, batch, sample
+        self._stats, self._batch, self.sample = stats, batch, sample
         self._items = 0
 
     def _message(self, message: bytes, now: float) -> None:
@@ -116,7 +116,7 @@ class CycleClient(RawClient):
         head = message[:30]
         if b'"rate_update"' in head or b'"rates_update"' in head:
             self._items += message.count(LAST_UPDATED)
-            if self._sample:
+            if self.sample:
                 stats, position = self._stats, 0
                 while (position := message.find(LAST_UPDATED, position)) >= 0:
                     start = position + len(LAST_UPDATED)
@@ -204,6 +204,7 @@ class Worker:
             "latencies": self.stats.latencies,
             "markers": dict(self.stats.markers),
             "alive": sum(client.alive for client in self.clients),
+            "sampled": sum(client.alive and client.sample for client in self.clients),
         }
 
     async def close(self) -> dict[str, Any]:
@@ -462,8 +463,9 @@ def start_with_url(
         if cpus:
             os.sched_setaffinity(0, cpus)
 
+    cwd = args.service_dir if case.server == "service" else ROOT
     with (directory / "server.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
     return Server(case.label, f"http://127.0.0.1:{port}", process)
 
 
@@ -498,8 +500,10 @@ def summarise(result: Result, collected: list[dict[str, Any]], args: argparse.Na
         (stamp, latency) for reply in collected for stamp, latency in reply["latencies"] if low < stamp <= high
     ]
     result.latencies = sorted(latency for _, latency in latencies)
-    result.made = sum(items for index in measured for _, items in markers[ends[index]])
-    result.due = PAIRS * len(measured) * result.connected
+    # Made and due over the sampled clients, by the stamps of what they received: an update replaced by a
+    # newer one of the same pair before a slow client took it (conflated) counts as not made.
+    result.made = len(latencies)
+    result.due = PAIRS * len(measured) * sum(reply["sampled"] for reply in collected)
     for index in measured:
         first_answer = min((stamp for stamp, _ in latencies if times[index - 1] < stamp <= times[index]), default=None)
         receipts = [receipt for receipt, _ in markers[ends[index]]]
@@ -589,6 +593,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="py-spy the server during the measured cycles")
     parser.add_argument("--profile-dir", type=Path)
     parser.add_argument("--log-dir", type=Path, help="keep each server's log here")
+    parser.add_argument("--service-dir", type=Path, default=ROOT, help="run app.main from this copy (before/after)")
     return parser.parse_args(argv)
 
 
