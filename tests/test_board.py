@@ -142,8 +142,10 @@ async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
     await expect(row).to_have_attribute("data-moved", "up")
     await expect(row.locator(".move")).to_have_text("▲ up")
     assert errors == []
-    # The board asks for batch mode: moves arrive as rates_update frames, never one rate_update per pair.
-    assert "rates_update" in frame_types and "rate_update" not in frame_types
+    # The board asks for batch mode: once subscribed, moves arrive as rates_update frames, never one per pair.
+    assert "subscribed" in frame_types
+    after = frame_types[frame_types.index("subscribed") :]
+    assert "rates_update" in after and "rate_update" not in after
 
 
 async def test_the_quote_box_agrees_with_the_rest_api(browser: Browser, service: Replica) -> None:
