@@ -46,6 +46,16 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             {"type": "subscribe", "pairs": ["USD/NGN", "GBP/KES"], "min_change_bps": 25},
         ),
         ("everything", 'Every pair again ("*")', {"type": "subscribe", "pairs": ["*"]}),
+        (
+            "batch",
+            "Batch mode: every pair, as `rates_update` frames holding all that is due since the last frame",
+            {"type": "subscribe", "pairs": ["*"], "batch": True},
+        ),
+        (
+            "per_pair",
+            "Back to one `rate_update` frame per update",
+            {"type": "subscribe", "pairs": ["*"], "batch": False},
+        ),
     ],
     "unsubscribe": [("unsubscribe", "Stop the updates of a pair", {"type": "unsubscribe", "pairs": ["GBP/KES"]})],
     "ping": [("ping", "Is the connection alive?", {"type": "ping"})],
