@@ -66,7 +66,7 @@ import httpx
 import redis
 
 from bench import pyspy
-from bench.rest import Server, clean_environment, free_port, stop_server, wait_until
+from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 from bench.ws_fanout import RawClient, _masked, listen_counters, quantile, rss_kib, schedstat
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
@@ -456,6 +456,8 @@ def start_with_url(
                 "POLL_INTERVAL_SECONDS": str(args.interval),
                 "UPSTREAM_CONCURRENCY": str(args.concurrency),
                 "RATE_STALE_AFTER_SECONDS": "3600",
+                # Every client comes from this one address: the per-address limits would refuse all but 100.
+                **LIMITS_OFF,
             }
         )
 
