@@ -27,7 +27,7 @@ from types import FrameType
 
 from app.live.hub import Hub
 from app.live.poller import Poller
-from app.tasks import log_crash
+from app.tasks import cancel_and_wait, log_crash
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ class GracefulShutdown:
             if signal.getsignal(signal.SIGTERM) is on_signal:
                 signal.signal(signal.SIGTERM, server_handler)
             if self._task is not None:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+                await cancel_and_wait(self._task)
             if self._poller_stopping is not None:
                 await asyncio.gather(self._poller_stopping, return_exceptions=True)
 

@@ -20,7 +20,7 @@ from app.live.schedule import Schedule
 from app.metrics import Metrics
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import AllRatesUpdate
-from app.tasks import log_crash
+from app.tasks import cancel_and_wait, log_crash
 from app.upstream.errors import UpstreamError
 from app.upstream.provider import Provider
 
@@ -157,14 +157,8 @@ class Poller:
 
     async def _stop(self, task: asyncio.Task[None]) -> None:
         self.stopped = True
-        task.cancel()
         try:
-            await task
-        except asyncio.CancelledError:
-            # Our own cancel; if this stop itself is being cancelled, pass that on.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
+            await cancel_and_wait(task)
         finally:
             await asyncio.gather(*self._saving, return_exceptions=True)
             await self.schedule.close()

@@ -19,6 +19,8 @@ from broadcaster import BroadcastBackend, Event
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 # Publishing happens on the store's write path: a Redis that hangs must not hold up the poller.
@@ -47,8 +49,7 @@ class ResilientRedisBackend(BroadcastBackend):
     async def disconnect(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
+            await cancel_and_wait(listener)
         await self._redis.aclose()
 
     async def subscribe(self, channel: str) -> None:

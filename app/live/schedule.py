@@ -21,6 +21,8 @@ from typing import Literal, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Role = Literal["alone", "leading", "standby"]
@@ -153,8 +155,9 @@ class SharedSchedule:
         try:
             yield
         finally:
-            renewing.cancel()
-            await asyncio.gather(renewing, return_exceptions=True)
+            # Cancelled until it has ended: a cancellation lost inside redis-py would leave it renewing, and this
+            # cycle waiting on it, for good (app.tasks).
+            await cancel_and_wait(renewing)
 
     async def _keep_renewing(self) -> None:
         while True:

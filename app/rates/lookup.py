@@ -36,6 +36,7 @@ from app.rates.budget import OnDemandBudget
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
+from app.tasks import cancel_and_wait
 from app.upstream.errors import RateLimited, UpstreamError, UpstreamRejected
 from app.upstream.provider import Provider
 
@@ -234,7 +235,4 @@ class RateLookup:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        tasks = list(self._refreshing.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*self._refreshing.values())
