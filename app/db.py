@@ -13,6 +13,7 @@ SQLite a lock file beside the database, so several workers or replicas
 starting together do not migrate at once.
 """
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -110,20 +111,7 @@ def create_engine(
         if pooled:
             options["pool_timeout"] = busy_s
         engine = create_async_engine(database_url, connect_args={"timeout": busy_s}, **options)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            # Set first: switching to WAL takes a lock, and another worker may be doing the same.
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
-            # WAL lets readers read while a writer writes; concurrent writers wait up to the busy timeout.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            # synchronous=NORMAL: in WAL mode the log is synced at checkpoints rather than at every commit.
-            # A crash of the process loses nothing, an OS crash or power cut may lose the last commits; a
-            # commit then costs microseconds, not a disk flush inside every rate's latency (docs/performance.md).
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
+        event.listen(engine.sync_engine, "connect", sqlite_pragmas(busy_s))
         return engine
     if pooled:
         options.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
@@ -142,6 +130,24 @@ def create_engine(
         },
         **options,
     )
+
+
+def sqlite_pragmas(busy_s: float) -> Callable[[Any, Any], None]:
+    """What every SQLite connection of the service sets first (a "connect" event listener)."""
+
+    def set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # Set first: switching to WAL takes a lock, and another worker may be doing the same.
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_s * 1000)}")
+        # WAL lets readers read while a writer writes; concurrent writers wait up to the busy timeout.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # synchronous=NORMAL: in WAL mode the log is synced at checkpoints rather than at every commit.
+        # A crash of the process loses nothing, an OS crash or power cut may lose the last commits; a
+        # commit then costs microseconds, not a disk flush inside every rate's latency (docs/performance.md).
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return set_pragmas
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

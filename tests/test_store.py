@@ -1,7 +1,7 @@
 """The store on both databases: exact decimals, UTC timestamps, history only on change, publish after commit."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -16,6 +16,7 @@ from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.metrics import Metrics
 from app.rates import repository
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
+from app.rates.sqlite_writer import SqliteWriter, is_sqlite
 from app.rates.store import RateStore
 from app.upstream.quote import Quote
 
@@ -50,15 +51,36 @@ async def broadcast() -> AsyncIterator[Broadcast]:
         yield broadcast
 
 
-@pytest.fixture
-def store(engine: AsyncEngine, broadcast: Broadcast) -> RateStore:
+def make_store(engine: AsyncEngine, broadcast: Broadcast, writer: SqliteWriter | None) -> RateStore:
     metrics = Metrics()
     return RateStore(
         create_sessionmaker(engine),
         TieredCache(MemoryCache(60), None),
         Fanout(broadcast, metrics.publish_errors),
         database=health(engine, metrics),
+        sqlite_writer=writer,
     )
+
+
+@pytest.fixture
+async def sqlite_writers(migrated_url: str) -> AsyncIterator[Callable[[], SqliteWriter | None]]:
+    """On SQLite, each call a writer thread of its own, as each process of the service has one; else None."""
+    writers: list[SqliteWriter] = []
+
+    def writer() -> SqliteWriter | None:
+        if not is_sqlite(migrated_url):
+            return None
+        writers.append(SqliteWriter(migrated_url, busy_s=10))
+        return writers[-1]
+
+    yield writer
+    for each in writers:
+        await each.aclose()
+
+
+@pytest.fixture
+def store(engine: AsyncEngine, broadcast: Broadcast, sqlite_writers: Callable[[], SqliteWriter | None]) -> RateStore:
+    return make_store(engine, broadcast, sqlite_writers())
 
 
 async def test_exact_decimals_round_trip(store: RateStore, engine: AsyncEngine) -> None:
@@ -187,6 +209,26 @@ async def test_last_updated_is_when_the_upstream_answer_arrived(store: RateStore
     received_at = datetime.now(UTC) - timedelta(seconds=2)
     saved = await store.save(replace(quote("1530.25"), received_at=received_at))
     assert saved.rate.last_updated == received_at
+
+
+async def test_two_processes_writing_one_pair_take_turns(
+    engine: AsyncEngine, broadcast: Broadcast, sqlite_writers: Callable[[], SqliteWriter | None]
+) -> None:
+    # Two stores on one database, as two workers or replicas: on SQLite two writer threads, two connections.
+    first, second = make_store(engine, broadcast, sqlite_writers()), make_store(engine, broadcast, sqlite_writers())
+    saved = await asyncio.gather(
+        *(store.save(quote(f"1530.{n}")) for n in range(1, 9) for store in (first, second) if n % 2 == (store is first))
+    )
+    async with create_sessionmaker(engine)() as session:
+        (current,) = await repository.list_current(session)
+        points = await repository.list_history(session, USD_NGN)
+    assert len(points) == 8
+    # Each write saw the one before it: history is one chain, in time order, ending at the current value.
+    stamps = [point.observed_at for point in points]
+    assert stamps == sorted(stamps)
+    assert points[-1].destination_per_source == current.destination_per_source
+    assert max(result.rate.last_updated for result in saved) == current.last_updated
+    assert sum(result.previous is None for result in saved) == 1
 
 
 async def test_rates_written_together_are_published_as_one_event_after_commit(

@@ -1,9 +1,15 @@
-"""SQL for the rate tables, and nothing else: no cache, no events, no commits."""
+"""SQL for the rate tables, and nothing else: no cache, no events, no commits.
+
+The writes take a plain (synchronous) `Connection`: the store runs them in
+one go, on SQLite in a thread of its own, on PostgreSQL through `run_sync`
+(app.rates.store).
+"""
 
 from collections.abc import Collection
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Connection, Row, Select, Table, bindparam, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,57 +43,85 @@ def _quote_values(quote: Quote) -> dict[str, object]:
     }
 
 
-async def insert_if_absent(session: AsyncSession, quote: Quote, now: datetime) -> bool:
-    """Insert the pair's first row; False when a row is already there (the caller then updates it)."""
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+# Core statements on the tables, built once, not ORM objects: a batch is written inside every rate's latency,
+# and building statements and the unit of work cost several times the SQL itself (docs/performance.md).
+_CURRENT = cast(Table, ExchangeRate.__table__)
+_HISTORY = cast(Table, ExchangeRateHistory.__table__)
+_BY_PAIR = tuple_(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
+# Locked in pair order, so two writers of overlapping batches take turns instead of deadlocking.
+_LOCK_MANY = (
+    select(_CURRENT)
+    .where(_BY_PAIR.in_(bindparam("pairs", expanding=True)))
+    .order_by(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
+    .with_for_update()
+)
+_LOCK_ONE = (
+    select(_CURRENT)
+    .where(
+        _CURRENT.c.source_currency == bindparam("source"), _CURRENT.c.destination_currency == bindparam("destination")
+    )
+    .with_for_update()
+)
+_UPDATE = update(_CURRENT).where(_CURRENT.c.id == bindparam("row_id"))
+_APPEND = insert(_HISTORY)
+
+Current = tuple[int, StoredRate]  # a stored row's id, and its rate
+
+
+def _current(row: Row[Any]) -> Current:
+    return row.id, StoredRate(
+        pair=Pair(row.source_currency, row.destination_currency),
+        rate=row.rate,
+        destination_per_source=row.destination_per_source,
+        source_amount=row.source_amount,
+        destination_amount=row.destination_amount,
+        provider=row.provider,
+        last_updated=row.last_updated,
+    )
+
+
+def insert_if_absent(connection: Connection, quote: Quote, now: datetime) -> int | None:
+    """Insert the pair's first row and return its id; None when a row is already there (then lock and update it)."""
+    insert_ = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     statement = (
-        insert(ExchangeRate)
+        insert_(_CURRENT)
         .values(**_quote_values(quote), last_updated=now, created_at=now)
         .on_conflict_do_nothing(index_elements=["source_currency", "destination_currency"])
-        .returning(ExchangeRate.id)
+        .returning(_CURRENT.c.id)
     )
-    return (await session.execute(statement)).first() is not None
+    row_id: int | None = connection.execute(statement).scalar()
+    return row_id
 
 
-async def lock_current(session: AsyncSession, pair: Pair) -> ExchangeRate:
+def lock_current(connection: Connection, pair: Pair) -> Current:
     """The pair's row, locked until the transaction ends, so two writers take turns."""
-    statement = (
-        select(ExchangeRate)
-        .where(ExchangeRate.source_currency == pair.source, ExchangeRate.destination_currency == pair.destination)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    return (await session.execute(statement)).scalar_one()
+    return _current(connection.execute(_LOCK_ONE, {"source": pair.source, "destination": pair.destination}).one())
 
 
-async def lock_current_many(session: AsyncSession, pairs: Collection[Pair]) -> dict[Pair, ExchangeRate]:
-    """The rows of those of `pairs` already stored, locked until the transaction ends, in one statement.
+def lock_current_many(connection: Connection, pairs: Collection[Pair]) -> dict[Pair, Current]:
+    """The rows of those of `pairs` already stored, locked until the transaction ends, in one statement."""
+    rows = connection.execute(_LOCK_MANY, {"pairs": [(pair.source, pair.destination) for pair in pairs]})
+    found = (_current(row) for row in rows)
+    return {rate.pair: (row_id, rate) for row_id, rate in found}
 
-    Locked in pair order, so two writers of overlapping batches take turns instead of deadlocking.
-    """
-    statement = (
-        select(ExchangeRate)
-        .where(
-            tuple_(ExchangeRate.source_currency, ExchangeRate.destination_currency).in_(
-                [(pair.source, pair.destination) for pair in pairs]
-            )
+
+def update_current_many(connection: Connection, updates: dict[int, tuple[Quote, datetime]]) -> None:
+    """Each row (by id) takes its quote's values and `last_updated`, in one statement."""
+    if updates:
+        connection.execute(
+            _UPDATE,
+            [
+                {"row_id": row_id, **_quote_values(quote), "last_updated": now}
+                for row_id, (quote, now) in updates.items()
+            ],
         )
-        .order_by(ExchangeRate.source_currency, ExchangeRate.destination_currency)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    rows = (await session.scalars(statement)).all()
-    return {Pair(row.source_currency, row.destination_currency): row for row in rows}
 
 
-def update_current(row: ExchangeRate, quote: Quote, now: datetime) -> None:
-    for name, value in _quote_values(quote).items():
-        setattr(row, name, value)
-    row.last_updated = now
-
-
-def append_history(session: AsyncSession, quote: Quote, observed_at: datetime) -> None:
-    session.add(ExchangeRateHistory(**_quote_values(quote), observed_at=observed_at))
+def append_history_many(connection: Connection, points: list[tuple[Quote, datetime]]) -> None:
+    if points:
+        connection.execute(
+            _APPEND, [{**_quote_values(quote), "observed_at": observed_at} for quote, observed_at in points]
+        )
 
 
 async def get_current(session: AsyncSession, pair: Pair) -> StoredRate | None:

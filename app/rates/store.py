@@ -19,8 +19,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Protocol
 
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.currencies import Pair
@@ -28,8 +30,8 @@ from app.db_health import DatabaseHealth
 from app.errors import DatabaseUnavailable
 from app.rates import repository
 from app.rates.cache import TieredCache
-from app.rates.models import ExchangeRate
 from app.rates.rate import StoredRate
+from app.rates.sqlite_writer import SqliteWriter
 from app.rates.wire import AllRatesUpdate
 from app.upstream.quote import Quote
 
@@ -69,8 +71,10 @@ class RateStore:
         fanout: Publisher,
         *,
         database: DatabaseHealth,
+        sqlite_writer: SqliteWriter | None = None,
     ) -> None:
         self._sessions = sessions
+        self._sqlite_writer = sqlite_writer
         self.database = database
         self._cache = cache
         self._fanout = fanout
@@ -138,37 +142,13 @@ class RateStore:
         return results
 
     async def _transaction(self, quotes: list[Quote]) -> list[SaveResult]:
+        # The batch is written in one go, as plain synchronous code: on SQLite in the writer's own thread, one
+        # hand-off from the event loop; on PostgreSQL through run_sync, one round trip per statement.
+        if self._sqlite_writer is not None:
+            return await self._sqlite_writer.run(partial(write_batch, quotes=quotes))
         async with self._sessions.begin() as session:
-            rows = await repository.lock_current_many(session, {quote.pair for quote in quotes})
-            return [await self._write_one(session, rows, quote) for quote in quotes]
-
-    async def _write_one(self, session: AsyncSession, rows: dict[Pair, ExchangeRate], quote: Quote) -> SaveResult:
-        now = quote.received_at
-        previous: StoredRate | None = None
-        row = rows.get(quote.pair)
-        if row is not None or not await repository.insert_if_absent(session, quote, now):
-            # Stored before, by an earlier batch, earlier in this one, or another writer just now.
-            if row is None:
-                row = rows[quote.pair] = await repository.lock_current(session, quote.pair)
-            previous = repository.to_stored(row)
-            # Two writers of one pair take turns on the row lock; the second never goes back in time.
-            now = max(now, previous.last_updated)
-            repository.update_current(row, quote, now)
-        result = SaveResult(
-            rate=StoredRate(
-                pair=quote.pair,
-                rate=quote.rate,
-                destination_per_source=quote.destination_per_source,
-                source_amount=quote.source_amount,
-                destination_amount=quote.destination_amount,
-                provider=quote.provider,
-                last_updated=now,
-            ),
-            previous=previous,
-        )
-        if result.changed:
-            repository.append_history(session, quote, now)
-        return result
+            connection = await session.connection()
+            return await connection.run_sync(write_batch, quotes)
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
         await self._fanout.publish_cycle(update)
@@ -186,6 +166,45 @@ class RateStore:
                 return await repository.get_current(session, pair)
 
         return await self.database.call(read)
+
+
+def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveResult]:
+    """Store each quote as its pair's current rate, appending to history when the value changed; no commit.
+
+    Worked out in memory over the rows read (and locked) at the start, then written in two statements: every
+    current row updated, every history point appended. A pair twice in one batch is two changes in a row.
+    """
+    current = repository.lock_current_many(connection, {quote.pair for quote in quotes})
+    results: list[SaveResult] = []
+    updates: dict[int, tuple[Quote, datetime]] = {}
+    history: list[tuple[Quote, datetime]] = []
+    for quote in quotes:
+        now, previous = quote.received_at, None
+        found = current.get(quote.pair)
+        row_id = repository.insert_if_absent(connection, quote, now) if found is None else None
+        if row_id is None:
+            # Stored before, by an earlier batch, earlier in this one, or another writer just now.
+            row_id, previous = found or repository.lock_current(connection, quote.pair)
+            # Two writers of one pair take turns on the row lock; the second never goes back in time.
+            now = max(now, previous.last_updated)
+            updates[row_id] = (quote, now)
+        rate = StoredRate(
+            pair=quote.pair,
+            rate=quote.rate,
+            destination_per_source=quote.destination_per_source,
+            source_amount=quote.source_amount,
+            destination_amount=quote.destination_amount,
+            provider=quote.provider,
+            last_updated=now,
+        )
+        current[quote.pair] = (row_id, rate)
+        result = SaveResult(rate=rate, previous=previous)
+        if result.changed:
+            history.append((quote, now))
+        results.append(result)
+    repository.update_current_many(connection, updates)
+    repository.append_history_many(connection, history)
+    return results
 
 
 def _settle(

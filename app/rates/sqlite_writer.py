@@ -1,0 +1,65 @@
+"""SQLite writes in one hand-off: a thread of the writer's own, holding a plain sqlite3 connection.
+
+Through aiosqlite every step of a transaction (each statement's cursor,
+execute, fetch and close, then the commit) is a hand-off between the event
+loop and aiosqlite's thread: about 37 turns of the loop per stored batch,
+each waiting behind whatever else the loop has to do, and under a poll cycle
+that is a send to every WebSocket client. Here the whole transaction runs in
+the writer's thread and the loop is handed its result once
+(docs/performance.md). Readers stay on the async engine.
+
+The transaction starts with `BEGIN IMMEDIATE`: the write lock is taken before
+the current rows are read, so two processes writing one file (several
+workers) take turns on whole batches, waiting up to the busy timeout.
+"""
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy.pool import StaticPool
+
+from app.db import sqlite_pragmas
+
+T = TypeVar("T")
+
+
+def is_sqlite(database_url: str) -> bool:
+    return make_url(database_url).get_backend_name() == "sqlite"
+
+
+class SqliteWriter:
+    def __init__(self, database_url: str, *, busy_s: float) -> None:
+        url = make_url(database_url).set(drivername="sqlite")
+        # One connection, only ever used from the one thread below.
+        self._engine: Engine = create_engine(
+            url, poolclass=StaticPool, connect_args={"timeout": busy_s, "check_same_thread": False}
+        )
+        event.listen(self._engine, "connect", sqlite_pragmas(busy_s))
+        event.listen(self._engine, "connect", _no_implicit_transactions)
+        event.listen(self._engine, "begin", _begin_immediate)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        """`work` inside one transaction, committed, in the writer's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, work)
+
+    def _transaction(self, work: Callable[[Connection], T]) -> T:
+        with self._engine.begin() as connection:
+            return work(connection)
+
+    async def aclose(self) -> None:
+        """After the writes handed over: they finish first, in order."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.dispose)
+        self._thread.shutdown(wait=False)
+
+
+def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+    # sqlite3 would otherwise open a deferred transaction by itself before the first write, after the reads.
+    dbapi_connection.isolation_level = None
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
