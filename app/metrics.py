@@ -58,6 +58,13 @@ class Metrics:
         )
         self.cache_errors = Counter("fxrates_cache_errors", "Cache operations that failed (Redis down).", registry=r)
         self.websocket_clients = Gauge("fxrates_websocket_clients", "Connected WebSocket clients.", registry=r)
+        self.gc_full_collection_seconds = Histogram(
+            "fxrates_gc_full_collection_seconds",
+            "Full garbage collections, each run between two poll cycles (app.live.gc_pacing): how long each "
+            "stopped the process.",
+            registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
         self.websocket_slow_closed = Counter(
             "fxrates_websocket_slow_closed", "WebSocket clients closed for not reading their updates.", registry=r
         )

@@ -19,6 +19,7 @@ from app.currencies import Pair
 from app.db import WRITE_FACTOR, create_engine, create_sessionmaker, migrate
 from app.db_health import DatabaseHealth
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
+from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.live.poller import Poller
 from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
@@ -170,12 +171,16 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 amount=settings.upstream_quote_amount,
             )
         )
+        pacer = await stack.enter_async_context(CollectionPacer(metrics.gc_full_collection_seconds))
+        await stack.enter_async_context(running(pacer.run(), "gc-pacer"))
         hub = Hub(
             broadcast,
             store,
             stale_after_s=settings.rate_stale_after_seconds,
             metrics=metrics,
             stall_timeout_s=settings.ws_stall_timeout_seconds,
+            on_rates=pacer.rates_moving,
+            on_cycle_end=pacer.cycle_ended,
         )
         fanout.deliver_here(hub.deliver)
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))

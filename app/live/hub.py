@@ -231,6 +231,8 @@ class Hub:
         metrics: Metrics,
         stall_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_rates: Callable[[], None] = lambda: None,
+        on_cycle_end: Callable[[], None] = lambda: None,
     ) -> None:
         self._broadcast = broadcast
         self._store = store
@@ -239,6 +241,8 @@ class Hub:
         self._stall_timeout_s = stall_timeout_s
         self._clients: set[HubClient] = set()
         self._clock = clock
+        # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
+        self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
         self._snapshot: Snapshot | None = None
         self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
         self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
@@ -373,6 +377,7 @@ class Hub:
 
     def _fan_out(self, message: str) -> None:
         if (stored := stored_updates(message)) is not None:
+            self._on_rates()
             self._snapshot = None
             self.version += 1
             updates = [Update(update) for update in stored]
@@ -386,3 +391,4 @@ class Hub:
         elif message.startswith('{"type":"all_rates_update"'):
             for client in list(self._clients):
                 client.push(message)
+            self._on_cycle_end()
