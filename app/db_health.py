@@ -18,7 +18,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -112,7 +112,7 @@ class DatabaseHealth:
     def unavailable(self) -> DatabaseUnavailable:
         return DatabaseUnavailable(retry_after_s=RETRY_AFTER_S)
 
-    async def call(self, work: Callable[[], Coroutine[Any, Any, T]], *, write: bool = False) -> T:
+    async def call(self, work: Callable[[], Awaitable[T]], *, write: bool = False) -> T:
         """Run `work` against the database, bounded; `DatabaseUnavailable` when it cannot be reached."""
         if self._down_since is not None:
             raise self.unavailable()
@@ -137,7 +137,7 @@ class DatabaseHealth:
     async def _probe(self) -> None:
         await self._select(self._probe_engine)
 
-    async def _bounded(self, work: Callable[[], Coroutine[Any, Any, T]], timeout_s: float) -> T:
+    async def _bounded(self, work: Callable[[], Awaitable[T]], timeout_s: float) -> T:
         task = asyncio.ensure_future(work())
         try:
             done, _ = await asyncio.wait({task}, timeout=timeout_s)

@@ -26,6 +26,10 @@ clients offer it, as browsers do). --protocol pair keeps the per-pair
 Clients are raw sockets on uvloop in --client-procs processes (bench/ws_fanout.py's
 RawClient): all of them count what they receive; a sample of --sample of them
 also parse every delivery's `last_updated`, so the client side stays cheap.
+By default they all connect at once, as after a deploy (the heaviest case; the
+kernel's listen queue, capped by net.core.somaxconn, overflows past a few
+thousand and SYN retries then pace the rest); --connect-in-flight N keeps N
+handshakes under way at a time, which measures how fast the server accepts.
 
 Run from the repository root, one command per case (each prints a summary table):
 
@@ -33,6 +37,7 @@ Run from the repository root, one command per case (each prints a summary table)
     python -m bench.ws_cycle --clients 1000 --protocol pair batch
     python -m bench.ws_cycle --clients 1000 --flags defaults
     python -m bench.ws_cycle --clients 10000 --protocol pair batch
+    python -m bench.ws_cycle --clients 10000 --protocol pair batch --connect-in-flight 1000
     python -m bench.ws_cycle --clients 1000 --profile      # py-spy on the service during the cycles
 
 The isolated change of one pair is bench/ws_fanout.py: a secondary figure.
@@ -161,14 +166,26 @@ class Worker:
         return client
 
     async def connect(
-        self, count: int, samples: int, start_at: float, timeout_s: float, deflate: bool, batch: bool
+        self,
+        count: int,
+        samples: int,
+        start_at: float,
+        timeout_s: float,
+        deflate: bool,
+        batch: bool,
+        in_flight: int = 0,
     ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, start_at - time.time()))
         deadline = loop.time() + timeout_s
-        results = await asyncio.gather(
-            *(self._open(deflate, batch, index < samples, deadline) for index in range(count))
-        )
+        # 0: every client at once (a reconnect storm); else at most this many handshakes under way at a time.
+        pacing = asyncio.Semaphore(in_flight or count or 1)
+
+        async def paced(index: int) -> CycleClient | str:
+            async with pacing:
+                return await self._open(deflate, batch, index < samples, deadline)
+
+        results = await asyncio.gather(*(paced(index) for index in range(count)))
         opened = [result for result in results if not isinstance(result, str)]
         failures = collections.Counter(result for result in results if isinstance(result, str))
         burst_last = time.time()
@@ -378,6 +395,7 @@ def run_case(case: Case, fake: FakeFlutterwave, args: argparse.Namespace, cpus: 
                             args.connect_timeout,
                             case.flags == "defaults",
                             case.protocol == "batch",
+                            math.ceil(args.connect_in_flight / procs),
                         )
                         for share, samples in zip(shares, sample_shares, strict=True)
                     )
@@ -587,6 +605,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample", type=int, default=1000, help="clients that parse every delivery (1000)")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--connect-timeout", type=float, default=60)
+    parser.add_argument(
+        "--connect-in-flight",
+        type=int,
+        default=0,
+        help="handshakes under way at a time, across client processes (default 0: every client at once)",
+    )
     parser.add_argument("--ready-timeout", type=float, default=90)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed before each case")
     parser.add_argument("--postgres-url", default="postgresql+asyncpg://127.0.0.1:5432/fxrates_bench")

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
 from prometheus_client import Counter
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from app.currencies import Pair
@@ -52,8 +52,8 @@ class Fanout:
         """Hand every event this process publishes to `listener` as well, before it goes out."""
         self._local.append(listener)
 
-    async def publish_rates(self, results: Sequence[SaveResult]) -> None:
-        """One event for a store batch, however many rates it holds."""
+    def rates_event(self, results: Sequence[SaveResult]) -> str:
+        """One event for a store batch, however many rates it holds, serialised once."""
         # A rate is published the moment it is stored, so it is fresh by definition.
         updates = [
             RateUpdate(
@@ -62,21 +62,26 @@ class Fanout:
             )
             for result in results
         ]
-        await self._publish(RatesStored(updates=updates))
+        return RatesStored(updates=updates).model_dump_json()
 
-    async def publish_cycle(self, update: AllRatesUpdate) -> None:
-        await self._publish(update)
-
-    async def _publish(self, event: BaseModel) -> None:
-        message = event.model_dump_json()
+    def hand_over(self, event: str) -> None:
+        """To this process's own listeners, now."""
         for listener in self._local:
-            listener(message)
+            listener(event)
+
+    async def send(self, event: str) -> None:
+        """To every other process (and back to this one's channel listeners, who skip it: see `Delivered`)."""
         try:
-            await self._broadcast.publish(RATES_CHANNEL, message)
+            await self._broadcast.publish(RATES_CHANNEL, event)
         except (RedisError, OSError) as error:
             # The rate is already stored and cached; only the push is lost, and the next cycle repairs it.
             self._errors.inc()
-            log.warning("could not publish %s: %s", type(event).__name__, error)
+            log.warning("could not publish an event: %s", error)
+
+    async def publish_cycle(self, update: AllRatesUpdate) -> None:
+        event = update.model_dump_json()
+        self.hand_over(event)
+        await self.send(event)
 
 
 class Delivered:

@@ -58,6 +58,9 @@ class MemoryCache:
         return None if entry is None else entry[1]
 
     async def set(self, rate: StoredRate) -> None:
+        self.put(rate)
+
+    def put(self, rate: StoredRate) -> None:
         current = self._entries.get(rate.pair)
         # Writers may finish out of order; an older rate never replaces a newer one.
         if current is None or current[1].last_updated <= rate.last_updated:
@@ -144,7 +147,15 @@ class TieredCache:
         await self.set_many([rate])
 
     async def set_many(self, rates: Sequence[StoredRate]) -> None:
+        self.hold_here(rates)
+        await self.share(rates)
+
+    def hold_here(self, rates: Sequence[StoredRate]) -> None:
+        """This process's memory, at once."""
         for rate in rates:
-            await self.memory.set(rate)
+            self.memory.put(rate)
+
+    async def share(self, rates: Sequence[StoredRate]) -> None:
+        """Redis, for the other processes (one round trip)."""
         if self.shared is not None:
             await self.shared.set_many(rates)

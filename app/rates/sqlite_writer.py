@@ -42,9 +42,9 @@ class SqliteWriter:
         event.listen(self._engine, "begin", _begin_immediate)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
-    async def run(self, work: Callable[[Connection], T]) -> T:
-        """`work` inside one transaction, committed, in the writer's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, work)
+    def submit(self, work: Callable[[Connection], T]) -> "asyncio.Future[T]":
+        """`work` inside one transaction, committed, in the writer's thread; its result, to await."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, self._transaction, work)
 
     def _transaction(self, work: Callable[[Connection], T]) -> T:
         with self._engine.begin() as connection:

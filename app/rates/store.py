@@ -16,7 +16,7 @@ transaction, a cache round trip and a publish per pair (docs/performance.md).
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -55,7 +55,17 @@ class SaveResult:
 class Publisher(Protocol):
     """Where stored rates are announced (`app.live.fanout.Fanout`); the store knows nothing of how."""
 
-    async def publish_rates(self, results: Sequence[SaveResult]) -> None: ...
+    def rates_event(self, results: Sequence[SaveResult]) -> str:
+        """The event telling of a stored batch, serialised once."""
+        ...
+
+    def hand_over(self, event: str) -> None:
+        """To this process's own listeners, at once."""
+        ...
+
+    async def send(self, event: str) -> None:
+        """To every other process."""
+        ...
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None: ...
 
@@ -136,16 +146,26 @@ class RateStore:
     async def _write(self, quotes: list[Quote]) -> list[SaveResult]:
         results = await self.database.call(lambda: self._transaction(quotes), write=True)
         self.version += 1
-        # Publish after commit, cache first: a client told of a rate finds it wherever it looks.
-        await self._cache.set_many([result.rate for result in results])
-        await self._fanout.publish_rates(results)
+        rates, event = [result.rate for result in results], self._fanout.rates_event(results)
+        # Publish after commit. This process first, with no round trip in between (under a cycle each one waits
+        # for a turn of a loop busy sending to every client): its memory cache, then its own clients. Then Redis,
+        # then the other processes, told only once Redis holds the rate: a client told of a rate finds it
+        # wherever it looks.
+        self._cache.hold_here(rates)
+        self._fanout.hand_over(event)
+        await self._cache.share(rates)
+        await self._fanout.send(event)
         return results
 
-    async def _transaction(self, quotes: list[Quote]) -> list[SaveResult]:
+    def _transaction(self, quotes: list[Quote]) -> Awaitable[list[SaveResult]]:
         # The batch is written in one go, as plain synchronous code: on SQLite in the writer's own thread, one
-        # hand-off from the event loop; on PostgreSQL through run_sync, one round trip per statement.
+        # hand-off from the event loop (awaited as it is, no task around it); on PostgreSQL through run_sync, one
+        # round trip per statement.
         if self._sqlite_writer is not None:
-            return await self._sqlite_writer.run(partial(write_batch, quotes=quotes))
+            return self._sqlite_writer.submit(partial(write_batch, quotes=quotes))
+        return self._postgres_transaction(quotes)
+
+    async def _postgres_transaction(self, quotes: list[Quote]) -> list[SaveResult]:
         async with self._sessions.begin() as session:
             connection = await session.connection()
             return await connection.run_sync(write_batch, quotes)
