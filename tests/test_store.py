@@ -250,3 +250,43 @@ async def test_rates_written_together_are_published_as_one_event_after_commit(
     async with create_sessionmaker(engine)() as session:
         points = await repository.list_history(session, USD_NGN)
     assert [p.destination_per_source for p in points] == [Decimal("1530.25"), Decimal("1531.5"), Decimal("1532.75")]
+
+
+async def test_the_sqlite_writer_checkpoints_its_log_itself_between_cycles(sqlite_url: str) -> None:
+    import sqlite3
+
+    from app.db import migrate
+    from app.rates import sqlite_writer
+    from app.rates.store import write_batch
+
+    engine = create_engine(sqlite_url)
+    await migrate(engine)
+    await engine.dispose()
+    writer = SqliteWriter(sqlite_url, busy_s=10)
+    path = sqlite_url.split("///", 1)[1]
+
+    def log_frames() -> int:
+        # A passive checkpoint from outside copies nothing the writer's own did not, and says how long the log is.
+        with sqlite3.connect(path) as outside:
+            busy, frames, _ = outside.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0
+        return int(frames)
+
+    async def write(count: int) -> None:
+        for n in range(count):
+            await writer.submit(lambda connection, n=n: write_batch(connection, [quote(f"1530.{n}")]))
+
+    try:
+        await write(40)
+        before = log_frames()
+        # The end of a cycle: the writer checkpoints, so the next write starts the log afresh.
+        writer.checkpoint()
+        await write(1)
+        assert log_frames() < before
+        # No cycles at all: it checkpoints by itself every CHECKPOINT_EVERY commits.
+        await write(sqlite_writer.CHECKPOINT_EVERY - 2)
+        full = log_frames()
+        await write(2)
+        assert log_frames() < full
+    finally:
+        await writer.aclose()

@@ -171,7 +171,10 @@ class RateStore:
             return await connection.run_sync(write_batch, quotes)
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
+        """A poll cycle has ended: say so, then let SQLite checkpoint its log before the next one."""
         await self._fanout.publish_cycle(update)
+        if self._sqlite_writer is not None:
+            self._sqlite_writer.checkpoint()
 
     async def all(self, source: str | None = None) -> list[StoredRate]:
         async def read() -> list[StoredRate]:
