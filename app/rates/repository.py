@@ -19,7 +19,7 @@ from app.rates.rate import StoredRate
 from app.upstream.quote import Quote
 
 
-def to_stored(row: ExchangeRate) -> StoredRate:
+def to_stored(row: ExchangeRate | Row[Any]) -> StoredRate:
     return StoredRate(
         pair=Pair(row.source_currency, row.destination_currency),
         rate=row.rate,
@@ -69,15 +69,7 @@ Current = tuple[int, StoredRate]  # a stored row's id, and its rate
 
 
 def _current(row: Row[Any]) -> Current:
-    return row.id, StoredRate(
-        pair=Pair(row.source_currency, row.destination_currency),
-        rate=row.rate,
-        destination_per_source=row.destination_per_source,
-        source_amount=row.source_amount,
-        destination_amount=row.destination_amount,
-        provider=row.provider,
-        last_updated=row.last_updated,
-    )
+    return row.id, to_stored(row)
 
 
 def insert_if_absent(connection: Connection, quote: Quote, now: datetime) -> int | None:
