@@ -50,7 +50,6 @@ import contextlib
 import gc
 import itertools
 import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -63,7 +62,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +70,7 @@ import redis
 
 from bench import pyspy
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
-from bench.ws_fanout import RawClient, _masked, listen_counters, quantile, rss_kib, schedstat
+from bench.ws_fanout import RawClient, _masked, client_processes, listen_counters, quantile, rss_kib, schedstat
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,60 +252,6 @@ class Worker:
             self.pipe.send(reply)
 
 
-def run_worker(pipe: Connection, host: str, port: int, cpus: set[int] | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Worker(pipe, host, port).run())
-
-
-@dataclass(slots=True)
-class Workers:
-    processes: list[SpawnProcess] = field(default_factory=list)
-    pipes: list[Connection] = field(default_factory=list)
-
-    def ask(self, *commands: tuple[Any, ...]) -> list[dict[str, Any]]:
-        for index, pipe in enumerate(self.pipes):
-            pipe.send(commands[index] if len(commands) > 1 else commands[0])
-        replies = [pipe.recv() for pipe in self.pipes]
-        for reply in replies:
-            if "error" in reply:
-                raise RuntimeError(reply["error"])
-        return replies
-
-
-@contextlib.contextmanager
-def client_processes(count: int, port: int, cpus: set[int] | None) -> Iterator[Workers]:
-    context = multiprocessing.get_context("spawn")
-    workers = Workers()
-    try:
-        for _ in range(count):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(target=run_worker, args=(child_end, "127.0.0.1", port, cpus), daemon=True)
-            process.start()
-            child_end.close()
-            workers.processes.append(process)
-            workers.pipes.append(parent_end)
-        yield workers
-    finally:
-        for pipe in workers.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("quit",))
-        for process in workers.processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-        for pipe in workers.pipes:
-            pipe.close()
-
-
 # ---------------------------------------------------------------- servers
 
 
@@ -379,7 +323,7 @@ def run_case(case: Case, fake: FakeFlutterwave, args: argparse.Namespace, cpus: 
             pid = server.process.pid
             port = int(server.url.rsplit(":", 1)[1])
             procs = 1 if case.clients < 100 else args.client_procs
-            with client_processes(procs, port, client_cpus) as workers:
+            with client_processes(procs, port, client_cpus, Worker) as workers:
                 rss_before = rss_kib(pid)
                 shares = [case.clients // procs + (i < case.clients % procs) for i in range(procs)]
                 sample_shares = [min(share, math.ceil(args.sample / procs)) for share in shares]

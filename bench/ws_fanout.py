@@ -64,7 +64,7 @@ from datetime import datetime
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httpx
 
@@ -342,7 +342,18 @@ class Worker:
             self.pipe.send(reply)
 
 
-def run_worker(pipe: Connection, host: str, port: int, cpus: set[int] | None) -> None:
+class WorkerProcess(Protocol):
+    """What runs in a client process: commands from the pipe, replies to it (this module's Worker, or another
+    benchmark's)."""
+
+    def __init__(self, pipe: Connection, host: str, port: int) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+def run_worker(
+    pipe: Connection, host: str, port: int, cpus: set[int] | None, worker: type[WorkerProcess] | None = None
+) -> None:
     """A client process's entry point (multiprocessing target)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
     if cpus:
@@ -353,7 +364,7 @@ def run_worker(pipe: Connection, host: str, port: int, cpus: set[int] | None) ->
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(Worker(pipe, host, port).run())
+        runner.run((worker or Worker)(pipe, host, port).run())
 
 
 @dataclass(slots=True)
@@ -382,13 +393,16 @@ class Workers:
 
 
 @contextlib.contextmanager
-def client_processes(count: int, port: int, cpus: set[int] | None) -> Iterator[Workers]:
+def client_processes(
+    count: int, port: int, cpus: set[int] | None, worker: type[WorkerProcess] | None = None
+) -> Iterator[Workers]:
+    """`count` client processes, each running `worker` (this module's Worker by default)."""
     context = multiprocessing.get_context("spawn")
     workers = Workers()
     try:
         for _ in range(count):
             parent_end, child_end = context.Pipe()
-            process = context.Process(target=run_worker, args=(child_end, "127.0.0.1", port, cpus), daemon=True)
+            process = context.Process(target=run_worker, args=(child_end, "127.0.0.1", port, cpus, worker), daemon=True)
             process.start()
             child_end.close()
             workers.processes.append(process)

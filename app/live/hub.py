@@ -60,15 +60,7 @@ class Update:
         self.item = RatesUpdateItem.of_update(update).model_dump_json()
         self.as_of = '"' + rate.model_dump(mode="json", include={"last_updated"})["last_updated"] + '"'
         # As a stored rate (it was published once stored): what a snapshot holds while the database is away.
-        self.stored = StoredRate(
-            pair=self.pair,
-            rate=rate.rate,
-            destination_per_source=rate.destination_per_source,
-            source_amount=rate.source_amount,
-            destination_amount=rate.destination_amount,
-            provider=rate.provider,
-            last_updated=rate.last_updated,
-        )
+        self.stored = rate.stored()
 
 
 class _Reply:
