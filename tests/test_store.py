@@ -290,3 +290,65 @@ async def test_the_sqlite_writer_checkpoints_its_log_itself_between_cycles(sqlit
         assert log_frames() < full
     finally:
         await writer.aclose()
+
+
+async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_this_process(
+    engine: AsyncEngine,
+    broadcast: Broadcast,
+    sqlite_writers: Callable[[], SqliteWriter | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's round trips to Redis run while the next batch is written; other processes are told in order."""
+    from redis.asyncio import Redis
+
+    from app.rates import cache as cache_module
+
+    # Long enough that only the test's own release ends the first batch's round trip.
+    monkeypatch.setattr(cache_module, "REDIS_OP_TIMEOUT_S", 60.0)
+    held: list[asyncio.StreamWriter] = []
+    asked = asyncio.Event()
+
+    async def answer_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        asked.set()
+        while await reader.read(65536):
+            pass
+
+    black_hole = await asyncio.start_server(answer_nothing, "127.0.0.1", 0)
+    port = black_hole.sockets[0].getsockname()[1]
+    metrics = Metrics()
+    fanout = Fanout(broadcast, metrics.publish_errors)
+    handed: list[str] = []
+    second_handed = asyncio.Event()
+
+    def here(event: str) -> None:
+        handed.append(event)
+        if "1531.5" in event:
+            second_handed.set()
+
+    fanout.deliver_here(here)
+    async with Redis.from_url(f"redis://127.0.0.1:{port}/0") as redis, broadcast.subscribe(RATES_CHANNEL) as channel:
+        store = RateStore(
+            create_sessionmaker(engine),
+            TieredCache(MemoryCache(60), RedisCache(redis, 60, metrics.cache_errors)),
+            fanout,
+            database=health(engine, metrics),
+            sqlite_writer=sqlite_writers(),
+        )
+        first = store.save(quote("1530.25"))
+        await asyncio.wait_for(asked.wait(), timeout=10)  # the first batch is stored and on its way to Redis
+        second = store.save(quote("1531.5"))
+        await asyncio.wait_for(second_handed.wait(), timeout=10)
+        # Stored and shown to this process's clients while the first batch still waits on Redis.
+        assert not first.done() and not second.done()
+        assert [("1530.25" in event, "1531.5" in event) for event in handed] == [(True, False), (False, True)]
+        # Redis goes away for good: each round trip fails at once, and every saver gets its rate.
+        black_hole.close()
+        for writer in held:
+            writer.close()
+        saved = await asyncio.wait_for(asyncio.gather(first, second), timeout=10)
+        told = [(await asyncio.wait_for(channel.get(), timeout=10)).message for _ in range(2)]
+        await store.aclose()
+    assert [result.rate.destination_per_source for result in saved] == [Decimal("1530.25"), Decimal("1531.5")]
+    assert "1530.25" in told[0] and "1531.5" in told[1], "other processes are told in the order stored"
+    assert metrics.registry.get_sample_value("fxrates_cache_errors_total") == 2, "both round trips failed, counted"

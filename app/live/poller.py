@@ -18,7 +18,7 @@ from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.live.schedule import Schedule
 from app.metrics import Metrics
-from app.rates.store import RateStore, utc_now
+from app.rates.store import RateStore, SaveResult, utc_now
 from app.rates.wire import AllRatesUpdate
 from app.tasks import cancel_and_wait, log_crash
 from app.upstream.errors import UpstreamError
@@ -64,7 +64,7 @@ class Poller:
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Future[None] | None = None
-        self._saving: set[asyncio.Task[object]] = set()
+        self._saving: set[asyncio.Future[SaveResult]] = set()
         self.started_at: float | None = None  # time.time() when the loop started
         self.stopped = False
 
@@ -100,7 +100,7 @@ class Poller:
         try:
             quote = await self._provider.fetch(pair, self._amount)
             # A write once started is finished even if the poller is stopped meanwhile: no lost write.
-            saving = asyncio.ensure_future(self._store.save(quote))
+            saving = self._store.save(quote)
             self._saving.add(saving)
             saving.add_done_callback(self._saving.discard)
             result = await asyncio.shield(saving)

@@ -12,6 +12,9 @@ into the next one, together, followed by one cache round trip and one published
 event. A quote that arrives when nothing is being written is written at once,
 alone, so batching never adds a delay; under a poll cycle it saves a
 transaction, a cache round trip and a publish per pair (docs/performance.md).
+A batch's round trips to Redis run while the next batch is written, one batch
+after another, in the order they were stored: the next transaction does not
+wait for them.
 """
 
 import asyncio
@@ -90,29 +93,37 @@ class RateStore:
         self._fanout = fanout
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
+        self._outgoing: asyncio.Task[None] | None = None  # the last batch's round trips to Redis
         self.version = 0  # bumped by every save in this process, so derived views know they are out of date
 
-    async def save(self, quote: Quote) -> SaveResult:
+    def save(self, quote: Quote) -> "asyncio.Future[SaveResult]":
         """Store `quote` as the pair's current rate, appending to history when the value changed.
 
-        Its `received_at` becomes `last_updated` (never earlier than the pair's current one).
+        Its `received_at` becomes `last_updated` (never earlier than the pair's current one). Queued at once,
+        before the caller next yields to the loop (a turn of a busy loop is a millisecond or more); the future is
+        done once the rate is stored and announced, and cancelling it does not take the write back.
         """
-        (result,) = await self.save_many([quote])
-        return result
+        (future,) = self._enqueue([quote])
+        return asyncio.shield(future)
 
     async def save_many(self, quotes: Sequence[Quote]) -> list[SaveResult]:
+        # Shielded: a caller that stops waiting does not take a write others share with it.
+        return list(await asyncio.shield(asyncio.gather(*self._enqueue(quotes))))
+
+    def _enqueue(self, quotes: Sequence[Quote]) -> "list[asyncio.Future[SaveResult]]":
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[SaveResult]] = [loop.create_future() for _ in quotes]
         self._waiting += zip(quotes, futures, strict=True)
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain(), name="rate-store-writer")
-        # Shielded: a caller that stops waiting does not take a write others share with it.
-        return list(await asyncio.shield(asyncio.gather(*futures)))
+        return futures
 
     async def aclose(self) -> None:
-        """Wait for the writes already handed over (the lifespan calls this before the engine goes)."""
+        """Wait for the writes already handed over, and their round trips to Redis (before the engine goes)."""
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
+        if self._outgoing is not None:
+            await asyncio.gather(self._outgoing, return_exceptions=True)
 
     async def _drain(self) -> None:
         try:
@@ -140,8 +151,14 @@ class RateStore:
             for waiting in batch:
                 await self._write_settling([waiting])
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            _settle(future, result=result)
+
+        def settle(_: object) -> None:
+            # Stored and announced, whatever became of the round trips to Redis (their failures are logged).
+            for (_, future), result in zip(batch, results, strict=True):
+                _settle(future, result=result)
+
+        assert self._outgoing is not None
+        self._outgoing.add_done_callback(settle)
 
     async def _write(self, quotes: list[Quote]) -> list[SaveResult]:
         results = await self.database.call(lambda: self._transaction(quotes), write=True)
@@ -150,12 +167,22 @@ class RateStore:
         # Publish after commit. This process first, with no round trip in between (under a cycle each one waits
         # for a turn of a loop busy sending to every client): its memory cache, then its own clients. Then Redis,
         # then the other processes, told only once Redis holds the rate: a client told of a rate finds it
-        # wherever it looks.
+        # wherever it looks. Those round trips run behind the previous batch's, while the next batch is written.
         self._cache.hold_here(rates)
         self._fanout.hand_over(event)
-        await self._cache.share(rates)
-        await self._fanout.send(event)
+        self._outgoing = asyncio.create_task(self._share(rates, event, after=self._outgoing), name="rate-store-share")
         return results
+
+    async def _share(self, rates: list[StoredRate], event: str, *, after: "asyncio.Task[None] | None") -> None:
+        if after is not None:
+            # In the order stored: another process must never be told of an older value after a newer one.
+            await asyncio.wait([after])
+        try:
+            await self._cache.share(rates)
+            await self._fanout.send(event)
+        except Exception:
+            # Both carry on without Redis by themselves; anything else must not keep the batch's savers waiting.
+            log.exception("could not share a stored batch")
 
     def _transaction(self, quotes: list[Quote]) -> Awaitable[list[SaveResult]]:
         # The batch is written in one go, as plain synchronous code: on SQLite in the writer's own thread, one
