@@ -511,7 +511,10 @@ def reset_postgres(args: argparse.Namespace) -> None:
     """A fresh database for the run: dropped and created again, so every case starts from the same empty state."""
     name = args.postgres_url.rsplit("/", 1)[1]
     admin = args.postgres_admin
-    for statement in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
+    statements = [f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"]
+    # An operator's choice the service leaves to the database (docs/performance.md), e.g. synchronous_commit=off.
+    statements += [f"ALTER DATABASE {name} SET {setting.replace('=', ' = ', 1)}" for setting in args.postgres_set]
+    for statement in statements:
         subprocess.run(["psql", admin, "-q", "-c", statement], check=True, capture_output=True)
 
 
@@ -558,6 +561,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ready-timeout", type=float, default=90)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="flushed before each case")
     parser.add_argument("--postgres-url", default="postgresql+asyncpg://127.0.0.1:5432/fxrates_bench")
+    parser.add_argument(
+        "--postgres-set", action="append", default=[], metavar="NAME=VALUE", help="a setting of the bench database"
+    )
     parser.add_argument("--postgres-admin", default=POSTGRES_ADMIN_URL, help="psql URL that may create databases")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="server on CPU 0")
     parser.add_argument("--profile", action="store_true", help="py-spy the server during the measured cycles")
