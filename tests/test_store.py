@@ -292,6 +292,37 @@ async def test_the_sqlite_writer_checkpoints_its_log_itself_between_cycles(sqlit
         await writer.aclose()
 
 
+async def test_a_batch_waits_for_another_process_holding_the_sqlite_write_lock_then_is_written(sqlite_url: str) -> None:
+    import sqlite3
+
+    from app.db import migrate
+    from app.rates.store import write_batch
+
+    engine = create_engine(sqlite_url)
+    await migrate(engine)
+    writer = SqliteWriter(sqlite_url, busy_s=10)
+    try:
+        await writer.submit(lambda connection: write_batch(connection, [quote("1530.25")]))
+        # Another process (another worker on the same file) holds the write lock.
+        other = sqlite3.connect(sqlite_url.split("///", 1)[1], isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        waiting = writer.submit(lambda connection: write_batch(connection, [quote("1531.5")]))
+        # It waits in the writer's thread, not on the event loop: readers are answered meanwhile.
+        async with create_sessionmaker(engine)() as session:
+            assert (await repository.get_current(session, USD_NGN)) is not None
+        assert not waiting.done()
+        other.execute("COMMIT")
+        other.close()
+        (result,) = await asyncio.wait_for(waiting, timeout=10)
+        assert result.previous is not None and result.previous.destination_per_source == Decimal("1530.25")
+        async with create_sessionmaker(engine)() as session:
+            points = await repository.list_history(session, USD_NGN)
+        assert [point.destination_per_source for point in points] == [Decimal("1530.25"), Decimal("1531.5")]
+    finally:
+        await writer.aclose()
+        await engine.dispose()
+
+
 async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_this_process(
     engine: AsyncEngine,
     broadcast: Broadcast,
