@@ -237,6 +237,8 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
         try:
             async with asyncio.timeout(5):
                 await websocket.close(client.close_code)
+        except WebSocketDisconnect:
+            pass  # it went away by itself before its close frame could be sent (at shutdown, thousands at once)
         except (TimeoutError, RuntimeError, OSError):
             log.info("a websocket client could not be closed cleanly; dropped")
 
