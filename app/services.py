@@ -28,6 +28,7 @@ from app.rates import repository
 from app.rates.budget import OnDemandBudget
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.lookup import RateLookup
+from app.rates.postgres_writer import PostgresWriter
 from app.rates.sqlite_writer import SqliteWriter, is_sqlite
 from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
@@ -135,11 +136,13 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
         fanout = Fanout(broadcast, metrics.publish_errors)
-        sqlite_writer = None
+        writer: SqliteWriter | PostgresWriter
         if is_sqlite(settings.database_url):
-            sqlite_writer = SqliteWriter(settings.database_url, busy_s=settings.db_timeout_seconds * WRITE_FACTOR)
-            stack.push_async_callback(sqlite_writer.aclose)
-        store = RateStore(sessions, cache, fanout, database=database, sqlite_writer=sqlite_writer)
+            writer = SqliteWriter(settings.database_url, busy_s=settings.db_timeout_seconds * WRITE_FACTOR)
+        else:
+            writer = PostgresWriter(settings.database_url, timeout_s=settings.db_timeout_seconds)
+        stack.push_async_callback(writer.aclose)
+        store = RateStore(sessions, cache, fanout, database=database, writer=writer)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)

@@ -16,8 +16,9 @@ from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.metrics import Metrics
 from app.rates import repository
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
+from app.rates.postgres_writer import PostgresWriter
 from app.rates.sqlite_writer import SqliteWriter, is_sqlite
-from app.rates.store import RateStore
+from app.rates.store import RateStore, Writer
 from app.upstream.quote import Quote
 
 USD_NGN = Pair("USD", "NGN")
@@ -51,26 +52,27 @@ async def broadcast() -> AsyncIterator[Broadcast]:
         yield broadcast
 
 
-def make_store(engine: AsyncEngine, broadcast: Broadcast, writer: SqliteWriter | None) -> RateStore:
+def make_store(engine: AsyncEngine, broadcast: Broadcast, writer: Writer) -> RateStore:
     metrics = Metrics()
     return RateStore(
         create_sessionmaker(engine),
         TieredCache(MemoryCache(60), None),
         Fanout(broadcast, metrics.publish_errors),
         database=health(engine, metrics),
-        sqlite_writer=writer,
+        writer=writer,
     )
 
 
 @pytest.fixture
-async def sqlite_writers(migrated_url: str) -> AsyncIterator[Callable[[], SqliteWriter | None]]:
-    """On SQLite, each call a writer thread of its own, as each process of the service has one; else None."""
-    writers: list[SqliteWriter] = []
+async def writers(migrated_url: str) -> AsyncIterator[Callable[[], SqliteWriter | PostgresWriter]]:
+    """Each call a writer of its own (a thread, with its connection), as each process of the service has one."""
+    writers: list[SqliteWriter | PostgresWriter] = []
 
-    def writer() -> SqliteWriter | None:
-        if not is_sqlite(migrated_url):
-            return None
-        writers.append(SqliteWriter(migrated_url, busy_s=10))
+    def writer() -> SqliteWriter | PostgresWriter:
+        if is_sqlite(migrated_url):
+            writers.append(SqliteWriter(migrated_url, busy_s=10))
+        else:
+            writers.append(PostgresWriter(migrated_url, timeout_s=5))
         return writers[-1]
 
     yield writer
@@ -79,8 +81,8 @@ async def sqlite_writers(migrated_url: str) -> AsyncIterator[Callable[[], Sqlite
 
 
 @pytest.fixture
-def store(engine: AsyncEngine, broadcast: Broadcast, sqlite_writers: Callable[[], SqliteWriter | None]) -> RateStore:
-    return make_store(engine, broadcast, sqlite_writers())
+def store(engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], SqliteWriter | PostgresWriter]) -> RateStore:
+    return make_store(engine, broadcast, writers())
 
 
 async def test_exact_decimals_round_trip(store: RateStore, engine: AsyncEngine) -> None:
@@ -144,7 +146,7 @@ async def test_a_subscriber_sees_the_rate_only_once_it_is_committed(
 
 
 async def test_redis_cache_holds_the_rate_with_its_ttl(
-    redis_url: str, engine: AsyncEngine, broadcast: Broadcast
+    redis_url: str, engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], SqliteWriter | PostgresWriter]
 ) -> None:
     from redis.asyncio import Redis
 
@@ -157,6 +159,7 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
             tiers,
             Fanout(broadcast, metrics.publish_errors),
             database=health(engine, metrics),
+            writer=writers(),
         )
         saved = await store.save(quote("1530.251234567891"))
         assert await cache.get(USD_NGN) == saved.rate
@@ -212,10 +215,10 @@ async def test_last_updated_is_when_the_upstream_answer_arrived(store: RateStore
 
 
 async def test_two_processes_writing_one_pair_take_turns(
-    engine: AsyncEngine, broadcast: Broadcast, sqlite_writers: Callable[[], SqliteWriter | None]
+    engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], SqliteWriter | PostgresWriter]
 ) -> None:
     # Two stores on one database, as two workers or replicas: on SQLite two writer threads, two connections.
-    first, second = make_store(engine, broadcast, sqlite_writers()), make_store(engine, broadcast, sqlite_writers())
+    first, second = make_store(engine, broadcast, writers()), make_store(engine, broadcast, writers())
     saved = await asyncio.gather(
         *(store.save(quote(f"1530.{n}")) for n in range(1, 9) for store in (first, second) if n % 2 == (store is first))
     )
@@ -326,7 +329,7 @@ async def test_a_batch_waits_for_another_process_holding_the_sqlite_write_lock_t
 async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_this_process(
     engine: AsyncEngine,
     broadcast: Broadcast,
-    sqlite_writers: Callable[[], SqliteWriter | None],
+    writers: Callable[[], SqliteWriter | PostgresWriter],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch's round trips to Redis run while the next batch is written; other processes are told in order."""
@@ -364,7 +367,7 @@ async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_
             TieredCache(MemoryCache(60), RedisCache(redis, 60, metrics.cache_errors)),
             fanout,
             database=health(engine, metrics),
-            sqlite_writer=sqlite_writers(),
+            writer=writers(),
         )
         first = store.save(quote("1530.25"))
         await asyncio.wait_for(asked.wait(), timeout=10)  # the first batch is stored and on its way to Redis

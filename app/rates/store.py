@@ -19,11 +19,11 @@ wait for them.
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -34,11 +34,12 @@ from app.errors import DatabaseUnavailable
 from app.rates import repository
 from app.rates.cache import TieredCache
 from app.rates.rate import StoredRate
-from app.rates.sqlite_writer import SqliteWriter
 from app.rates.wire import AllRatesUpdate
 from app.upstream.quote import Quote
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -53,6 +54,22 @@ class SaveResult:
     @property
     def changed(self) -> bool:
         return self.previous is None or self.previous.destination_per_source != self.rate.destination_per_source
+
+
+class Writer(Protocol):
+    """Runs a batch's transaction away from the event loop and hands back its result once.
+
+    `app.rates.sqlite_writer.SqliteWriter` (a thread of its own) or `app.rates.postgres_writer.PostgresWriter`
+    (an event loop of its own).
+    """
+
+    def submit(self, work: Callable[[Connection], T]) -> "asyncio.Future[T]":
+        """`work` inside one transaction, committed."""
+        ...
+
+    def checkpoint(self) -> object:
+        """A poll cycle has ended: a moment to tidy the database's log, if it needs one."""
+        ...
 
 
 class Publisher(Protocol):
@@ -84,15 +101,15 @@ class RateStore:
         fanout: Publisher,
         *,
         database: DatabaseHealth,
-        sqlite_writer: SqliteWriter | None = None,
+        writer: Writer,
     ) -> None:
         self._sessions = sessions
-        self._sqlite_writer = sqlite_writer
+        self._writer = writer
         self.database = database
         self._cache = cache
         self._fanout = fanout
         self._waiting: list[_Waiting] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._draining: asyncio.Task[None] | None = None
         self._outgoing: asyncio.Task[None] | None = None  # the last batch's round trips to Redis
         self.version = 0  # bumped by every save in this process, so derived views know they are out of date
 
@@ -114,14 +131,14 @@ class RateStore:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[SaveResult]] = [loop.create_future() for _ in quotes]
         self._waiting += zip(quotes, futures, strict=True)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._drain(), name="rate-store-writer")
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain(), name="rate-store-writer")
         return futures
 
     async def aclose(self) -> None:
         """Wait for the writes already handed over, and their round trips to Redis (before the engine goes)."""
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._draining is not None:
+            await asyncio.gather(self._draining, return_exceptions=True)
         if self._outgoing is not None:
             await asyncio.gather(self._outgoing, return_exceptions=True)
 
@@ -131,7 +148,7 @@ class RateStore:
                 batch, self._waiting = self._waiting, []
                 await self._write_settling(batch)
         finally:
-            self._writer = None
+            self._draining = None
 
     async def _write_settling(self, batch: list[_Waiting]) -> None:
         try:
@@ -185,23 +202,14 @@ class RateStore:
             log.exception("could not share a stored batch")
 
     def _transaction(self, quotes: list[Quote]) -> Awaitable[list[SaveResult]]:
-        # The batch is written in one go, as plain synchronous code: on SQLite in the writer's own thread, one
-        # hand-off from the event loop (awaited as it is, no task around it); on PostgreSQL through run_sync, one
-        # round trip per statement.
-        if self._sqlite_writer is not None:
-            return self._sqlite_writer.submit(partial(write_batch, quotes=quotes))
-        return self._postgres_transaction(quotes)
-
-    async def _postgres_transaction(self, quotes: list[Quote]) -> list[SaveResult]:
-        async with self._sessions.begin() as session:
-            connection = await session.connection()
-            return await connection.run_sync(write_batch, quotes)
+        # The batch is written in one go, as plain synchronous code, away from the event loop: one hand-off and
+        # one result (awaited as it is, no task around it), however many statements and round trips it takes.
+        return self._writer.submit(partial(write_batch, quotes=quotes))
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
-        """A poll cycle has ended: say so, then let SQLite checkpoint its log before the next one."""
+        """A poll cycle has ended: say so, then let the database tidy its log (SQLite) before the next one."""
         await self._fanout.publish_cycle(update)
-        if self._sqlite_writer is not None:
-            self._sqlite_writer.checkpoint()
+        self._writer.checkpoint()
 
     async def all(self, source: str | None = None) -> list[StoredRate]:
         async def read() -> list[StoredRate]:
