@@ -237,7 +237,6 @@ class Hub:
         self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
         self._snapshot: Snapshot | None = None
         self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
-        self._read_at: float | None = None  # self._clock() at that read; None: read again before the next snapshot
         self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
         self._snapshot_lock = asyncio.Lock()
         self._delivered = Delivered()
@@ -279,13 +278,7 @@ class Hub:
         return current
 
     async def snapshot(self) -> Snapshot:
-        """Every stored rate: read from the database at most once a second, brought up to date in between.
-
-        Every stored rate is announced on the channel (this process's own saves included), so between reads a
-        change only needs the last read brought up to date with the changes announced since, in memory: under a
-        poll cycle, with clients connecting, that is dozens of changes a second, each of which used to cost a
-        read (several turns of a loop busy with the fan-out) before the next client got its snapshot.
-        """
+        """Every stored rate, read from the database at most once a second while nothing changes."""
         if (current := self._current()) is not None:
             return current
         async with self._snapshot_lock:
@@ -294,10 +287,6 @@ class Hub:
                 return current
             # Versions taken before the read: a change that lands during it makes this snapshot old at once.
             built_at, versions, now = self._clock(), (self._store.version, self.version), utc_now()
-            if self._read_at is not None and built_at - self._read_at < SNAPSHOT_MAX_AGE_S:
-                rates, _ = self._held(now)
-                self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions)
-                return self._snapshot
             try:
                 rates = await self._store.all()
             except DatabaseUnavailable:
@@ -306,7 +295,7 @@ class Hub:
                 frame = self._frame(rates, read_at, now)
                 self._snapshot = Snapshot(rates, frame, built_at, versions, held=True)
                 return self._snapshot
-            self._last_read, self._read_at = (rates, now), built_at
+            self._last_read = (rates, now)
             self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions)
             return self._snapshot
 
@@ -369,9 +358,8 @@ class Hub:
 
     async def _dispatch(self, message: str) -> None:
         if message == RESYNC:
-            # Redis was away: whatever changed meanwhile (announcements may be lost) reaches every client as a
-            # snapshot read afresh.
-            self._snapshot, self._read_at = None, None
+            # Redis was away: whatever changed meanwhile reaches every client as a fresh snapshot.
+            self._snapshot = None
             self.version += 1
             snapshot = await self.snapshot()
             for client in list(self._clients):
