@@ -67,7 +67,7 @@ class Writer(Protocol):
         """`work` inside one transaction, committed."""
         ...
 
-    def checkpoint(self) -> object:
+    def checkpoint(self) -> None:
         """A poll cycle has ended: a moment to tidy the database's log, if it needs one."""
         ...
 
