@@ -39,6 +39,7 @@ Run from the repository root, one command per case (each prints a summary table)
     python -m bench.ws_cycle --clients 10000 --protocol pair batch
     python -m bench.ws_cycle --clients 10000 --protocol pair batch --connect-in-flight 1000
     python -m bench.ws_cycle --clients 1000 --profile      # py-spy on the service during the cycles
+    python -m bench.ws_cycle --clients 1 --db postgres --postgres-set synchronous_commit=off
 
 The isolated change of one pair is bench/ws_fanout.py: a secondary figure.
 """
