@@ -152,7 +152,7 @@ class RateStore:
 
     async def _write_settling(self, batch: list[_Waiting]) -> None:
         try:
-            results = await self._write([quote for quote, _ in batch])
+            results, shared = await self._write([quote for quote, _ in batch])
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -174,10 +174,10 @@ class RateStore:
             for (_, future), result in zip(batch, results, strict=True):
                 _settle(future, result=result)
 
-        assert self._outgoing is not None
-        self._outgoing.add_done_callback(settle)
+        shared.add_done_callback(settle)
 
-    async def _write(self, quotes: list[Quote]) -> list[SaveResult]:
+    async def _write(self, quotes: list[Quote]) -> "tuple[list[SaveResult], asyncio.Task[None]]":
+        """The batch stored, and the task of its round trips to Redis."""
         results = await self.database.call(lambda: self._transaction(quotes), write=True)
         self.version += 1
         rates, event = [result.rate for result in results], self._fanout.rates_event(results)
@@ -188,7 +188,7 @@ class RateStore:
         self._cache.hold_here(rates)
         self._fanout.hand_over(event)
         self._outgoing = asyncio.create_task(self._share(rates, event, after=self._outgoing), name="rate-store-share")
-        return results
+        return results, self._outgoing
 
     async def _share(self, rates: list[StoredRate], event: str, *, after: "asyncio.Task[None] | None") -> None:
         if after is not None:
