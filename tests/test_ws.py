@@ -166,12 +166,13 @@ async def test_a_client_that_stops_reading_is_closed_and_nobody_else_waits(ws_se
         while len(cycle_ends) < 6:
             await reader.recv_until(lambda m: m["type"] == "all_rates_update", timeout_s=5)
             cycle_ends.append(time.monotonic())
-        closed_count = metric(ws_service, "fxrates_websocket_slow_closed_total")
         with pytest.raises(ConnectionClosed) as closed:
             while True:
                 await slow.recv(timeout_s=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
-    assert closed_count >= 1
+    # Counted before the close frame is sent. Whether the 256 unread replies or the 30 s stall cut it off
+    # depends on how much the kernel's socket buffers take (up to tcp_rmem's maximum), so it is read after.
+    assert metric(ws_service, "fxrates_websocket_slow_closed_total") >= 1
     gaps = [later - earlier for earlier, later in itertools.pairwise(cycle_ends)]
     assert max(gaps) < POLL_INTERVAL_S * 5, f"the reading client was held up: {gaps}"
 
