@@ -76,21 +76,13 @@ class Snapshot:
     """Every stored rate, as read at one moment and as one `all_rates` frame, with the values it tells."""
 
     def __init__(
-        self,
-        rates: list[StoredRate],
-        frame: str,
-        built_at: float,
-        versions: tuple[int, int],
-        read: int,
-        *,
-        held: bool = False,
+        self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int], *, held: bool = False
     ) -> None:
         self.rates = rates
         self.frame = frame
         self.values = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
         self.versions = versions  # (the store's, the hub's) when the read began
-        self.read = read  # which read of the hub's it came from, counted from 1
         self.held = held  # True: the last snapshot read, served again because the database is away
 
 
@@ -247,7 +239,6 @@ class Hub:
         self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
         self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
         self._snapshot_lock = asyncio.Lock()
-        self._reads = 0  # snapshot reads begun
         self._delivered = Delivered()
         self.version = 0  # bumped by every change any process announces
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
@@ -287,26 +278,13 @@ class Hub:
         return current
 
     async def snapshot(self) -> Snapshot:
-        """Every stored rate, read from the database at most once a second while nothing changes.
-
-        Whoever asks while a read is under way takes the next read to begin,
-        whatever changes or time pass meanwhile: it began after they asked, so it
-        misses nothing they could have missed (a client joins before it asks, and
-        every change announced since reaches it as an update). Under load a read
-        takes longer than the next change, or a second, takes to come: were each
-        waiter to read again, new clients would get their snapshots one read at
-        a time.
-        """
+        """Every stored rate, read from the database at most once a second while nothing changes."""
         if (current := self._current()) is not None:
             return current
-        asked = self._reads
         async with self._snapshot_lock:
-            # Whoever waited on the lock takes the snapshot the holder just built, if it began after they asked.
-            current = self._snapshot
-            if current is not None and (current.read > asked or self._current() is not None):
+            # Whoever waited on the lock takes the snapshot the holder just built.
+            if (current := self._current()) is not None:
                 return current
-            self._reads += 1
-            read = self._reads
             # Versions taken before the read: a change that lands during it makes this snapshot old at once.
             built_at, versions, now = self._clock(), (self._store.version, self.version), utc_now()
             try:
@@ -315,10 +293,10 @@ class Hub:
                 # Served again for up to a second, then the database is asked again (at once, while it is down).
                 rates, read_at = self._held(now)
                 frame = self._frame(rates, read_at, now)
-                self._snapshot = Snapshot(rates, frame, built_at, versions, read, held=True)
+                self._snapshot = Snapshot(rates, frame, built_at, versions, held=True)
                 return self._snapshot
             self._last_read = (rates, now)
-            self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions, read)
+            self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions)
             return self._snapshot
 
     def _held(self, now: datetime) -> tuple[list[StoredRate], datetime]:
@@ -392,6 +370,7 @@ class Hub:
     def _fan_out(self, message: str) -> None:
         if (stored := stored_updates(message)) is not None:
             self._on_rates()
+            self._snapshot = None
             self.version += 1
             updates = [Update(update) for update in stored]
             for update in updates:
