@@ -616,7 +616,8 @@ def table(results: list[Result]) -> None:
         if result.case.server == "service" and result.case.flags == "docker" and bound and result.latencies:
             met = result.p(0.99) * 1000 <= bound
             print(f"target {result.case.label}: p99 <= {bound:.0f} ms: {'met' if met else 'NOT MET'}")
-        if result.case.server == "service" and result.case.clients >= 10_000 and result.case.protocol == "pair":
+        per_pair_at_scale = result.case.clients >= 10_000 and result.case.protocol == "pair"
+        if result.case.server == "service" and result.case.flags == "docker" and per_pair_at_scale:
             met = result.connect_rate >= CONNECTS_TARGET_PER_S
             print(
                 f"target {result.case.label}: >= {CONNECTS_TARGET_PER_S} connects/s while cycles run: "
