@@ -51,12 +51,14 @@ class StalledClient:
         # From here on nothing more is read until outcome(): the kernel buffer fills and stays full.
         self._reader._transport.pause_reading()  # type: ignore[attr-defined]
 
-    async def send(self, text: str, times: int = 1) -> None:
+    async def send(self, text: str, times: int = 1, timeout_s: float = 10) -> None:
+        """Send `text` `times` times; a server that stopped reading (it closed on us) is an error, not a hang."""
         assert self._writer is not None
         frame = _masked_text_frame(text)
-        for _ in range(times):
-            self._writer.write(frame)
-            await self._writer.drain()
+        async with asyncio.timeout(timeout_s):
+            for _ in range(times):
+                self._writer.write(frame)
+                await self._writer.drain()
 
     async def read_until(
         self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 15

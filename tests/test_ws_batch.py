@@ -20,6 +20,9 @@ from tests.stalled_ws import StalledClient
 from tests.ws_client import WsClient
 
 POLL_INTERVAL_S = 0.3
+CONFLATED = "fxrates_websocket_updates_conflated_total"
+CUT_OFF = "fxrates_websocket_slow_closed_total"
+GET_ALL_RATES = '{"type": "get_all_rates"}'
 # Long enough for the conflation test to pause a reader without losing it, short enough to wait out.
 STALL_TIMEOUT_S = 10.0
 ITEM_FIELDS = {
@@ -63,11 +66,18 @@ def metric(replica: Replica, name: str) -> float:
     return 0.0
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+async def holds_within(condition: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            return False
         await asyncio.sleep(0.05)
+    return True
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
+    if not await holds_within(condition, timeout_s):
+        raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
 
 
 def pair_of(item: dict[str, Any]) -> str:
@@ -183,20 +193,32 @@ async def pause_then_read(
     try:
         if batch:
             await client.send('{"type": "subscribe", "pairs": ["*"], "batch": true}')
-        await fill(client)
-        conflated_before = metric(service, "fxrates_websocket_updates_conflated_total")
+        cut_off_before = metric(service, CUT_OFF)
+        conflated_before = await fill(client, service)
         probe = pairs[0]
+        rounds = 0
 
         def stored_and_bumped() -> bool:
             # A round of bumps once the poller stored the last one, until updates were conflated for this client.
+            nonlocal rounds
+            assert metric(service, CUT_OFF) == cut_off_before, "the paused client was cut off before it read again"
             if Decimal(str(rate_of(service, probe)["destination_per_source"])) == fake.rate(probe):
-                if metric(service, "fxrates_websocket_updates_conflated_total") >= conflated_before + 3 * len(pairs):
+                if metric(service, CONFLATED) >= conflated_before + 3 * len(pairs):
                     return True
                 for pair in pairs:
                     fake.bump(pair, Decimal("1.0001"))
+                rounds += 1
             return False
 
-        await wait_for(stored_and_bumped, STALL_TIMEOUT_S * 0.7, "updates to wait, conflated")
+        # The client is cut off STALL_TIMEOUT_S after a send to it first blocked (in fill): this ends well before.
+        await wait_for(
+            stored_and_bumped,
+            STALL_TIMEOUT_S * 0.7,
+            lambda: (
+                f"updates to wait, conflated ({metric(service, CONFLATED) - conflated_before:.0f} "
+                f"of {3 * len(pairs)} after {rounds} rounds of bumps stored)"
+            ),
+        )
         final = {str(pair): fake.rate(pair) for pair in pairs}
         return await client.read_until(lambda messages: latest_values(messages) == final)
     finally:
@@ -224,7 +246,7 @@ def by_pair(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013(service: Replica) -> None:
     host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
-    closed_before = metric(service, "fxrates_websocket_slow_closed_total")
+    closed_before = metric(service, CUT_OFF)
     client = StalledClient(host, int(port))
     await client.connect()
     async with WsClient(service.ws_url) as reader:
@@ -232,9 +254,9 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
         read: list[dict[str, Any]] = []
         reading = asyncio.create_task(read_into(reader, read))
         try:
-            await fill(client)
+            await fill(client, service)
             await wait_for(
-                lambda: metric(service, "fxrates_websocket_slow_closed_total") > closed_before,
+                lambda: metric(service, CUT_OFF) > closed_before,
                 STALL_TIMEOUT_S + 15,
                 "the stalled client to be cut off",
             )
@@ -249,14 +271,22 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
     assert sum(m["type"] == "all_rates_update" for m in read) >= 3
 
 
-async def fill(client: StalledClient) -> None:
-    """Ask for enough snapshots to fill the socket's buffers (up to 4 MiB in the kernel), so the server's sends block.
+async def fill(client: StalledClient, service: Replica) -> float:
+    """Ask for snapshots until the server's sends to the client block and its updates wait, conflated.
 
-    In rounds, so the replies waiting at any moment stay under the bound that would cut the client off sooner.
+    How many snapshots the kernel's buffers take first varies with the machine (up to 4 MiB here), so it asks in
+    rounds, each followed by a few poll cycles' wait for the conflation count to move; small enough rounds that
+    the replies waiting in the hub stay under the bound that would cut the client off (MAX_QUEUED_REPLIES).
+    Returns the conflation count once it moved.
     """
-    for _ in range(6):
-        await client.send('{"type": "get_all_rates"}', times=80)
-        await asyncio.sleep(POLL_INTERVAL_S)  # pacing the rounds, not waiting for anything
+    conflated_before, cut_off_before = metric(service, CONFLATED), metric(service, CUT_OFF)
+    for times in (200, *[60] * 10):
+        await client.send(GET_ALL_RATES, times=times)
+        moved = await holds_within(lambda: metric(service, CONFLATED) > conflated_before, POLL_INTERVAL_S * 4)
+        assert metric(service, CUT_OFF) == cut_off_before, "the client was cut off while its buffers filled"
+        if moved:
+            return metric(service, CONFLATED)
+    raise AssertionError("800 snapshots asked for and unread, and still no update waited for the client")
 
 
 def rate_of(replica: Replica, pair: Pair) -> dict[str, Any]:

@@ -34,7 +34,10 @@ class WsClient:
         await self.connection.send(message if isinstance(message, str) else json.dumps(message))
 
     async def recv(self, timeout_s: float = 10) -> dict[str, Any]:
-        frame = await asyncio.wait_for(self.connection.recv(), timeout_s)
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that lands as a frame arrives, and a
+        # task reading in a loop (cancelled at a test's end) then reads on for ever.
+        async with asyncio.timeout(timeout_s):
+            frame = await self.connection.recv()
         message: dict[str, Any] = json.loads(frame)
         return message
 
