@@ -112,7 +112,9 @@ class RateLookup:
                     fresh = await asyncio.shield(refresh)
                 else:
                     # A reader with a stale rate in hand waits a little for a fresh one, not for every retry.
-                    fresh = await asyncio.wait_for(asyncio.shield(refresh), self._stale_wait_s)
+                    # (asyncio.timeout, as Python 3.11's wait_for may swallow a cancellation of the request.)
+                    async with asyncio.timeout(self._stale_wait_s):
+                        fresh = await asyncio.shield(refresh)
             except TooManyRequests:
                 if stored is None:
                     raise
