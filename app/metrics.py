@@ -68,6 +68,12 @@ class Metrics:
         self.websocket_slow_closed = Counter(
             "fxrates_websocket_slow_closed", "WebSocket clients closed for not reading their updates.", registry=r
         )
+        self.websocket_dropped = Counter(
+            "fxrates_websocket_dropped",
+            "WebSocket connections reset because the client took nothing more within 10 s of being closed "
+            "(app.ws_protocol).",
+            registry=r,
+        )
         self.database_errors = Counter(
             "fxrates_database_errors",
             "Database calls that failed because it could not be reached (refused, cut, not answering, locked).",

@@ -69,6 +69,7 @@ from typing import Any
 import httpx
 import redis
 
+from app.ws_protocol import UVICORN_WS
 from bench import pyspy
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 from bench.ws_fanout import RawClient, _masked, client_processes, listen_counters, quantile, rss_kib, schedstat
@@ -76,7 +77,7 @@ from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 44
-DOCKER_FLAGS = ["--ws-per-message-deflate", "false", "--backlog", "8192"]
+DOCKER_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "false", "--backlog", "8192"]
 POSTGRES_ADMIN_URL = "postgresql://127.0.0.1:5432/test"
 TOP_UP_CONCURRENCY = 100
 TARGETS = {  # (protocol, clients): p99 bound in ms, for the Dockerfile's flags

@@ -15,6 +15,7 @@ from typing import Any
 
 from app.db import PROJECT_ROOT
 from app.settings import Settings
+from app.ws_protocol import UVICORN_WS
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 
@@ -75,6 +76,8 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--ws",
+            UVICORN_WS,  # as the image runs it
             *self.uvicorn_args,
         ]
         if self.workers > 1:

@@ -6,6 +6,7 @@ At the end, `outcome()` reads everything the server sent and says how the stream
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import socket
@@ -59,6 +60,12 @@ class StalledClient:
             for _ in range(times):
                 self._writer.write(frame)
                 await self._writer.drain()
+
+    def was_reset(self) -> bool:
+        """Whether the server reset the connection, seen without reading anything (the error the kernel holds)."""
+        assert self._writer is not None
+        sock = self._writer.get_extra_info("socket")
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
 
     async def read_until(
         self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 15

@@ -20,6 +20,7 @@ from packaging.utils import canonicalize_name
 from app.db import PROJECT_ROOT
 from app.metrics import Metrics
 from app.settings import Settings
+from app.ws_protocol import UVICORN_WS
 
 DEPLOY = PROJECT_ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -180,10 +181,21 @@ def test_kubernetes_has_what_a_rollout_needs() -> None:
     assert manifests["PodDisruptionBudget"]["spec"]["selector"] == manifests["Deployment"]["spec"]["selector"]
 
 
-def test_the_image_gives_requests_in_flight_the_grace_the_manifests_allow_for() -> None:
+def image_command() -> list[str]:
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text()
-    command = json.loads(re.search(r"^CMD (\[.*?\])$", dockerfile.replace("\\\n", ""), re.M | re.S)[1])  # type: ignore[index]
+    command: list[str] = json.loads(re.search(r"^CMD (\[.*?\])$", dockerfile.replace("\\\n", ""), re.M | re.S)[1])  # type: ignore[index]
+    return command
+
+
+def test_the_image_gives_requests_in_flight_the_grace_the_manifests_allow_for() -> None:
+    command = image_command()
     assert command[command.index("--timeout-graceful-shutdown") + 1] == str(IN_FLIGHT_GRACE_S)
+
+
+def test_the_image_runs_the_websocket_protocol_that_drops_clients_gone_silent() -> None:
+    # What the tests' replicas run (tests/replicas.py), so what they show holds for the image.
+    command = image_command()
+    assert command[command.index("--ws") + 1] == UVICORN_WS
 
 
 # Settings

@@ -22,6 +22,7 @@ from tests.ws_client import WsClient
 POLL_INTERVAL_S = 0.3
 CONFLATED = "fxrates_websocket_updates_conflated_total"
 CUT_OFF = "fxrates_websocket_slow_closed_total"
+DROPPED = "fxrates_websocket_dropped_total"
 GET_ALL_RATES = '{"type": "get_all_rates"}'
 # Long enough for the conflation test to pause a reader without losing it, short enough to wait out.
 STALL_TIMEOUT_S = 10.0
@@ -269,6 +270,21 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
     assert await outcome == 1013
     # Nobody else waited for it: all along, a reading client got cycle after cycle.
     assert sum(m["type"] == "all_rates_update" for m in read) >= 3
+
+
+async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(service: Replica) -> None:
+    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    dropped_before = metric(service, DROPPED)
+    client = StalledClient(host, int(port))
+    await client.connect()
+    try:
+        await fill(client, service)
+        # Its 1013 waits behind megabytes it left unread. Once cut off (STALL_TIMEOUT_S), the endpoint waits 5 s
+        # for the close frame to go out, and the protocol 10 s more for the client to take it: then it is reset.
+        await wait_for(client.was_reset, STALL_TIMEOUT_S + 5 + 10 + 15, "the server to reset the connection")
+        assert metric(service, DROPPED) == dropped_before + 1
+    finally:
+        await client.outcome(timeout_s=0.1)
 
 
 async def fill(client: StalledClient, service: Replica) -> float:
