@@ -70,8 +70,8 @@ class Metrics:
         )
         self.websocket_dropped = Counter(
             "fxrates_websocket_dropped",
-            "WebSocket connections reset because the client took nothing more within 10 s of being closed "
-            "(app.ws_protocol).",
+            "WebSocket connections reset because what was queued for the client was still unsent 10 s after the "
+            "service was done with them (app.ws_protocol).",
             registry=r,
         )
         self.database_errors = Counter(

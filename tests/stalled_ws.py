@@ -87,6 +87,32 @@ class StalledClient:
                     messages.append(json.loads(payload))
         return messages
 
+    async def ending(self, timeout_s: float = 30) -> tuple[int | None, str]:
+        """Read everything and answer nothing: the close code the server sent, then how the connection ended
+        ("closed" by the server, or "reset")."""
+        assert self._reader is not None and self._writer is not None
+        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+        code = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                while code is None:
+                    head = await self._reader.readexactly(2)
+                    length = head[1] & 0x7F
+                    if length == 126:
+                        length = struct.unpack("!H", await self._reader.readexactly(2))[0]
+                    elif length == 127:
+                        length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
+                    payload = await self._reader.readexactly(length)
+                    if head[0] & 0x0F == 0x8:
+                        code = int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+                while await self._reader.read(65536):
+                    pass
+            return code, "closed"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return code, "reset"
+        finally:
+            self._writer.close()
+
     async def outcome(self, timeout_s: float = 15) -> int | None:
         """Read what is left: the close code the server sent, 1006 if it just hung up, None if it never did."""
         assert self._reader is not None and self._writer is not None

@@ -25,7 +25,7 @@ CUT_OFF = "fxrates_websocket_slow_closed_total"
 DROPPED = "fxrates_websocket_dropped_total"
 GET_ALL_RATES = '{"type": "get_all_rates"}'
 # Long enough for the conflation test to pause a reader without losing it, short enough to wait out.
-STALL_TIMEOUT_S = 10.0
+STALL_TIMEOUT_S = 15.0
 ITEM_FIELDS = {
     "source_currency",
     "destination_currency",
@@ -211,10 +211,11 @@ async def pause_then_read(
                 rounds += 1
             return False
 
-        # The client is cut off STALL_TIMEOUT_S after a send to it first blocked (in fill): this ends well before.
+        # The client is cut off STALL_TIMEOUT_S after a send to it first blocked, in fill's last round or the one
+        # before (up to ~3 s ago): this ends early enough to leave it time to read.
         await wait_for(
             stored_and_bumped,
-            STALL_TIMEOUT_S * 0.7,
+            STALL_TIMEOUT_S / 2,
             lambda: (
                 f"updates to wait, conflated ({metric(service, CONFLATED) - conflated_before:.0f} "
                 f"of {3 * len(pairs)} after {rounds} rounds of bumps stored)"
@@ -285,6 +286,19 @@ async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(servi
         assert metric(service, DROPPED) == dropped_before + 1
     finally:
         await client.outcome(timeout_s=0.1)
+
+
+async def test_a_client_that_read_everything_but_never_answered_the_close_is_closed_not_reset(
+    service: Replica,
+) -> None:
+    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    dropped_before = metric(service, DROPPED)
+    client = StalledClient(host, int(port))
+    await client.connect()
+    await client.send("x" * (64 * 1024 + 1))  # over the frame limit: closed with 1009
+    # It takes the close frame and never answers it: uvicorn closes the connection after its close timeout.
+    assert await client.ending() == (1009, "closed")
+    assert metric(service, DROPPED) == dropped_before
 
 
 async def fill(client: StalledClient, service: Replica) -> float:
