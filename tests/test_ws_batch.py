@@ -5,6 +5,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -23,9 +24,17 @@ POLL_INTERVAL_S = 0.3
 CONFLATED = "fxrates_websocket_updates_conflated_total"
 CUT_OFF = "fxrates_websocket_slow_closed_total"
 DROPPED = "fxrates_websocket_dropped_total"
+CYCLES = "fxrates_poll_cycle_seconds_count"
+CLIENTS = "fxrates_websocket_clients"
+LOOKUPS = "fxrates_cache_lookups_total"
 GET_ALL_RATES = '{"type": "get_all_rates"}'
-# Long enough for the conflation test to pause a reader without losing it, short enough to wait out.
-STALL_TIMEOUT_S = 15.0
+GET_RATE = '{"type": "get_rate", "source_currency": "USD", "destination_currency": "NGN"}'
+# The service the cut-off tests wait out: long enough for fill() to see a client's updates wait, even on a busy
+# machine, short enough to wait for.
+STALL_TIMEOUT_S = 20.0
+# Everywhere else, long past anything a test pauses a client for: cycles slow down under load, and a paused
+# client must not be cut off while it waits for them.
+PAUSE_STALL_TIMEOUT_S = 120.0
 ITEM_FIELDS = {
     "source_currency",
     "destination_currency",
@@ -46,25 +55,40 @@ def fake() -> Iterator[FakeFlutterwave]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+@contextmanager
+def replica(fake: FakeFlutterwave, directory: Path, stall_timeout_s: float) -> Iterator[Replica]:
     with replica_on_sqlite(
-        Path(tmp_path_factory.mktemp("ws-batch")),
+        directory,
         fake,
         POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
         UPSTREAM_TIMEOUT_SECONDS="1",
         UPSTREAM_MAX_ATTEMPTS="1",
-        WS_STALL_TIMEOUT_SECONDS=str(STALL_TIMEOUT_S),
-    ) as replica:
-        yield replica
+        WS_STALL_TIMEOUT_SECONDS=str(stall_timeout_s),
+    ) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def service(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    with replica(fake, Path(tmp_path_factory.mktemp("ws-batch")), PAUSE_STALL_TIMEOUT_S) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def cutting(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    """A service that cuts off a stalled client after STALL_TIMEOUT_S."""
+    with replica(fake, Path(tmp_path_factory.mktemp("ws-cut-off")), STALL_TIMEOUT_S) as started:
+        yield started
 
 
 def metric(replica: Replica, name: str) -> float:
+    """The metric's value, summed over its labels."""
+    total = 0.0
     with urllib.request.urlopen(f"{replica.url}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+            if line.startswith((name + " ", name + "{")):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 async def holds_within(condition: Callable[[], bool], timeout_s: float) -> bool:
@@ -79,6 +103,11 @@ async def holds_within(condition: Callable[[], bool], timeout_s: float) -> bool:
 async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
     if not await holds_within(condition, timeout_s):
         raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
+
+
+async def no_clients_left(replica: Replica) -> None:
+    """Wait until the clients of earlier tests are gone, so none of them is counted in this test's metrics."""
+    await wait_for(lambda: metric(replica, CLIENTS) == 0, 30, "the clients of earlier tests to be gone")
 
 
 def pair_of(item: dict[str, Any]) -> str:
@@ -156,6 +185,7 @@ async def test_a_paused_client_gets_each_pair_in_time_order_conflated_ending_at_
     service: Replica, fake: FakeFlutterwave, batch: bool
 ) -> None:
     pairs = [Pair(item["source_currency"], item["destination_currency"]) for item in all_rates(service)]
+    await no_clients_left(service)
     async with WsClient(service.ws_url) as reader:
         # A client that reads all along, for comparison: it is sent every store of every pair.
         await reader.recv()
@@ -211,11 +241,9 @@ async def pause_then_read(
                 rounds += 1
             return False
 
-        # The client is cut off STALL_TIMEOUT_S after a send to it first blocked, in fill's last round or the one
-        # before (up to ~3 s ago): this ends early enough to leave it time to read.
         await wait_for(
             stored_and_bumped,
-            STALL_TIMEOUT_S / 2,
+            PAUSE_STALL_TIMEOUT_S / 4,
             lambda: (
                 f"updates to wait, conflated ({metric(service, CONFLATED) - conflated_before:.0f} "
                 f"of {3 * len(pairs)} after {rounds} rounds of bumps stored)"
@@ -246,25 +274,29 @@ def by_pair(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return received
 
 
-async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013(service: Replica) -> None:
-    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
-    closed_before = metric(service, CUT_OFF)
+async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013(cutting: Replica) -> None:
+    host, port = cutting.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    await no_clients_left(cutting)
+    closed_before = metric(cutting, CUT_OFF)
     client = StalledClient(host, int(port))
     await client.connect()
-    async with WsClient(service.ws_url) as reader:
+    async with WsClient(cutting.ws_url) as reader:
         await reader.recv()
         read: list[dict[str, Any]] = []
         reading = asyncio.create_task(read_into(reader, read))
         try:
-            await fill(client, service)
+            await fill(client, cutting)
             await wait_for(
-                lambda: metric(service, CUT_OFF) > closed_before,
+                lambda: metric(cutting, CUT_OFF) > closed_before,
                 STALL_TIMEOUT_S + 15,
                 "the stalled client to be cut off",
             )
             # It reads again at once, as a client woken up would, so the 1013 queued behind the frames it left
             # unread reaches it before the server's own wait for the closing handshake runs out.
             outcome = asyncio.create_task(client.outcome())
+        except BaseException:
+            await client.outcome(timeout_s=0.1)  # gone, not left for the next test to count
+            raise
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
@@ -273,17 +305,18 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
     assert sum(m["type"] == "all_rates_update" for m in read) >= 3
 
 
-async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(service: Replica) -> None:
-    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
-    dropped_before = metric(service, DROPPED)
+async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(cutting: Replica) -> None:
+    host, port = cutting.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    await no_clients_left(cutting)
+    dropped_before = metric(cutting, DROPPED)
     client = StalledClient(host, int(port))
     await client.connect()
     try:
-        await fill(client, service)
+        await fill(client, cutting)
         # Its 1013 waits behind megabytes it left unread. Once cut off (STALL_TIMEOUT_S), the endpoint waits 5 s
         # for the close frame to go out, and the protocol 10 s more for the client to take it: then it is reset.
         await wait_for(client.was_reset, STALL_TIMEOUT_S + 5 + 10 + 15, "the server to reset the connection")
-        assert metric(service, DROPPED) == dropped_before + 1
+        assert metric(cutting, DROPPED) == dropped_before + 1
     finally:
         await client.outcome(timeout_s=0.1)
 
@@ -292,6 +325,7 @@ async def test_a_client_that_read_everything_but_never_answered_the_close_is_clo
     service: Replica,
 ) -> None:
     host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
+    await no_clients_left(service)
     dropped_before = metric(service, DROPPED)
     client = StalledClient(host, int(port))
     await client.connect()
@@ -305,16 +339,27 @@ async def fill(client: StalledClient, service: Replica) -> float:
     """Ask for snapshots until the server's sends to the client block and its updates wait, conflated.
 
     How many snapshots the kernel's buffers take first varies with the machine (up to 4 MiB here), so it asks in
-    rounds, each followed by a few poll cycles' wait for the conflation count to move; small enough rounds that
-    the replies waiting in the hub stay under the bound that would cut the client off (MAX_QUEUED_REPLIES).
-    Returns the conflation count once it moved.
+    rounds. Each ends with a `get_rate`, answered in order and counted in the rate lookups (nothing else looks
+    rates up meanwhile): once that count moves, the server has taken the whole round, however busy the machine.
+    Then up to three poll cycles (counted, as they slow down on a busy machine) for the conflation count to
+    move: the updates of two cycles queued behind unsent replies make it move, so three without that mean the
+    sends did not block and the hub's queue is empty again. So the replies waiting in the hub stay under the
+    bound that would cut the client off (MAX_QUEUED_REPLIES). Returns the conflation count once it moved.
     """
     conflated_before, cut_off_before = metric(service, CONFLATED), metric(service, CUT_OFF)
     for times in (200, *[60] * 10):
+        lookups = metric(service, LOOKUPS)
         await client.send(GET_ALL_RATES, times=times)
-        moved = await holds_within(lambda: metric(service, CONFLATED) > conflated_before, POLL_INTERVAL_S * 4)
+        await client.send(GET_RATE)
+        await wait_for(lambda seen=lookups: metric(service, LOOKUPS) > seen, 60, "the server to take the round")
+        cycles_ended = metric(service, CYCLES) + 3
+
+        def waited(ended: float = cycles_ended) -> bool:
+            return metric(service, CONFLATED) > conflated_before or metric(service, CYCLES) >= ended
+
+        await wait_for(waited, 30, "three poll cycles to end")
         assert metric(service, CUT_OFF) == cut_off_before, "the client was cut off while its buffers filled"
-        if moved:
+        if metric(service, CONFLATED) > conflated_before:
             return metric(service, CONFLATED)
     raise AssertionError("800 snapshots asked for and unread, and still no update waited for the client")
 
