@@ -67,68 +67,65 @@ class StalledClient:
         sock = self._writer.get_extra_info("socket")
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
 
+    async def _frame(self) -> tuple[int, bytes]:
+        """The next frame the server sent (it never masks): its opcode and payload."""
+        assert self._reader is not None
+        head = await self._reader.readexactly(2)
+        length = head[1] & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", await self._reader.readexactly(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
+        return head[0] & 0x0F, await self._reader.readexactly(length)
+
+    async def _close_code(self) -> int:
+        """Read up to the server's close frame: its code."""
+        while True:
+            opcode, payload = await self._frame()
+            if opcode == 0x8:
+                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+
+    def _resume(self) -> None:
+        assert self._reader is not None
+        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+
     async def read_until(
         self, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 15
     ) -> list[dict[str, Any]]:
         """Start reading again: every text message, in order, until `done` says the list is complete."""
-        assert self._reader is not None
-        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+        self._resume()
         messages: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout_s):
             while not done(messages):
-                head = await self._reader.readexactly(2)
-                length = head[1] & 0x7F
-                if length == 126:
-                    length = struct.unpack("!H", await self._reader.readexactly(2))[0]
-                elif length == 127:
-                    length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
-                payload = await self._reader.readexactly(length)
-                if head[0] & 0x0F == 0x1:
+                opcode, payload = await self._frame()
+                if opcode == 0x1:
                     messages.append(json.loads(payload))
         return messages
 
-    async def ending(self, timeout_s: float = 30) -> tuple[int | None, str]:
+    async def ending(self, timeout_s: float = 30) -> tuple[int, str]:
         """Read everything and answer nothing: the close code the server sent, then how the connection ended
         ("closed" by the server, or "reset")."""
         assert self._reader is not None and self._writer is not None
-        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
-        code = None
+        self._resume()
         try:
             async with asyncio.timeout(timeout_s):
-                while code is None:
-                    head = await self._reader.readexactly(2)
-                    length = head[1] & 0x7F
-                    if length == 126:
-                        length = struct.unpack("!H", await self._reader.readexactly(2))[0]
-                    elif length == 127:
-                        length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
-                    payload = await self._reader.readexactly(length)
-                    if head[0] & 0x0F == 0x8:
-                        code = int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
-                while await self._reader.read(65536):
-                    pass
-            return code, "closed"
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return code, "reset"
+                code = await self._close_code()
+                try:
+                    while await self._reader.read(65536):
+                        pass
+                except ConnectionResetError:
+                    return code, "reset"
+                return code, "closed"
         finally:
             self._writer.close()
 
     async def outcome(self, timeout_s: float = 15) -> int | None:
         """Read what is left: the close code the server sent, 1006 if it just hung up, None if it never did."""
-        assert self._reader is not None and self._writer is not None
-        self._reader._transport.resume_reading()  # type: ignore[attr-defined]
+        assert self._writer is not None
+        self._resume()
         try:
             async with asyncio.timeout(timeout_s):
-                while True:
-                    head = await self._reader.readexactly(2)
-                    length = head[1] & 0x7F
-                    if length == 126:
-                        length = struct.unpack("!H", await self._reader.readexactly(2))[0]
-                    elif length == 127:
-                        length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
-                    payload = await self._reader.readexactly(length)
-                    if head[0] & 0x0F == 0x8:
-                        return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+                return await self._close_code()
         except (asyncio.IncompleteReadError, ConnectionError):
             return 1006
         except TimeoutError:
