@@ -105,6 +105,13 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | 
         raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
 
 
+async def stalled_client(replica: Replica) -> StalledClient:
+    """A client connected to `/ws/rates` that will stop reading (tests.stalled_ws)."""
+    client = StalledClient("127.0.0.1", replica.port)
+    await client.connect()
+    return client
+
+
 async def no_clients_left(replica: Replica) -> None:
     """Wait until the clients of earlier tests are gone, so none of them is counted in this test's metrics."""
     await wait_for(lambda: metric(replica, CLIENTS) == 0, 30, "the clients of earlier tests to be gone")
@@ -218,9 +225,7 @@ async def pause_then_read(
     service: Replica, fake: FakeFlutterwave, pairs: list[Pair], batch: bool
 ) -> list[dict[str, Any]]:
     """A client stops reading until updates wait for it, conflated, then reads until it holds every last value."""
-    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
-    client = StalledClient(host, int(port))
-    await client.connect()
+    client = await stalled_client(service)
     try:
         if batch:
             await client.send('{"type": "subscribe", "pairs": ["*"], "batch": true}')
@@ -275,11 +280,9 @@ def by_pair(messages: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013(cutting: Replica) -> None:
-    host, port = cutting.ws_url.removeprefix("ws://").split("/")[0].split(":")
     await no_clients_left(cutting)
     closed_before = metric(cutting, CUT_OFF)
-    client = StalledClient(host, int(port))
-    await client.connect()
+    client = await stalled_client(cutting)
     async with WsClient(cutting.ws_url) as reader:
         await reader.recv()
         read: list[dict[str, Any]] = []
@@ -306,11 +309,9 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
 
 
 async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(cutting: Replica) -> None:
-    host, port = cutting.ws_url.removeprefix("ws://").split("/")[0].split(":")
     await no_clients_left(cutting)
     dropped_before = metric(cutting, DROPPED)
-    client = StalledClient(host, int(port))
-    await client.connect()
+    client = await stalled_client(cutting)
     try:
         await fill(client, cutting)
         # Its 1013 waits behind megabytes it left unread. Once cut off (STALL_TIMEOUT_S), the endpoint waits 5 s
@@ -324,11 +325,9 @@ async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(cutti
 async def test_a_client_that_read_everything_but_never_answered_the_close_is_closed_not_reset(
     service: Replica,
 ) -> None:
-    host, port = service.ws_url.removeprefix("ws://").split("/")[0].split(":")
     await no_clients_left(service)
     dropped_before = metric(service, DROPPED)
-    client = StalledClient(host, int(port))
-    await client.connect()
+    client = await stalled_client(service)
     await client.send("x" * (64 * 1024 + 1))  # over the frame limit: closed with 1009
     # It takes the close frame and never answers it: uvicorn closes the connection after its close timeout.
     assert await client.ending() == (1009, "closed")
