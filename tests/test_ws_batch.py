@@ -91,18 +91,12 @@ def metric(replica: Replica, name: str) -> float:
     return total
 
 
-async def holds_within(condition: Callable[[], bool], timeout_s: float) -> bool:
+async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() >= deadline:
-            return False
+            raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
         await asyncio.sleep(0.05)
-    return True
-
-
-async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
-    if not await holds_within(condition, timeout_s):
-        raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
 
 
 async def stalled_client(replica: Replica) -> StalledClient:
