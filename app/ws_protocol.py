@@ -1,7 +1,18 @@
 """The WebSocket protocol the service runs under: `uvicorn app.main:app --ws app.ws_protocol:WebSocketProtocol`.
 
-It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with one addition:
-a connection the service has finished with is reset if, uvicorn's close
+It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with two additions.
+
+Frames framed once. Each push is the same frame to every client, and a
+server's frames are not masked, so their bytes are the same on every
+connection: the application frames each one once (app.live.frames) and writes
+those bytes through a scope extension, `fxrates.prepared_frames`, instead of a
+`websocket.send` that uvicorn would encode and frame again per client. That
+per-client work was a third of a push's cost, the socket write the rest
+(docs/performance.md). The extension is offered only on a connection without
+permessage-deflate (whose frames are compressed per connection); the write
+waits, as `websocket.send` does, while the transport's buffer is full.
+
+A connection the service has finished with is reset if, uvicorn's close
 timeout (10 s) later, bytes queued for the client are still unsent.
 
 Why: closing a connection waits until everything queued for it has been
@@ -19,8 +30,12 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from app.metrics import Metrics
 
@@ -28,19 +43,40 @@ log = logging.getLogger(__name__)
 
 # What `--ws` names to run it.
 UVICORN_WS = "app.ws_protocol:WebSocketProtocol"
+# The scope extension under which the protocol offers `{"send": send_prepared}`.
+PREPARED_FRAMES = "fxrates.prepared_frames"
 # SO_LINGER on, for 0 s: close() resets the connection and discards what is unsent.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+PreparedSender = Callable[[bytes], Awaitable[None]]
+
+
+def prepared_sender(scope: MutableMapping[str, Any]) -> PreparedSender | None:
+    """The connection's writer of framed bytes, when the server offers one (else: send text through ASGI)."""
+    offered = scope.get("extensions", {}).get(PREPARED_FRAMES)
+    return offered.get("send") if isinstance(offered, dict) else None
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _drop_timer: asyncio.TimerHandle | None = None
 
     async def run_asgi(self) -> None:
+        if not self.conn.extensions:
+            self.scope["extensions"][PREPARED_FRAMES] = {"send": self.send_prepared}
         await super().run_asgi()
         if not self.disconnected:
             # uvicorn has closed the transport (or will, once its close timeout runs out), which waits for the
             # buffer to be written first: a client that takes nothing more would hold it for ever.
             self._drop_timer = self.loop.call_later(self.close_timeout, self._drop_if_stuck)
+
+    async def send_prepared(self, frame: bytes) -> None:
+        """Write one whole unmasked frame, where and when `websocket.send` would write one (after the accept)."""
+        await self.writable.wait()
+        if not self.handshake_complete:
+            raise RuntimeError("a frame sent before the connection was accepted")
+        if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
+            raise ClientDisconnected()
+        self.transport.write(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drop_timer is not None:

@@ -55,9 +55,11 @@ class Replica:
         *,
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = ("--no-access-log",),
+        per_message_deflate: bool = False,
         **env: str,
     ) -> None:
         self.workers = workers
+        self.per_message_deflate = per_message_deflate
         self.uvicorn_args = uvicorn_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -76,8 +78,11 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
+            # As the image runs it, unless the test wants uvicorn's default (compression negotiated).
             "--ws",
-            UVICORN_WS,  # as the image runs it
+            UVICORN_WS,
+            "--ws-per-message-deflate",
+            str(self.per_message_deflate).lower(),
             *self.uvicorn_args,
         ]
         if self.workers > 1:
@@ -145,10 +150,13 @@ def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> 
 
 
 @contextmanager
-def replica_on_sqlite(folder: Path, fake: FakeFlutterwave, **env: str) -> Iterator[Replica]:
+def replica_on_sqlite(
+    folder: Path, fake: FakeFlutterwave, *, per_message_deflate: bool = False, **env: str
+) -> Iterator[Replica]:
     """One replica with its own SQLite file, polling the fake; yielded once all 44 pairs are stored."""
     replica = Replica(
         folder,
+        per_message_deflate=per_message_deflate,
         DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
         FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
         FLUTTERWAVE_BASE_URL=fake.url,

@@ -1,7 +1,8 @@
 """A WebSocket client that really stops reading: a raw socket with a small receive buffer that it never reads.
 
 (A client library keeps reading into its own buffers, which hides a slow reader from the server.)
-At the end, `outcome()` reads everything the server sent and says how the stream ended.
+At the end, `outcome()` reads everything the server sent and says how the stream ended. `frames()` shows the
+frames as sent, compressed or not (a client library would inflate them unseen).
 """
 
 import asyncio
@@ -12,7 +13,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def _masked_text_frame(text: str) -> bytes:
@@ -28,9 +29,18 @@ def _masked_text_frame(text: str) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
+class Frame(NamedTuple):
+    opcode: int
+    compressed: bool  # RSV1: permessage-deflate
+    payload: bytes
+
+
 class StalledClient:
-    def __init__(self, host: str, port: int, path: str = "/ws/rates") -> None:
+    def __init__(self, host: str, port: int, path: str = "/ws/rates", *, extensions: str | None = None) -> None:
+        """`extensions`: a `Sec-WebSocket-Extensions` offer; what the server accepted is in `.extensions`."""
         self._host, self._port, self._path = host, port, path
+        self._offer = "" if extensions is None else f"Sec-WebSocket-Extensions: {extensions}\r\n"
+        self.extensions: str | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -43,12 +53,17 @@ class StalledClient:
         key = base64.b64encode(os.urandom(16)).decode()
         self._writer.write(
             f"GET {self._path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{self._offer}\r\n".encode()
         )
         await self._writer.drain()
         status = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"), 10)
         if b" 101 " not in status.split(b"\r\n", 1)[0]:
             raise ConnectionError(f"handshake refused: {status[:80]!r}")
+        for line in status.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "sec-websocket-extensions":
+                self.extensions = value.strip()
         # From here on nothing more is read until outcome(): the kernel buffer fills and stays full.
         self._reader._transport.pause_reading()  # type: ignore[attr-defined]
 
@@ -61,14 +76,18 @@ class StalledClient:
                 self._writer.write(frame)
                 await self._writer.drain()
 
+    def close(self) -> None:
+        assert self._writer is not None
+        self._writer.close()
+
     def was_reset(self) -> bool:
         """Whether the server reset the connection, seen without reading anything (the error the kernel holds)."""
         assert self._writer is not None
         sock = self._writer.get_extra_info("socket")
         return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET)
 
-    async def _frame(self) -> tuple[int, bytes]:
-        """The next frame the server sent (it never masks): its opcode and payload."""
+    async def _frame(self) -> Frame:
+        """The next frame the server sent (it never masks)."""
         assert self._reader is not None
         head = await self._reader.readexactly(2)
         length = head[1] & 0x7F
@@ -76,14 +95,14 @@ class StalledClient:
             length = struct.unpack("!H", await self._reader.readexactly(2))[0]
         elif length == 127:
             length = struct.unpack("!Q", await self._reader.readexactly(8))[0]
-        return head[0] & 0x0F, await self._reader.readexactly(length)
+        return Frame(head[0] & 0x0F, bool(head[0] & 0x40), await self._reader.readexactly(length))
 
     async def _close_code(self) -> int:
         """Read up to the server's close frame: its code."""
         while True:
-            opcode, payload = await self._frame()
-            if opcode == 0x8:
-                return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+            frame = await self._frame()
+            if frame.opcode == 0x8:
+                return int(struct.unpack("!H", frame.payload[:2])[0]) if len(frame.payload) >= 2 else 1005
 
     def _resume(self) -> None:
         assert self._reader is not None
@@ -97,10 +116,21 @@ class StalledClient:
         messages: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout_s):
             while not done(messages):
-                opcode, payload = await self._frame()
-                if opcode == 0x1:
-                    messages.append(json.loads(payload))
+                frame = await self._frame()
+                if frame.opcode == 0x1:
+                    messages.append(json.loads(frame.payload))
         return messages
+
+    async def frames(self, count: int, timeout_s: float = 15) -> list[Frame]:
+        """Start reading again: the next `count` data frames, as sent."""
+        self._resume()
+        frames: list[Frame] = []
+        async with asyncio.timeout(timeout_s):
+            while len(frames) < count:
+                frame = await self._frame()
+                if frame.opcode in (0x0, 0x1, 0x2):
+                    frames.append(frame)
+        return frames
 
     async def ending(self, timeout_s: float = 30) -> tuple[int, str]:
         """Read everything and answer nothing: the close code the server sent, then how the connection ended

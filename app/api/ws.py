@@ -24,6 +24,7 @@ from app.errors import NotFound, RateUnavailable, TooManyRequests
 from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
+from app.ws_protocol import prepared_sender
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,15 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
 
 async def _send(websocket: WebSocket, client: HubClient) -> None:
     clock = time.monotonic
+    send_prepared = prepared_sender(websocket.scope)
     while True:
         frame = await client.take()
         client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
         try:
-            await websocket.send_text(frame)
+            if send_prepared is not None:
+                await send_prepared(frame.wire)  # framed once for every client (app.live.frames)
+            else:
+                await websocket.send_text(frame.text)
         except (RuntimeError, OSError) as error:
             # The client's close frame arrived first and the server already answered it: the socket is done.
             raise WebSocketDisconnect(1000) from error

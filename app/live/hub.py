@@ -2,7 +2,9 @@
 
 Each event arrives once and is parsed once, and each rate update is serialised
 once in both shapes a client may take it in (a `rate_update` frame, and an item
-of a `rates_update` frame); every client is handed the same text.
+of a `rates_update` frame); every client is handed the same frame, framed for
+the wire once (app.live.frames), and so is every `rates_update` frame that
+several clients are due alike.
 
 What a client has not taken yet waits in its own queue, conflated per pair
 (docs/websocket.md): a newer update for a pair replaces the queued one, so a
@@ -30,6 +32,7 @@ from broadcaster import Broadcast
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.live.fanout import RATES_CHANNEL, Delivered, stored_updates
+from app.live.frames import Outgoing
 from app.metrics import Metrics
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
@@ -56,7 +59,7 @@ class Update:
         self.pair = Pair(rate.source_currency, rate.destination_currency)
         self.value = rate.destination_per_source
         self.stamp: datetime = rate.last_updated
-        self.frame = update.model_dump_json()
+        self.frame = Outgoing(update.model_dump_json())
         self.item = RatesUpdateItem.of_update(update).model_dump_json()
         self.as_of = '"' + rate.model_dump(mode="json", include={"last_updated"})["last_updated"] + '"'
         # As a stored rate (it was published once stored): what a snapshot holds while the database is away.
@@ -68,7 +71,7 @@ class _Reply:
 
     __slots__ = ("frame", "pair", "value")
 
-    def __init__(self, frame: str, pair: Pair | None, value: Decimal | None) -> None:
+    def __init__(self, frame: Outgoing, pair: Pair | None, value: Decimal | None) -> None:
         self.frame, self.pair, self.value = frame, pair, value
 
 
@@ -79,7 +82,7 @@ class Snapshot:
         self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int], *, held: bool = False
     ) -> None:
         self.rates = rates
-        self.frame = frame
+        self.frame = Outgoing(frame)
         self.values = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
         self.versions = versions  # (the store's, the hub's) when the read began
@@ -89,7 +92,9 @@ class Snapshot:
 class HubClient:
     """One connected client: what it subscribed to, what it was last sent, and what waits for it."""
 
-    def __init__(self, max_replies: int = MAX_QUEUED_REPLIES) -> None:
+    def __init__(
+        self, batches: "dict[tuple[Update, ...], Outgoing] | None" = None, max_replies: int = MAX_QUEUED_REPLIES
+    ) -> None:
         self.pairs: set[Pair] | None = None  # None: every pair
         self.min_change_bps = Decimal(0)
         self.subscribed_once = False
@@ -100,7 +105,9 @@ class HubClient:
         self.sending_since: float | None = None  # when the frame being sent now was handed over
         self.frames_sent = 0  # since the hub last counted them
         # In send order: updates under their Pair, replies under an int, the end-of-cycle event under _CYCLE.
-        self._queue: dict[object, Update | _Reply | str] = {}
+        self._queue: dict[object, Update | _Reply | Outgoing] = {}
+        # `rates_update` frames already built, shared by the hub's clients: those due the same updates share one.
+        self._batches: dict[tuple[Update, ...], Outgoing] = {} if batches is None else batches
         self._ready = asyncio.Event()
         self._reply_keys = itertools.count()
         self._replies = 0
@@ -130,7 +137,7 @@ class HubClient:
 
     def send(self, frame: str, pair: Pair | None = None, value: Decimal | None = None) -> None:
         """Queue a reply to the client's own request."""
-        self._put_reply(_Reply(frame, pair, value))
+        self._put_reply(_Reply(Outgoing(frame), pair, value))
 
     def _put_reply(self, reply: _Reply) -> None:
         if self._replies >= self._max_replies:
@@ -141,7 +148,7 @@ class HubClient:
         self._queue[next(self._reply_keys)] = reply
         self._ready.set()
 
-    def push(self, frame: str) -> None:
+    def push(self, frame: Outgoing) -> None:
         """Queue the end of a poll cycle; an older one still waiting is replaced, and moves behind the updates."""
         self._queue.pop(_CYCLE, None)
         self._queue[_CYCLE] = frame
@@ -177,7 +184,7 @@ class HubClient:
             if pairs is None or key in pairs:
                 del self._queue[key]
 
-    async def take(self) -> str:
+    async def take(self) -> Outgoing:
         """The next frame to send: a reply or event alone, or (in batch mode) every update queued before it."""
         queue = self._queue
         while not queue:
@@ -197,10 +204,10 @@ class HubClient:
             if entry.pair is not None and entry.value is not None:
                 self._sent[entry.pair] = entry.value
             return entry.frame
-        assert isinstance(entry, str)
+        assert isinstance(entry, Outgoing)
         return entry
 
-    def _take_batch(self) -> str:
+    def _take_batch(self) -> Outgoing:
         queue, taken = self._queue, []
         for entry in queue.values():
             if type(entry) is not Update:
@@ -209,8 +216,12 @@ class HubClient:
         for update in taken:
             del queue[update.pair]
             self._sent[update.pair] = update.value
-        newest = max(taken, key=lambda update: update.stamp)
-        return rates_update_frame([update.item for update in taken], newest.as_of)
+        key = tuple(taken)
+        frame = self._batches.get(key)
+        if frame is None:
+            newest = max(taken, key=lambda update: update.stamp)
+            frame = self._batches[key] = Outgoing(rates_update_frame([update.item for update in taken], newest.as_of))
+        return frame
 
 
 class Hub:
@@ -242,13 +253,15 @@ class Hub:
         self._delivered = Delivered()
         self.version = 0  # bumped by every change any process announces
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
+        # Shared by every client; emptied at each stored event, after which few clients are due the same as before.
+        self._batches: dict[tuple[Update, ...], Outgoing] = {}
 
     def count_slow_closed(self) -> None:
         self._metrics.websocket_slow_closed.inc()
 
     def join(self) -> HubClient:
         """A new client; whatever arrives before its first snapshot waits behind that snapshot."""
-        client = HubClient()
+        client = HubClient(self._batches)
         self._clients.add(client)
         self._metrics.websocket_clients.set(len(self._clients))
         if self._closing_code is not None:
@@ -373,6 +386,7 @@ class Hub:
             self._snapshot = None
             self.version += 1
             updates = [Update(update) for update in stored]
+            self._batches.clear()
             for update in updates:
                 self._announced[update.pair] = update.stored
             conflated = 0
@@ -381,6 +395,7 @@ class Hub:
             if conflated:
                 self._metrics.websocket_updates_conflated.inc(conflated)
         elif message.startswith('{"type":"all_rates_update"'):
+            frame = Outgoing(message)
             for client in list(self._clients):
-                client.push(message)
+                client.push(frame)
             self._on_cycle_end()
