@@ -31,6 +31,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -43,18 +44,24 @@ log = logging.getLogger(__name__)
 
 # What `--ws` names to run it.
 UVICORN_WS = "app.ws_protocol:WebSocketProtocol"
-# The scope extension under which the protocol offers `{"send": send_prepared}`.
+# The scope extension under which the protocol offers `PreparedFrames`.
 PREPARED_FRAMES = "fxrates.prepared_frames"
 # SO_LINGER on, for 0 s: close() resets the connection and discards what is unsent.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
-PreparedSender = Callable[[bytes], Awaitable[None]]
+
+@dataclass(frozen=True, slots=True)
+class PreparedFrames:
+    """What the extension offers: writes of whole frames, as `websocket.send` would make them."""
+
+    send: Callable[[bytes], Awaitable[None]]  # waits while the connection pushes back
+    write_now: Callable[[bytes], bool]  # never waits: False when the connection cannot take them now
 
 
-def prepared_sender(scope: MutableMapping[str, Any]) -> PreparedSender | None:
-    """The connection's writer of framed bytes, when the server offers one (else: send text through ASGI)."""
+def prepared_frames(scope: MutableMapping[str, Any]) -> PreparedFrames | None:
+    """The connection's writers of framed bytes, when the server offers them (else: send text through ASGI)."""
     offered = scope.get("extensions", {}).get(PREPARED_FRAMES)
-    return offered.get("send") if isinstance(offered, dict) else None
+    return offered if isinstance(offered, PreparedFrames) else None
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
@@ -62,7 +69,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def run_asgi(self) -> None:
         if not self.conn.extensions:
-            self.scope["extensions"][PREPARED_FRAMES] = {"send": self.send_prepared}
+            self.scope["extensions"][PREPARED_FRAMES] = PreparedFrames(self.send_prepared, self.write_now)  # type: ignore[assignment]
         await super().run_asgi()
         if not self.disconnected:
             # uvicorn has closed the transport (or will, once its close timeout runs out), which waits for the
@@ -70,13 +77,26 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self._drop_timer = self.loop.call_later(self.close_timeout, self._drop_if_stuck)
 
     async def send_prepared(self, frame: bytes) -> None:
-        """Write one whole unmasked frame, where and when `websocket.send` would write one (after the accept)."""
+        """Write whole unmasked frames, where and when `websocket.send` would write one (after the accept)."""
         await self.writable.wait()
         if not self.handshake_complete:
             raise RuntimeError("a frame sent before the connection was accepted")
         if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
             raise ClientDisconnected()
         self.transport.write(frame)
+
+    def write_now(self, frame: bytes) -> bool:
+        """Write whole unmasked frames if `send_prepared` would without waiting; False (nothing written) if not."""
+        if (
+            not self.writable.is_set()
+            or not self.handshake_complete
+            or self.disconnected
+            or self.close_sent
+            or self.conn.state is not State.OPEN
+        ):
+            return False
+        self.transport.write(frame)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drop_timer is not None:

@@ -24,7 +24,7 @@ from app.errors import NotFound, RateUnavailable, TooManyRequests
 from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
-from app.ws_protocol import prepared_sender
+from app.ws_protocol import prepared_frames
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
 
 async def _send(websocket: WebSocket, client: HubClient) -> None:
     clock = time.monotonic
-    send_prepared = prepared_sender(websocket.scope)
+    prepared = prepared_frames(websocket.scope)
+    send_prepared = prepared.send if prepared is not None else None
     while True:
         frame = await client.take()
         client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
@@ -222,6 +223,8 @@ async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
 async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     await websocket.accept()
     client = hub.join()
+    if (prepared := prepared_frames(websocket.scope)) is not None:
+        client.write_now = prepared.write_now  # the hub writes to an idle client at once, its sender left asleep
     try:
         client.send_snapshot(await hub.snapshot())
         async with asyncio.TaskGroup() as group:

@@ -104,6 +104,9 @@ class HubClient:
         self.cut_off = asyncio.Event()  # set when the client is to be closed for not reading
         self.sending_since: float | None = None  # when the frame being sent now was handed over
         self.frames_sent = 0  # since the hub last counted them
+        # The connection's "write these bytes now if you can take them" (app.ws_protocol), once accepted; None under
+        # a server without it, or with compression: everything then goes through the queue and the sender.
+        self.write_now: Callable[[bytes], bool] | None = None
         # In send order: updates under their Pair, replies under an int, the end-of-cycle event under _CYCLE.
         self._queue: dict[object, Update | _Reply | Outgoing] = {}
         # `rates_update` frames already built, shared by the hub's clients: those due the same updates share one.
@@ -150,14 +153,19 @@ class HubClient:
 
     def push(self, frame: Outgoing) -> None:
         """Queue the end of a poll cycle; an older one still waiting is replaced, and moves behind the updates."""
+        if self._wrote_now(frame.wire):
+            self.frames_sent += 1
+            return
         self._queue.pop(_CYCLE, None)
         self._queue[_CYCLE] = frame
         self._ready.set()
 
     def offer(self, updates: Iterable[Update]) -> int:
-        """Queue the updates this client wants and whose move is big enough for it; how many replaced one queued."""
+        """Send or queue the updates this client wants and whose move is big enough for it; how many replaced
+        one queued."""
         queue, pairs, threshold = self._queue, self.pairs, self.min_change_bps
-        conflated = queued = 0
+        conflated = 0
+        wanted: list[Update] = []
         for update in updates:
             pair = update.pair
             if pairs is not None and pair not in pairs:
@@ -169,14 +177,44 @@ class HubClient:
                     if queue.pop(pair, None) is not None:
                         conflated += 1
                     continue
+            wanted.append(update)
+        if not wanted or self._sent_now(wanted):
+            return conflated
+        for update in wanted:
             # Moved to the back, so everything queued before an end-of-cycle event belongs to that cycle.
-            if queue.pop(pair, None) is not None:
+            if queue.pop(update.pair, None) is not None:
                 conflated += 1
-            queue[pair] = update
-            queued += 1
-        if queued:
-            self._ready.set()
+            queue[update.pair] = update
+        self._ready.set()
         return conflated
+
+    def _sent_now(self, updates: list[Update]) -> bool:
+        """Written to the connection at once, in one write, if nothing waits before them and it takes them."""
+        if self.batch:
+            newest = {update.pair: update for update in updates}  # a pair twice in one event: its newer value
+            frames = 1
+            wire = self._batch_frame(tuple(newest.values())).wire
+        else:
+            frames = len(updates)
+            wire = updates[0].frame.wire if frames == 1 else b"".join(update.frame.wire for update in updates)
+        if not self._wrote_now(wire):
+            return False
+        for update in updates:
+            self._sent[update.pair] = update.value
+        self.frames_sent += frames
+        return True
+
+    def _wrote_now(self, wire: bytes) -> bool:
+        # Only when the sender is idle with nothing queued (so order is kept: the snapshot first, replies in
+        # turn) and the connection is not pushing back: then the write is the one a woken sender would make,
+        # without waking it. Otherwise the frame waits in the queue, conflated, for the sender.
+        return (
+            self.write_now is not None
+            and self._snapshot_sent
+            and not self._queue
+            and self.sending_since is None
+            and self.write_now(wire)
+        )
 
     def forget(self, pairs: set[Pair] | None) -> None:
         """Drop queued updates of pairs the client no longer wants (None: every pair)."""
@@ -216,11 +254,14 @@ class HubClient:
         for update in taken:
             del queue[update.pair]
             self._sent[update.pair] = update.value
-        key = tuple(taken)
-        frame = self._batches.get(key)
+        return self._batch_frame(tuple(taken))
+
+    def _batch_frame(self, updates: tuple[Update, ...]) -> Outgoing:
+        frame = self._batches.get(updates)
         if frame is None:
-            newest = max(taken, key=lambda update: update.stamp)
-            frame = self._batches[key] = Outgoing(rates_update_frame([update.item for update in taken], newest.as_of))
+            newest = max(updates, key=lambda update: update.stamp)
+            items = [update.item for update in updates]
+            frame = self._batches[updates] = Outgoing(rates_update_frame(items, newest.as_of))
         return frame
 
 
@@ -332,8 +373,15 @@ class Hub:
             group.create_task(self._watch())
 
     def deliver(self, message: str) -> None:
-        """An event this process published, handed over directly (`Fanout.deliver_here`): fanned out now."""
+        """An event this process published, handed over directly (`Fanout.deliver_here`): fanned out next.
+
+        At the loop's next step, not inside the store's: the fan-out writes to every idle client, and the store
+        hands its next batch to the database first (events keep their order: steps run in turn).
+        """
         self._delivered.add(message)
+        asyncio.get_running_loop().call_soon(self._fan_out_logged, message)
+
+    def _fan_out_logged(self, message: str) -> None:
         try:
             self._fan_out(message)
         except Exception:
