@@ -6,11 +6,12 @@ Frames framed once. Each push is the same frame to every client, and a
 server's frames are not masked, so their bytes are the same on every
 connection: the application frames each one once (app.live.frames) and writes
 those bytes through a scope extension, `fxrates.prepared_frames`, instead of a
-`websocket.send` that uvicorn would encode and frame again per client. That
-per-client work was a third of a push's cost, the socket write the rest
-(docs/performance.md). The extension is offered only on a connection without
-permessage-deflate (whose frames are compressed per connection); the write
-waits, as `websocket.send` does, while the transport's buffer is full.
+`websocket.send` that uvicorn would encode and frame again per client. Its
+`send` waits, as `websocket.send` does, while the transport's buffer is full;
+its `write_now` never waits, so the hub can write to every idle client in one
+pass without waking each one's sender task (docs/performance.md). It is
+offered only on a connection without permessage-deflate, whose frames are
+compressed per connection.
 
 A connection the service has finished with is reset if, uvicorn's close
 timeout (10 s) later, bytes queued for the client are still unsent.
@@ -69,7 +70,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
     async def run_asgi(self) -> None:
         if not self.conn.extensions:
-            self.scope["extensions"][PREPARED_FRAMES] = PreparedFrames(self.send_prepared, self.write_now)  # type: ignore[assignment]
+            offer = PreparedFrames(self.send_prepared, self.write_now)
+            self.scope["extensions"][PREPARED_FRAMES] = offer  # type: ignore[assignment]  # ASGI's types say dict
         await super().run_asgi()
         if not self.disconnected:
             # uvicorn has closed the transport (or will, once its close timeout runs out), which waits for the
@@ -81,22 +83,20 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         await self.writable.wait()
         if not self.handshake_complete:
             raise RuntimeError("a frame sent before the connection was accepted")
-        if self.disconnected or self.close_sent or self.conn.state is not State.OPEN:
+        if not self._open():
             raise ClientDisconnected()
         self.transport.write(frame)
 
     def write_now(self, frame: bytes) -> bool:
         """Write whole unmasked frames if `send_prepared` would without waiting; False (nothing written) if not."""
-        if (
-            not self.writable.is_set()
-            or not self.handshake_complete
-            or self.disconnected
-            or self.close_sent
-            or self.conn.state is not State.OPEN
-        ):
+        if not (self.writable.is_set() and self.handshake_complete and self._open()):
             return False
         self.transport.write(frame)
         return True
+
+    def _open(self) -> bool:
+        # What `websocket.send` checks: neither side has begun closing.
+        return not (self.disconnected or self.close_sent) and self.conn.state is State.OPEN
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drop_timer is not None:

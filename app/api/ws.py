@@ -24,7 +24,7 @@ from app.errors import NotFound, RateUnavailable, TooManyRequests
 from app.live.hub import ALL, Hub, HubClient
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
-from app.ws_protocol import prepared_frames
+from app.ws_protocol import PreparedFrames, prepared_frames
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +188,14 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
             client.send(ErrorFrame(code="bad_request", message=str(error)).model_dump_json())
 
 
-async def _send(websocket: WebSocket, client: HubClient) -> None:
+async def _send(websocket: WebSocket, client: HubClient, prepared: PreparedFrames | None) -> None:
     clock = time.monotonic
-    prepared = prepared_frames(websocket.scope)
-    send_prepared = prepared.send if prepared is not None else None
     while True:
         frame = await client.take()
         client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
         try:
-            if send_prepared is not None:
-                await send_prepared(frame.wire)  # framed once for every client (app.live.frames)
+            if prepared is not None:
+                await prepared.send(frame.wire)  # framed once for every client (app.live.frames)
             else:
                 await websocket.send_text(frame.text)
         except (RuntimeError, OSError) as error:
@@ -223,14 +221,15 @@ async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
 async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     await websocket.accept()
     client = hub.join()
-    if (prepared := prepared_frames(websocket.scope)) is not None:
+    prepared = prepared_frames(websocket.scope)
+    if prepared is not None:
         client.write_now = prepared.write_now  # the hub writes to an idle client at once, its sender left asleep
     try:
         client.send_snapshot(await hub.snapshot())
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(_receive(websocket, client, hub, lookup)),
-                group.create_task(_send(websocket, client)),
+                group.create_task(_send(websocket, client, prepared)),
                 group.create_task(_cut_off(client, hub)),
                 group.create_task(client.closing.wait()),
             ]
