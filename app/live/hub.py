@@ -4,7 +4,9 @@ Each event arrives once and is parsed once, and each rate update is serialised
 once in both shapes a client may take it in (a `rate_update` frame, and an item
 of a `rates_update` frame); every client is handed the same frame, framed for
 the wire once (app.live.frames), and so is every `rates_update` frame that
-several clients are due alike.
+several clients are due alike. A client with nothing waiting whose connection
+takes bytes has an event's frames written at once, in one write, without
+waking its sender task (most of a push's cost per client: docs/performance.md).
 
 What a client has not taken yet waits in its own queue, conflated per pair
 (docs/websocket.md): a newer update for a pair replaces the queued one, so a
@@ -93,7 +95,7 @@ class HubClient:
     """One connected client: what it subscribed to, what it was last sent, and what waits for it."""
 
     def __init__(
-        self, batches: "dict[tuple[Update, ...], Outgoing] | None" = None, max_replies: int = MAX_QUEUED_REPLIES
+        self, batches: dict[tuple[Update, ...], Outgoing] | None = None, max_replies: int = MAX_QUEUED_REPLIES
     ) -> None:
         self.pairs: set[Pair] | None = None  # None: every pair
         self.min_change_bps = Decimal(0)
