@@ -20,18 +20,12 @@ FRAMES = 8
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeFlutterwave]:
-    with FakeFlutterwave(slow_s=3.0) as server:
-        server.drift = Decimal("0.0005")  # every poll moves every pair: updates every 0.3 s
-        yield server
-
-
-@pytest.fixture(scope="module")
-def deflating(fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+def deflating(ws_fake: FakeFlutterwave, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     """uvicorn's default: permessage-deflate negotiated with a client that offers it."""
+    ws_fake.drift = Decimal("0.0005")  # every poll moves every pair (this module's fake): updates every 0.3 s
     with replica_on_sqlite(
         Path(tmp_path_factory.mktemp("frames")),
-        fake,
+        ws_fake,
         per_message_deflate=True,
         POLL_INTERVAL_SECONDS=str(POLL_INTERVAL_S),
     ) as replica:
