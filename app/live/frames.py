@@ -2,9 +2,10 @@
 
 A server's frames are not masked (RFC 6455 §5.1), so without compression a text
 frame's bytes are the same on every connection: the hub frames each update
-once, and the endpoint writes those bytes to every client through the protocol
-the image runs (`app.ws_protocol`) instead of having uvicorn encode and frame
-the same text again per client (docs/performance.md). Under any other server,
+once, and those bytes are written to every client (by the hub itself, or by
+the client's sender) through the protocol the image runs (`app.ws_protocol`)
+instead of having uvicorn encode and frame the same text again per client
+(docs/performance.md). Under any other server,
 or with permessage-deflate negotiated, the text goes through ASGI as usual.
 """
 
