@@ -1,6 +1,6 @@
 """The WebSocket protocol the service runs under: `uvicorn app.main:app --ws app.ws_protocol:WebSocketProtocol`.
 
-It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with two additions.
+It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with three additions.
 
 Frames framed once. Each push is the same frame to every client, and a
 server's frames are not masked, so their bytes are the same on every
@@ -9,9 +9,17 @@ those bytes through a scope extension, `fxrates.prepared_frames`, instead of a
 `websocket.send` that uvicorn would encode and frame again per client. Its
 `send` waits, as `websocket.send` does, while the transport's buffer is full;
 its `write_now` never waits, so the hub can write to every idle client in one
-pass without waking each one's sender task (docs/performance.md). It is
-offered only on a connection without permessage-deflate, whose frames are
-compressed per connection.
+pass without waking each one's sender task (docs/performance.md).
+
+Compressed once. With `--ws-per-message-deflate true`, permessage-deflate is
+negotiated with uvicorn's settings (12-bit windows, memLevel 5) but without
+context takeover in either direction (RFC 7692 §7.1.1): each message is
+compressed on its own, so a frame's compressed bytes are the same on every
+connection with the same settings and are made once for all of them, and a
+connection keeps no compressor or decompressor between messages (uvicorn's
+default keeps both, tens of KiB per connection). Compression loses what one
+message could borrow from the last; the frames here are small and alike, and
+the cost was measured (docs/performance.md).
 
 A connection the service has finished with is reset if, uvicorn's close
 timeout (10 s) later, bytes queued for the client are still unsent.
@@ -37,8 +45,10 @@ from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.protocol import State
 
+from app.live.frames import Deflate
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +59,9 @@ UVICORN_WS = "app.ws_protocol:WebSocketProtocol"
 PREPARED_FRAMES = "fxrates.prepared_frames"
 # SO_LINGER on, for 0 s: close() resets the connection and discards what is unsent.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# uvicorn's permessage-deflate settings (websockets' defaults).
+_WINDOW_BITS = 12
+_COMPRESS_SETTINGS = {"memLevel": 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,7 @@ class PreparedFrames:
 
     send: Callable[[bytes], Awaitable[None]]  # waits while the connection pushes back
     write_now: Callable[[bytes], bool]  # never waits: False when the connection cannot take them now
+    deflate: Deflate | None  # how this connection's frames are compressed (None: not at all)
 
 
 def prepared_frames(scope: MutableMapping[str, Any]) -> PreparedFrames | None:
@@ -68,9 +82,22 @@ def prepared_frames(scope: MutableMapping[str, Any]) -> PreparedFrames | None:
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _drop_timer: asyncio.TimerHandle | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.config.ws_per_message_deflate:
+            self.conn.available_extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True,
+                    client_no_context_takeover=True,
+                    server_max_window_bits=_WINDOW_BITS,
+                    client_max_window_bits=_WINDOW_BITS,
+                    compress_settings=_COMPRESS_SETTINGS,
+                )
+            ]
+
     async def run_asgi(self) -> None:
-        if not self.conn.extensions:
-            offer = PreparedFrames(self.send_prepared, self.write_now)
+        offer = self._prepared_frames()
+        if offer is not None:
             self.scope["extensions"][PREPARED_FRAMES] = offer  # type: ignore[assignment]  # ASGI's types say dict
         await super().run_asgi()
         if not self.disconnected:
@@ -78,8 +105,19 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             # buffer to be written first: a client that takes nothing more would hold it for ever.
             self._drop_timer = self.loop.call_later(self.close_timeout, self._drop_if_stuck)
 
+    def _prepared_frames(self) -> PreparedFrames | None:
+        match self.conn.extensions:
+            case []:
+                deflate = None
+            case [PerMessageDeflate(local_no_context_takeover=True) as negotiated]:
+                settings = tuple(sorted(negotiated.compress_settings.items()))
+                deflate = Deflate(negotiated.local_max_window_bits, settings)
+            case _:
+                return None  # each frame's bytes depend on the connection: text through ASGI
+        return PreparedFrames(self.send_prepared, self.write_now, deflate)
+
     async def send_prepared(self, frame: bytes) -> None:
-        """Write whole unmasked frames, where and when `websocket.send` would write one (after the accept)."""
+        """Write whole unmasked frames (compressed as negotiated) where `websocket.send` would (after the accept)."""
         await self.writable.wait()
         if not self.handshake_complete:
             raise RuntimeError("a frame sent before the connection was accepted")

@@ -195,7 +195,7 @@ async def _send(websocket: WebSocket, client: HubClient, prepared: PreparedFrame
         client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
         try:
             if prepared is not None:
-                await prepared.send(frame.wire)  # framed once for every client (app.live.frames)
+                await prepared.send(frame.wire(prepared.deflate))  # framed once for every client (app.live.frames)
             else:
                 await websocket.send_text(frame.text)
         except (RuntimeError, OSError) as error:
@@ -224,6 +224,7 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     prepared = prepared_frames(websocket.scope)
     if prepared is not None:
         client.write_now = prepared.write_now  # the hub writes to an idle client at once, its sender left asleep
+        client.deflate = prepared.deflate
     try:
         client.send_snapshot(await hub.snapshot())
         async with asyncio.TaskGroup() as group:

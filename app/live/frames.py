@@ -5,23 +5,54 @@ frame's bytes are the same on every connection: the hub frames each update
 once, and those bytes are written to every client (by the hub itself, or by
 the client's sender) through the protocol the image runs (`app.ws_protocol`)
 instead of having uvicorn encode and frame the same text again per client
-(docs/performance.md). Under any other server,
-or with permessage-deflate negotiated, the text goes through ASGI as usual.
+(docs/performance.md).
+
+With permessage-deflate, that protocol negotiates no context takeover (RFC 7692
+§7.1.1), so each message is compressed on its own and its compressed bytes are
+the same on every connection with the same settings: a frame is compressed once
+per `Deflate`, not once per client. Under any other server the text goes
+through ASGI as usual.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 
 
+@dataclass(frozen=True, slots=True)
+class Deflate:
+    """permessage-deflate as a connection negotiated it, without context takeover: how its frames are compressed."""
+
+    window_bits: int
+    compress_settings: tuple[tuple[str, Any], ...] = ()
+
+    def frame(self, text: str) -> bytes:
+        # websockets' own encoder, fresh for this message (no context takeover), so the bytes are the ones a
+        # `websocket.send` on any such connection would have made.
+        encoder = PerMessageDeflate(True, True, 15, self.window_bits, dict(self.compress_settings))
+        return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[encoder])
+
+
 class Outgoing:
-    __slots__ = ("_wire", "text")
+    __slots__ = ("_compressed", "_wire", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self._wire: bytes | None = None
+        self._compressed: dict[Deflate, bytes] | None = None
 
-    @property
-    def wire(self) -> bytes:
-        """The whole frame (header and payload) as the server writes it; built on first use, then shared."""
-        if self._wire is None:
-            self._wire = Frame(Opcode.TEXT, self.text.encode()).serialize(mask=False)
-        return self._wire
+    def wire(self, deflate: Deflate | None = None) -> bytes:
+        """The whole frame (header and payload) as the server writes it on a connection with `deflate` (None:
+        uncompressed); built on first use, then shared."""
+        if deflate is None:
+            if self._wire is None:
+                self._wire = Frame(Opcode.TEXT, self.text.encode()).serialize(mask=False)
+            return self._wire
+        if self._compressed is None:
+            self._compressed = {}
+        wire = self._compressed.get(deflate)
+        if wire is None:
+            wire = self._compressed[deflate] = deflate.frame(self.text)
+        return wire

@@ -34,7 +34,7 @@ from broadcaster import Broadcast
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.live.fanout import RATES_CHANNEL, Delivered, stored_updates
-from app.live.frames import Outgoing
+from app.live.frames import Deflate, Outgoing
 from app.metrics import Metrics
 from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
@@ -106,9 +106,11 @@ class HubClient:
         self.cut_off = asyncio.Event()  # set when the client is to be closed for not reading
         self.sending_since: float | None = None  # when the frame being sent now was handed over
         self.frames_sent = 0  # since the hub last counted them
-        # The connection's "write these bytes now if you can take them" (app.ws_protocol), once accepted; None under
-        # a server without it, or with compression: everything then goes through the queue and the sender.
+        # The connection's "write these bytes now if you can take them" (app.ws_protocol), once accepted, and how
+        # its frames are compressed; None under a server without it: everything then goes through the queue and
+        # the sender.
         self.write_now: Callable[[bytes], bool] | None = None
+        self.deflate: Deflate | None = None
         # In send order: updates under their Pair, replies under an int, the end-of-cycle event under _CYCLE.
         self._queue: dict[object, Update | _Reply | Outgoing] = {}
         # `rates_update` frames already built, shared by the hub's clients: those due the same updates share one.
@@ -155,7 +157,7 @@ class HubClient:
 
     def push(self, frame: Outgoing) -> None:
         """Queue the end of a poll cycle; an older one still waiting is replaced, and moves behind the updates."""
-        if self._wrote_now(frame.wire):
+        if self._wrote_now(frame):
             self.frames_sent += 1
             return
         self._queue.pop(_CYCLE, None)
@@ -195,28 +197,27 @@ class HubClient:
         if self.batch:
             newest = {update.pair: update for update in updates}  # a pair twice in one event: its newer value
             frames = 1
-            wire = self._batch_frame(tuple(newest.values())).wire
+            written = self._wrote_now(self._batch_frame(tuple(newest.values())))
         else:
             frames = len(updates)
-            wire = updates[0].frame.wire if frames == 1 else b"".join(update.frame.wire for update in updates)
-        if not self._wrote_now(wire):
+            written = self._wrote_now(*(update.frame for update in updates))
+        if not written:
             return False
         for update in updates:
             self._sent[update.pair] = update.value
         self.frames_sent += frames
         return True
 
-    def _wrote_now(self, wire: bytes) -> bool:
+    def _wrote_now(self, *frames: Outgoing) -> bool:
         # Only when the sender is idle with nothing queued (so order is kept: the snapshot first, replies in
-        # turn) and the connection is not pushing back: then the write is the one a woken sender would make,
-        # without waking it. Otherwise the frame waits in the queue, conflated, for the sender.
-        return (
-            self.write_now is not None
-            and self._snapshot_sent
-            and not self._queue
-            and self.sending_since is None
-            and self.write_now(wire)
-        )
+        # turn) and the connection is not pushing back: then the write is the one a woken sender would make
+        # (all the frames in one), without waking it. Otherwise the frames wait in the queue, conflated, for
+        # the sender.
+        if self.write_now is None or not self._snapshot_sent or self._queue or self.sending_since is not None:
+            return False
+        deflate = self.deflate
+        wire = frames[0].wire(deflate) if len(frames) == 1 else b"".join(frame.wire(deflate) for frame in frames)
+        return self.write_now(wire)
 
     def forget(self, pairs: set[Pair] | None) -> None:
         """Drop queued updates of pairs the client no longer wants (None: every pair)."""
