@@ -118,7 +118,10 @@ async def read_client(client: Client, stop: asyncio.Event) -> None:
 async def consume(client: Client, connection: ClientConnection, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            frame = await asyncio.wait_for(connection.recv(), 0.5)
+            # Not asyncio.wait_for: on Python 3.11 it can swallow the cancellation that ends the run (a soak that
+            # failed early then hung in asyncio.run's clean-up until its caller's timeout).
+            async with asyncio.timeout(0.5):
+                frame = await connection.recv()
         except TimeoutError:
             continue
         message = json.loads(frame)

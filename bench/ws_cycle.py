@@ -17,10 +17,15 @@ Each case runs the service (`uvicorn app.main:app`, SQLite or PostgreSQL, with
 Redis) and, unless --no-baseline, the floor beside it: bench/ws_bare.py, a
 minimal ASGI app polling the same fake the same way and fanning out the same
 frames, conflated per client, with no database or Redis. Every figure is shown
-as a ratio to the floor's. --flags docker runs uvicorn as the Dockerfile does
-(no permessage-deflate, backlog 8192); --flags defaults runs uvicorn's defaults,
-where permessage-deflate is negotiated with clients that offer it (these
-clients offer it, as browsers do). --protocol pair keeps the per-pair
+as a ratio to the floor's. The clients offer permessage-deflate, as browsers
+do. --flags docker runs uvicorn as the Dockerfile does (its protocol,
+compression negotiated and each frame compressed once for every client,
+backlog 8192); --flags plain the same with `--ws-per-message-deflate false`
+(what `docker` meant before 2026-12-01; the clients then offer nothing);
+--flags defaults runs uvicorn's defaults, where each frame goes through ASGI
+and is compressed per connection. The floor of docker and plain sends its
+frames uncompressed under the plain flags, the strictest baseline; the floor
+of defaults runs on uvicorn's defaults too. --protocol pair keeps the per-pair
 `rate_update` frames; batch subscribes with `"batch": true`.
 
 Clients are raw sockets on uvloop in --client-procs processes (bench/ws_fanout.py's
@@ -36,6 +41,7 @@ Run from the repository root, one command per case (each prints a summary table)
     python -m bench.ws_cycle --clients 1 --db sqlite postgres
     python -m bench.ws_cycle --clients 1000 --protocol pair batch
     python -m bench.ws_cycle --clients 1000 --flags defaults
+    python -m bench.ws_cycle --clients 1000 --flags docker plain defaults --protocol pair batch
     python -m bench.ws_cycle --clients 10000 --protocol pair batch
     python -m bench.ws_cycle --clients 10000 --protocol pair batch --connect-in-flight 1000
     python -m bench.ws_cycle --clients 1000 --profile      # py-spy on the service during the cycles
@@ -77,10 +83,13 @@ from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 44
-DOCKER_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "false", "--backlog", "8192"]
+# The Dockerfile's: permessage-deflate with the clients that offer it, each frame compressed once for all of them.
+DOCKER_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "true", "--backlog", "8192"]
+# The same without compression (what --flags docker meant before 2026-12-01), and the floor's flags.
+PLAIN_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "false", "--backlog", "8192"]
 POSTGRES_ADMIN_URL = "postgresql://127.0.0.1:5432/test"
 TOP_UP_CONCURRENCY = 100
-TARGETS = {  # (protocol, clients): p99 bound in ms, for the Dockerfile's flags
+TARGETS = {  # (protocol, clients): p99 bound in ms, with the Dockerfile's flags, compression on or off
     ("pair", 1): 10.0,
     ("batch", 1): 10.0,
     ("pair", 1000): 100.0,
@@ -89,6 +98,7 @@ TARGETS = {  # (protocol, clients): p99 bound in ms, for the Dockerfile's flags
     ("batch", 10_000): 1500.0,
 }
 CONNECTS_TARGET_PER_S = 500  # per-pair, 10,000 clients, while cycles run
+KIB_PER_CONNECTION_TARGET = 50  # without compression
 LAST_UPDATED = b'"last_updated":"'
 
 
@@ -263,7 +273,7 @@ class Case:
     server: str  # "service" or "bare"
     clients: int
     db: str  # "sqlite", "postgres", or "-" for the bare app
-    flags: str  # "docker" or "defaults"
+    flags: str  # "docker", "plain" or "defaults"
     protocol: str  # "pair" or "batch"
 
     @property
@@ -340,7 +350,7 @@ def run_case(case: Case, fake: FakeFlutterwave, args: argparse.Namespace, cpus: 
                             samples,
                             start_at,
                             args.connect_timeout,
-                            case.flags == "defaults",
+                            case.flags != "plain",  # the clients offer permessage-deflate, as browsers do
                             case.protocol == "batch",
                             math.ceil(args.connect_in_flight / procs),
                         )
@@ -397,8 +407,9 @@ def start_with_url(
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--no-access-log", "--log-level", "warning"]
-    if case.flags == "docker":
-        command += DOCKER_FLAGS
+    if case.flags in ("docker", "plain"):
+        # The floor sends the same frames uncompressed: the cheapest fan-out plain ASGI on uvicorn allows.
+        command += DOCKER_FLAGS if case.flags == "docker" and case.server == "service" else PLAIN_FLAGS
     if case.server == "bare":
         command += ["bench.ws_bare:create_bare_app", "--factory"]
         env = clean_environment(
@@ -545,7 +556,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ws_cycle", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1000], help="N (default 1000)")
     parser.add_argument("--db", nargs="+", choices=("sqlite", "postgres"), default=["sqlite"])
-    parser.add_argument("--flags", nargs="+", choices=("docker", "defaults"), default=["docker"])
+    parser.add_argument("--flags", nargs="+", choices=("docker", "plain", "defaults"), default=["docker"])
     parser.add_argument("--protocol", nargs="+", choices=("pair", "batch"), default=["pair"])
     parser.add_argument("--no-baseline", action="store_true", help="skip the minimal app")
     parser.add_argument("--cycles", type=int, default=3, help="measured cycles per case (default 3)")
@@ -613,15 +624,22 @@ def table(results: list[Result]) -> None:
             f"{result.kib_per_client:.1f} | {connects} | {result.loadavg} |"
         )
     for result in results:
+        if result.case.server != "service" or result.case.flags == "defaults":
+            continue
         bound = TARGETS.get((result.case.protocol, min(result.case.clients, 10_000)))
-        if result.case.server == "service" and result.case.flags == "docker" and bound and result.latencies:
+        if bound and result.latencies:
             met = result.p(0.99) * 1000 <= bound
             print(f"target {result.case.label}: p99 <= {bound:.0f} ms: {'met' if met else 'NOT MET'}")
-        per_pair_at_scale = result.case.clients >= 10_000 and result.case.protocol == "pair"
-        if result.case.server == "service" and result.case.flags == "docker" and per_pair_at_scale:
+        if result.case.clients >= 10_000 and result.case.protocol == "pair":
             met = result.connect_rate >= CONNECTS_TARGET_PER_S
             print(
                 f"target {result.case.label}: >= {CONNECTS_TARGET_PER_S} connects/s while cycles run: "
+                f"{'met' if met else 'NOT MET'}"
+            )
+        if result.case.clients >= 1000 and result.case.flags == "plain":
+            met = result.kib_per_client <= KIB_PER_CONNECTION_TARGET
+            print(
+                f"target {result.case.label}: <= {KIB_PER_CONNECTION_TARGET} KiB per connection: "
                 f"{'met' if met else 'NOT MET'}"
             )
 

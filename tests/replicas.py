@@ -55,7 +55,7 @@ class Replica:
         *,
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = ("--no-access-log",),
-        per_message_deflate: bool = False,
+        per_message_deflate: bool = True,
         **env: str,
     ) -> None:
         self.workers = workers
@@ -78,7 +78,7 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
-            # As the image runs it, unless the test wants uvicorn's default (compression negotiated).
+            # As the image runs it (compression negotiated with clients that offer it), unless the test says not.
             "--ws",
             UVICORN_WS,
             "--ws-per-message-deflate",
@@ -151,7 +151,7 @@ def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> 
 
 @contextmanager
 def replica_on_sqlite(
-    folder: Path, fake: FakeFlutterwave, *, per_message_deflate: bool = False, **env: str
+    folder: Path, fake: FakeFlutterwave, *, per_message_deflate: bool = True, **env: str
 ) -> Iterator[Replica]:
     """One replica with its own SQLite file, polling the fake; yielded once all 44 pairs are stored."""
     replica = Replica(

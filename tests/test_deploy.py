@@ -196,6 +196,7 @@ def test_the_image_runs_the_websocket_protocol_that_drops_clients_gone_silent() 
     # What the tests' replicas run (tests/replicas.py), so what they show holds for the image.
     command = image_command()
     assert command[command.index("--ws") + 1] == UVICORN_WS
+    assert command[command.index("--ws-per-message-deflate") + 1] == "true"
 
 
 # Settings
