@@ -205,13 +205,6 @@ async def _send(websocket: WebSocket, client: HubClient, prepared: PreparedFrame
         client.frames_sent += 1
 
 
-async def _cut_off(client: HubClient, hub: Hub) -> None:
-    # Watched apart from the sender, which may sit blocked on a client that stopped reading.
-    await client.cut_off.wait()
-    hub.count_slow_closed()
-    client.close_code = CLOSE_TRY_AGAIN_LATER
-
-
 async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
     async with admitted(websocket) as admitted_:
         if admitted_:
@@ -231,12 +224,15 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
             tasks = [
                 group.create_task(_receive(websocket, client, hub, lookup)),
                 group.create_task(_send(websocket, client, prepared)),
-                group.create_task(_cut_off(client, hub)),
-                group.create_task(client.closing.wait()),
+                # Watched apart from the sender, which may sit blocked on a client that stopped reading.
+                group.create_task(client.ending.wait()),
             ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 task.cancel()
+            if client.slow:
+                hub.count_slow_closed()
+                client.close_code = CLOSE_TRY_AGAIN_LATER
     except* (WebSocketDisconnect, OSError):
         pass
     finally:

@@ -102,8 +102,10 @@ class HubClient:
         self.subscribed_once = False
         self.batch = False
         self.close_code: int | None = None
-        self.closing = asyncio.Event()  # set when the service asks this connection to close (see Hub.close_all)
-        self.cut_off = asyncio.Event()  # set when the client is to be closed for not reading
+        # Set when the connection is to end: the service closes it (see Hub.close_all), or it is cut off for not
+        # reading (`slow`). One event, so the endpoint watches both with one task (each costs memory per client).
+        self.ending = asyncio.Event()
+        self.slow = False
         self.sending_since: float | None = None  # when the frame being sent now was handed over
         self.frames_sent = 0  # since the hub last counted them
         # The connection's "write these bytes now if you can take them" (app.ws_protocol), once accepted, and how
@@ -125,7 +127,12 @@ class HubClient:
 
     def close(self, code: int) -> None:
         self.close_code = code
-        self.closing.set()
+        self.ending.set()
+
+    def cut_off(self) -> None:
+        """To be closed for not reading: the endpoint closes it with 1013."""
+        self.slow = True
+        self.ending.set()
 
     def last_sent(self, pair: Pair) -> Decimal | None:
         return self._sent.get(pair, self._sent_base.get(pair))
@@ -149,7 +156,7 @@ class HubClient:
     def _put_reply(self, reply: _Reply) -> None:
         if self._replies >= self._max_replies:
             # It keeps asking and does not read the answers: it is to be cut off.
-            self.cut_off.set()
+            self.cut_off()
             return
         self._replies += 1
         self._queue[next(self._reply_keys)] = reply
@@ -410,7 +417,7 @@ class Hub:
             for client in self._clients:
                 since = client.sending_since
                 if since is not None and now - since >= self._stall_timeout_s:
-                    client.cut_off.set()
+                    client.cut_off()
             self._count_frames(self._clients)
 
     def _count_frames(self, clients: Iterable[HubClient]) -> None:
