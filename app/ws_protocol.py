@@ -12,14 +12,17 @@ its `write_now` never waits, so the hub can write to every idle client in one
 pass without waking each one's sender task (docs/performance.md).
 
 Compressed once. With `--ws-per-message-deflate true`, permessage-deflate is
-negotiated with uvicorn's settings (12-bit windows, memLevel 5) but without
-context takeover in either direction (RFC 7692 §7.1.1): each message is
-compressed on its own, so a frame's compressed bytes are the same on every
-connection with the same settings and are made once for all of them, and a
-connection keeps no compressor or decompressor between messages (uvicorn's
-default keeps both, tens of KiB per connection). Compression loses what one
-message could borrow from the last; the frames here are small and alike, and
-the cost was measured (docs/performance.md).
+negotiated with uvicorn's settings (12-bit windows, memLevel 5) plus
+`server_no_context_takeover` (RFC 7692 §7.1.1.1, which a server may add to
+any offer and clients accept): each message the server sends is compressed on
+its own, so a frame's compressed bytes are the same on every connection with
+the same settings and are made once for all of them, and no connection keeps a
+compressor between messages (uvicorn's default keeps one, tens of KiB per
+connection). Compression loses what one message could borrow from the last;
+the frames here are small and alike, and the cost was measured
+(docs/performance.md). The client's own context takeover is left to the
+client: imposing `client_no_context_takeover` on one that did not ask makes
+some libraries (Netty's default) refuse the handshake.
 
 A connection the service has finished with is reset if, uvicorn's close
 timeout (10 s) later, bytes queued for the client are still unsent.
@@ -48,7 +51,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
 from websockets.protocol import State
 
-from app.live.frames import Deflate
+from app.live.frames import Deflate, deflate
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -88,7 +91,6 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
             self.conn.available_extensions = [
                 ServerPerMessageDeflateFactory(
                     server_no_context_takeover=True,
-                    client_no_context_takeover=True,
                     server_max_window_bits=_WINDOW_BITS,
                     client_max_window_bits=_WINDOW_BITS,
                     compress_settings=_COMPRESS_SETTINGS,
@@ -108,13 +110,13 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     def _prepared_frames(self) -> PreparedFrames | None:
         match self.conn.extensions:
             case []:
-                deflate = None
+                compression = None
             case [PerMessageDeflate(local_no_context_takeover=True) as negotiated]:
                 settings = tuple(sorted(negotiated.compress_settings.items()))
-                deflate = Deflate(negotiated.local_max_window_bits, settings)
+                compression = deflate(negotiated.local_max_window_bits, settings)
             case _:
                 return None  # each frame's bytes depend on the connection: text through ASGI
-        return PreparedFrames(self.send_prepared, self.write_now, deflate)
+        return PreparedFrames(self.send_prepared, self.write_now, compression)
 
     async def send_prepared(self, frame: bytes) -> None:
         """Write whole unmasked frames (compressed as negotiated) where `websocket.send` would (after the accept)."""

@@ -1,6 +1,7 @@
 """What `/ws/rates` puts on the wire, seen by a raw client: one frame's bytes for every client. With
-permessage-deflate, every message is compressed on its own (no context takeover, RFC 7692 §7.1.1), so those
-bytes too are the same for every client with the same settings (app.ws_protocol, app.live.frames)."""
+permessage-deflate, every message the server sends is compressed on its own (server_no_context_takeover,
+RFC 7692 §7.1.1.1), so those bytes too are the same for every client with the same settings (app.ws_protocol,
+app.live.frames)."""
 
 import asyncio
 import json
@@ -60,8 +61,8 @@ def parameters(accepted: str | None) -> dict[str, str | None]:
 
 
 def inflated_alone(frame: Frame) -> bytes:
-    """A compressed message read with a decompressor of its own: what a client that negotiated no context
-    takeover may do."""
+    """A compressed message read with a decompressor of its own: what a client may do once the server said
+    `server_no_context_takeover`."""
     assert frame.compressed, "a frame went out uncompressed on a compressed connection"
     return zlib.decompressobj(-zlib.MAX_WBITS).decompress(frame.payload + b"\x00\x00\xff\xff")
 
@@ -84,7 +85,6 @@ async def test_a_browser_offering_compression_gets_every_frame_compressed_on_its
 
     assert parameters(accepted) == {
         "server_no_context_takeover": None,
-        "client_no_context_takeover": None,
         "server_max_window_bits": "12",
         "client_max_window_bits": "12",
     }
@@ -124,13 +124,23 @@ async def test_a_client_that_offers_nothing_gets_plain_frames_from_the_same_serv
     assert ("rates_update" if batch else "rate_update") in kinds(messages[1:])
 
 
+async def test_a_bare_offer_is_answered_with_no_parameter_of_the_client_it_did_not_offer(deflating: Replica) -> None:
+    # What OkHttp and Netty offer: OkHttp fails on a client_max_window_bits it did not offer, Netty (by default)
+    # on a client_no_context_takeover; both take server_no_context_takeover.
+    accepted, frames = await frames_of(deflating, extensions="permessage-deflate", batch=False)
+
+    assert parameters(accepted) == {"server_no_context_takeover": None, "server_max_window_bits": "12"}
+    assert json.loads(inflated_alone(frames[0]))["type"] == "all_rates"
+
+
 async def test_a_client_library_with_compression_on_talks_both_ways(deflating: Replica) -> None:
-    # websockets compresses what it sends too: each of its messages on its own, as the server asked.
+    # websockets compresses what it sends too, each message with what the ones before it left (context takeover):
+    # the server keeps the client's context, and only its own messages are compressed alone.
     async with WsClient(f"ws://127.0.0.1:{deflating.port}/ws/rates/", compression="deflate") as client:
         response = client.connection.response
         assert response is not None
-        accepted = response.headers["Sec-WebSocket-Extensions"]
-        assert "client_no_context_takeover" in parameters(accepted)
+        accepted = parameters(response.headers["Sec-WebSocket-Extensions"])
+        assert "server_no_context_takeover" in accepted and "client_no_context_takeover" not in accepted
         snapshot = await client.recv()
         assert snapshot["type"] == "all_rates" and len(snapshot["rates"]) == 44
         for _ in range(3):

@@ -14,6 +14,7 @@ per `Deflate`, not once per client. Under any other server the text goes
 through ASGI as usual.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,12 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Deflate:
-    """permessage-deflate as a connection negotiated it, without context takeover: how its frames are compressed."""
+    """permessage-deflate as a connection negotiated it, without context takeover: how its frames are compressed.
+
+    Made by `deflate()`, one per settings, so the hub's lookups per client and frame hash it by identity.
+    """
 
     window_bits: int
     compress_settings: tuple[tuple[str, Any], ...] = ()
@@ -33,6 +37,12 @@ class Deflate:
         # `websocket.send` on any such connection would have made.
         encoder = PerMessageDeflate(True, True, 15, self.window_bits, dict(self.compress_settings))
         return Frame(Opcode.TEXT, text.encode()).serialize(mask=False, extensions=[encoder])
+
+
+@functools.cache
+def deflate(window_bits: int, compress_settings: tuple[tuple[str, Any], ...]) -> Deflate:
+    """The one `Deflate` for these settings."""
+    return Deflate(window_bits, compress_settings)
 
 
 class Outgoing:
