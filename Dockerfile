@@ -43,8 +43,9 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
 # The WebSocket protocol: uvicorn's own, which also writes each push's frame, framed and compressed once, to every
 # client, and drops a connection the service has closed if the client takes nothing more within 10 s
 # (app/ws_protocol.py). permessage-deflate for the clients that offer it (browsers, most mobile libraries): a third
-# less to send per update, seven eighths less per snapshot, at about 1.5 KiB and a tenth of a push's cost per
-# connection (docs/performance.md). A deeper backlog lets thousands of clients reconnect at once.
+# less to send per update, seven eighths less per snapshot, at about 8 KiB per connection (the client's own
+# compression context) and a tenth of a push's cost (docs/performance.md).
+# A deeper backlog lets thousands of clients reconnect at once.
 # After SIGTERM, requests in flight get 10 s (docs/operations.md, Shutdown; the manifests in deploy/ allow for it).
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", \
      "--ws", "app.ws_protocol:WebSocketProtocol", "--ws-per-message-deflate", "true", "--backlog", "8192", "--timeout-graceful-shutdown", "10"]
