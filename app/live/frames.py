@@ -7,8 +7,8 @@ the client's sender) through the protocol the image runs (`app.ws_protocol`)
 instead of having uvicorn encode and frame the same text again per client
 (docs/performance.md).
 
-With permessage-deflate, that protocol negotiates no context takeover (RFC 7692
-§7.1.1), so each message is compressed on its own and its compressed bytes are
+With permessage-deflate, that protocol negotiates no context takeover for the
+server (RFC 7692 §7.1.1.1), so each message it sends is compressed on its own and its compressed bytes are
 the same on every connection with the same settings: a frame is compressed once
 per `Deflate`, not once per client. Under any other server the text goes
 through ASGI as usual.
@@ -24,7 +24,8 @@ from websockets.frames import Frame, Opcode
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Deflate:
-    """permessage-deflate as a connection negotiated it, without context takeover: how its frames are compressed.
+    """How a connection's frames are compressed: permessage-deflate as it negotiated it, the server's side
+    without context takeover.
 
     Made by `deflate()`, one per settings, so the hub's lookups per client and frame hash it by identity.
     """
