@@ -8,10 +8,10 @@ instead of having uvicorn encode and frame the same text again per client
 (docs/performance.md).
 
 With permessage-deflate, that protocol negotiates no context takeover for the
-server (RFC 7692 §7.1.1.1), so each message it sends is compressed on its own and its compressed bytes are
-the same on every connection with the same settings: a frame is compressed once
-per `Deflate`, not once per client. Under any other server the text goes
-through ASGI as usual.
+server (RFC 7692 §7.1.1.1), so each message it sends is compressed on its own
+and its compressed bytes are the same on every connection with the same
+settings: a frame is compressed once per `Deflate`, not once per client. Under
+any other server the text goes through ASGI as usual.
 """
 
 import functools
