@@ -1,7 +1,7 @@
 """Alembic's environment: the URL comes from the service's settings, never from alembic.ini.
 
 Run from the command line (`alembic upgrade head`) it opens its own async engine.
-At start-up the service hands it a connection instead (`app.db.migrate`), so it
+At start-up the service hands it a connection instead (`app.storage.engine.migrate`), so it
 runs on the service's event loop rather than starting a second one.
 """
 
@@ -11,9 +11,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from app.db import Base, create_engine
-from app.rates import models  # noqa: F401 - registers the tables on Base.metadata
 from app.settings import load_settings
+from app.storage import models  # noqa: F401 - registers the tables on Base.metadata
+from app.storage.engine import Base, create_engine
 
 config = context.config
 target_metadata = Base.metadata

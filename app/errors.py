@@ -9,7 +9,7 @@
 
 Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
 (docs/errors.md), validation errors add `errors`, a list naming each bad field. A database error
-that escaped the guards of `app.db_health` is still answered as `DatabaseUnavailable`, never a 500.
+that escaped the guards of `app.storage.health` is still answered as `DatabaseUnavailable`, never a 500.
 """
 
 import logging
@@ -117,7 +117,7 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, error: Exception) -> JSONResponse:
-    # A safety net: database calls go through app.db_health, which already turned this into DatabaseUnavailable.
+    # A safety net: database calls go through app.storage.health, which already turned this into DatabaseUnavailable.
     log.warning("database error on %s %s: %s", request.method, request.url.path, type(error).__name__)
     return await _service_error(request, DatabaseUnavailable(retry_after_s=5.0))
 

@@ -13,15 +13,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import asyncapi_page, board, ops, rates, ws
-from app.api.answer_cache import AnswerCache
-from app.api.client_limit import ClientLimit
-from app.api.headers import SecurityHeaders
-from app.api.middleware import RequestMetrics
-from app.api.openapi import install_openapi, operation_id
+from app.api import board, ops, rates, ws
+from app.api.docs import asyncapi_page
+from app.api.docs.openapi import install_openapi, operation_id
+from app.api.middleware.answer_cache import AnswerCache
+from app.api.middleware.request_metrics import RequestMetrics
+from app.api.middleware.security_headers import SecurityHeaders
 from app.errors import add_error_handlers
-from app.logs import configure_logging
-from app.metrics import Metrics
+from app.kit.logs import configure_logging
+from app.kit.metrics import Metrics
+from app.limits.per_client import ClientLimit
 from app.services import open_services
 from app.settings import Settings, load_settings
 from app.shutdown import GracefulShutdown

@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import signal
 
-from app.logs import configure_logging
-from app.metrics import Metrics
+from app.kit.logs import configure_logging
+from app.kit.metrics import Metrics
 from app.services import open_services
 from app.settings import Settings, load_settings
 

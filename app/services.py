@@ -13,31 +13,31 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.api.client_limit import ClientLimiter
-from app.api.ws_limits import Admission
 from app.currencies import Pair
-from app.db import WRITE_FACTOR, create_engine, create_sessionmaker, migrate
-from app.db_health import DatabaseHealth
+from app.ingest.poller import Poller
+from app.ingest.schedule import LocalSchedule, Schedule, SharedSchedule
+from app.kit.metrics import Metrics
+from app.kit.tasks import running
+from app.limits.on_demand import OnDemandBudget
+from app.limits.per_client import ClientLimiter
+from app.limits.websocket import Admission
+from app.limits.windows import MovingWindow
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
-from app.live.poller import Poller
-from app.live.schedule import LocalSchedule, Schedule, SharedSchedule
-from app.metrics import Metrics
-from app.rates import repository
-from app.rates.budget import OnDemandBudget
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.lookup import RateLookup
-from app.rates.postgres_writer import PostgresWriter
-from app.rates.sqlite_writer import SqliteWriter, is_sqlite
 from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
 from app.settings import Settings
-from app.tasks import running
+from app.storage import repository
+from app.storage.engine import WRITE_FACTOR, create_engine, create_sessionmaker, migrate
+from app.storage.health import DatabaseHealth
+from app.storage.postgres_writer import PostgresWriter
+from app.storage.sqlite_writer import SqliteWriter, is_sqlite
 from app.upstream.demo import DemoProvider
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client
 from app.upstream.provider import Provider
-from app.windows import MovingWindow
 
 log = logging.getLogger(__name__)
 

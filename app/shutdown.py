@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
+from app.ingest.poller import Poller
+from app.kit.tasks import cancel_and_wait, log_crash
 from app.live.hub import Hub
-from app.live.poller import Poller
-from app.tasks import cancel_and_wait, log_crash
 
 log = logging.getLogger(__name__)
 

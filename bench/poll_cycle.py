@@ -30,7 +30,7 @@ import httpx
 from pydantic import SecretStr
 
 from app.currencies import Pair
-from app.metrics import Metrics
+from app.kit.metrics import Metrics
 from app.services import open_services
 from app.settings import Settings
 from app.upstream.flutterwave import RATES_PATH, create_http_client

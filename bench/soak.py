@@ -70,7 +70,7 @@ WRK_SCRIPT = "function delay() return 20 end\n"
 # The PostgreSQL outage in the 5-minute run; shorter runs scale it with their duration.
 DATABASE_OUTAGE_S = 20.0
 FULL_DURATION_S = 300.0
-LEASE_KEY = "fxrates:poller:lock"  # app.live.schedule.SharedSchedule's default prefix
+LEASE_KEY = "fxrates:poller:lock"  # app.ingest.schedule.SharedSchedule's default prefix
 
 
 @dataclass

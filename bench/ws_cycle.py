@@ -75,7 +75,7 @@ from typing import Any
 import httpx
 import redis
 
-from app.ws_protocol import UVICORN_WS
+from app.live.protocol import UVICORN_WS
 from bench import pyspy
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 from bench.ws_fanout import RawClient, _masked, client_processes, listen_counters, quantile, rss_kib, schedstat

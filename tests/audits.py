@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 
 NPM_DIR = PROJECT_ROOT / "tools" / "npm"
 LIGHTHOUSE = NPM_DIR / "node_modules" / ".bin" / "lighthouse"

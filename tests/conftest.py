@@ -17,9 +17,9 @@ import pytest
 from redis.asyncio import Redis
 from starlette.types import Receive, Scope, Send
 
-from app.db import create_engine, migrate
 from app.main import create_app
 from app.settings import Settings
+from app.storage.engine import create_engine, migrate
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
 

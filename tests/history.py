@@ -5,8 +5,8 @@ from datetime import datetime
 from decimal import Decimal
 
 from app.currencies import Pair
-from app.db import create_engine, create_sessionmaker, migrate
-from app.rates.models import ExchangeRateHistory
+from app.storage.engine import create_engine, create_sessionmaker, migrate
+from app.storage.models import ExchangeRateHistory
 
 DESTINATION_AMOUNT = Decimal(1000)
 

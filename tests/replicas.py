@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.db import PROJECT_ROOT
+from app.live.protocol import UVICORN_WS
 from app.settings import Settings
-from app.ws_protocol import UVICORN_WS
+from app.storage.engine import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from app.db import PROJECT_ROOT
 from app.settings import Settings
+from app.storage.engine import PROJECT_ROOT
 from tests.conftest import running_app
 
 

@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from app.api.asyncapi import error_codes, message_type
+from app.api.docs.asyncapi import error_codes, message_type
 from app.api.ws import CLIENT_MESSAGES, ClientMessage
 from app.currencies import Pair
 from app.rates.wire import SERVER_FRAMES

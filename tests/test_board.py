@@ -14,7 +14,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 from tests import audits
 from tests.fake_flutterwave import FakeFlutterwave
 from tests.history import record_history

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,10 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from app.db import PROJECT_ROOT
-from app.metrics import Metrics
+from app.kit.metrics import Metrics
+from app.live.protocol import UVICORN_WS
 from app.settings import Settings
-from app.ws_protocol import UVICORN_WS
+from app.storage.engine import PROJECT_ROOT
 
 DEPLOY = PROJECT_ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"

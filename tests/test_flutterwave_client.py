@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.currencies import Pair
-from app.metrics import Metrics
+from app.kit.metrics import Metrics
 from app.upstream.errors import MalformedQuote, RateLimited, UpstreamRejected, UpstreamUnavailable
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client, parse_retry_after
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave

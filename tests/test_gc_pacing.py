@@ -5,8 +5,8 @@ import gc
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from app.kit.tasks import running
 from app.live.gc_pacing import CollectionPacer
-from app.tasks import running
 
 
 def collections(histogram: Histogram) -> float:

@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-from app.db import PROJECT_ROOT, Base, create_engine, migrate
-from app.rates import models  # noqa: F401 - registers the tables
+from app.storage import models  # noqa: F401 - registers the tables
+from app.storage.engine import PROJECT_ROOT, Base, create_engine, migrate
 
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:

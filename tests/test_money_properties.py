@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from app.currencies import Pair
 from app.rates.quoting import AMOUNT_DIGITS, destination_for, source_for
-from app.rates.rate import StoredRate
 from app.rates.store import utc_now
 from app.rates.wire import RateItem
+from app.storage.rate import StoredRate
 from app.upstream.errors import MalformedQuote
 from app.upstream.quote import RATE_TOLERANCE, SIGNIFICANT_DIGITS, quote_from_amounts, significant
 

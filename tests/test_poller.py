@@ -10,11 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT
-from app.metrics import Metrics
-from app.rates import repository
+from app.kit.metrics import Metrics
 from app.services import open_services
 from app.settings import Settings
+from app.storage import repository
+from app.storage.engine import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 

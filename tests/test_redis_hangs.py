@@ -15,11 +15,11 @@ from broadcaster import Broadcast
 from redis.asyncio import Redis
 
 from app.currencies import Pair
+from app.ingest.schedule import SharedSchedule
+from app.kit.metrics import Metrics
 from app.live.redis_backend import ResilientRedisBackend
-from app.live.schedule import SharedSchedule
-from app.metrics import Metrics
 from app.rates.cache import RedisCache
-from app.rates.rate import StoredRate
+from app.storage.rate import StoredRate
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
 from tests.replicas import Replica, service_env, wait_for_rates

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 from tests.replicas import service_env
 
 

@@ -10,15 +10,15 @@ from broadcaster import Broadcast
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.currencies import Pair
-from app.db import create_engine, create_sessionmaker
-from app.db_health import DatabaseHealth
+from app.kit.metrics import Metrics
 from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
-from app.metrics import Metrics
-from app.rates import repository
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
-from app.rates.postgres_writer import PostgresWriter
-from app.rates.sqlite_writer import SqliteWriter, is_sqlite
 from app.rates.store import RateStore, Writer
+from app.storage import repository
+from app.storage.engine import create_engine, create_sessionmaker
+from app.storage.health import DatabaseHealth
+from app.storage.postgres_writer import PostgresWriter
+from app.storage.sqlite_writer import SqliteWriter, is_sqlite
 from app.upstream.quote import Quote
 
 USD_NGN = Pair("USD", "NGN")
@@ -172,7 +172,7 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
 
     from redis.asyncio import Redis
 
-    from app.rates.rate import StoredRate
+    from app.storage.rate import StoredRate
 
     newer = StoredRate(USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC))
     older = StoredRate(
@@ -258,9 +258,9 @@ async def test_rates_written_together_are_published_as_one_event_after_commit(
 async def test_the_sqlite_writer_checkpoints_its_log_itself_between_cycles(sqlite_url: str) -> None:
     import sqlite3
 
-    from app.db import migrate
-    from app.rates import sqlite_writer
     from app.rates.store import write_batch
+    from app.storage import sqlite_writer
+    from app.storage.engine import migrate
 
     engine = create_engine(sqlite_url)
     await migrate(engine)
@@ -298,8 +298,8 @@ async def test_the_sqlite_writer_checkpoints_its_log_itself_between_cycles(sqlit
 async def test_a_batch_waits_for_another_process_holding_the_sqlite_write_lock_then_is_written(sqlite_url: str) -> None:
     import sqlite3
 
-    from app.db import migrate
     from app.rates.store import write_batch
+    from app.storage.engine import migrate
 
     engine = create_engine(sqlite_url)
     await migrate(engine)

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from app.tasks import cancel_and_wait, running
+from app.kit.tasks import cancel_and_wait, running
 
 
 async def renews_forever(renewals: list[int], swallow: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from app.currencies import Pair
-from app.db import PROJECT_ROOT
+from app.storage.engine import PROJECT_ROOT
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
 from tests.replicas import Replica, wait_for_rates
@@ -101,7 +101,7 @@ async def test_two_workers_on_sqlite_with_redis_poll_once_per_cycle(
 
 MIGRATOR = """
 import asyncio, sys
-from app.db import create_engine, migrate
+from app.storage.engine import create_engine, migrate
 
 async def main() -> None:
     engine = create_engine(sys.argv[1], timeout_s=None)

@@ -1,6 +1,6 @@
 """What `/ws/rates` puts on the wire, seen by a raw client: one frame's bytes for every client. With
 permessage-deflate, every message the server sends is compressed on its own (server_no_context_takeover,
-RFC 7692 §7.1.1.1), so those bytes too are the same for every client with the same settings (app.ws_protocol,
+RFC 7692 §7.1.1.1), so those bytes too are the same for every client with the same settings (app.live.protocol,
 app.live.frames)."""
 
 import asyncio

@@ -1,4 +1,4 @@
-"""What the image's WebSocket protocol (app.ws_protocol) offers an application, per connection, under a real uvicorn
+"""What the image's WebSocket protocol (app.live.protocol) offers an application, per connection, under a real uvicorn
 on loopback: the writers of prepared frames, with how that connection's frames are compressed.
 
 Frames written through them are the same bytes whichever way a client negotiated (tests/test_ws_frames.py), so
@@ -16,7 +16,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 
 from app.live.frames import Outgoing
-from app.ws_protocol import WebSocketProtocol, prepared_frames
+from app.live.protocol import WebSocketProtocol, prepared_frames
 
 Scope = dict[str, Any]
 Receive = Any

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import app.storage.engine
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -25,10 +25,10 @@ def _rate_columns() -> list[sa.Column[object]]:
         sa.Column("id", Id, autoincrement=True, nullable=False),
         sa.Column("source_currency", sa.String(length=3), nullable=False),
         sa.Column("destination_currency", sa.String(length=3), nullable=False),
-        sa.Column("rate", app.db.ExactDecimal(), nullable=False),
-        sa.Column("destination_per_source", app.db.ExactDecimal(), nullable=False),
-        sa.Column("source_amount", app.db.ExactDecimal(), nullable=False),
-        sa.Column("destination_amount", app.db.ExactDecimal(), nullable=False),
+        sa.Column("rate", app.storage.engine.ExactDecimal(), nullable=False),
+        sa.Column("destination_per_source", app.storage.engine.ExactDecimal(), nullable=False),
+        sa.Column("source_amount", app.storage.engine.ExactDecimal(), nullable=False),
+        sa.Column("destination_amount", app.storage.engine.ExactDecimal(), nullable=False),
         sa.Column("provider", sa.String(length=32), nullable=False),
     ]
 
@@ -37,8 +37,8 @@ def upgrade() -> None:
     op.create_table(
         "exchange_rates",
         *_rate_columns(),
-        sa.Column("last_updated", app.db.UTCDateTime(), nullable=False),
-        sa.Column("created_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("last_updated", app.storage.engine.UTCDateTime(), nullable=False),
+        sa.Column("created_at", app.storage.engine.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_exchange_rates")),
     )
     op.create_index(
@@ -49,7 +49,7 @@ def upgrade() -> None:
     op.create_table(
         "exchange_rate_history",
         *_rate_columns(),
-        sa.Column("observed_at", app.db.UTCDateTime(), nullable=False),
+        sa.Column("observed_at", app.storage.engine.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_exchange_rate_history")),
     )
     op.create_index(

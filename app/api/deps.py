@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
-from app.db_health import DatabaseHealth
+from app.kit.metrics import Metrics
 from app.live.hub import Hub
-from app.metrics import Metrics
 from app.rates.lookup import RateLookup
 from app.settings import Settings
+from app.storage.health import DatabaseHealth
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 

@@ -10,13 +10,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from app.api.deps import SettingsDep, get_with_and_without_slash
-from app.db_health import DatabaseHealth
 from app.errors import DatabaseUnavailable
+from app.ingest.poller import Poller
+from app.ingest.schedule import Role
+from app.kit.metrics import Metrics
 from app.live.hub import Hub
-from app.live.poller import Poller
-from app.live.schedule import Role
-from app.metrics import Metrics
 from app.shutdown import GracefulShutdown
+from app.storage.health import DatabaseHealth
 
 router = APIRouter(tags=["operations"])
 

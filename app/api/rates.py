@@ -38,10 +38,10 @@ from app.api.schemas import (
     RateResponse,
 )
 from app.errors import NotFound, error_body
-from app.rates import repository
-from app.rates.models import ExchangeRateHistory
 from app.rates.quoting import destination_for, source_for
 from app.rates.store import utc_now
+from app.storage import repository
+from app.storage.models import ExchangeRateHistory
 
 router = APIRouter(prefix="/api/rates", tags=["rates"])
 

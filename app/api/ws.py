@@ -18,13 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
 from app.api.deps import HubDep, LookupDep
-from app.api.ws_limits import CLOSE_POLICY_VIOLATION, admitted, message_bucket
 from app.currencies import Pair
 from app.errors import NotFound, RateUnavailable, TooManyRequests
+from app.limits.websocket import CLOSE_POLICY_VIOLATION, admitted, message_bucket
 from app.live.hub import ALL, Hub, HubClient
+from app.live.protocol import PreparedFrames, prepared_frames
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
-from app.ws_protocol import PreparedFrames, prepared_frames
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Rates in motion: the poller and its schedule, publishing, the Redis fan-out backend and the WebSocket hub.
+"""Rates in motion: publishing, the Redis fan-out backend, the WebSocket hub, frames and the server protocol.
 
-It imports from `app.rates` (rates at rest), never the other way round.
+It imports from `app.rates` (rates served), never the other way round.
 """

@@ -3,7 +3,7 @@
 A server's frames are not masked (RFC 6455 §5.1), so without compression a text
 frame's bytes are the same on every connection: the hub frames each update
 once, and those bytes are written to every client (by the hub itself, or by
-the client's sender) through the protocol the image runs (`app.ws_protocol`)
+the client's sender) through the protocol the image runs (`app.live.protocol`)
 instead of having uvicorn encode and frame the same text again per client
 (docs/performance.md).
 

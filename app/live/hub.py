@@ -33,12 +33,12 @@ from broadcaster import Broadcast
 
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
+from app.kit.metrics import Metrics
 from app.live.fanout import RATES_CHANNEL, Delivered, stored_updates
 from app.live.frames import Deflate, Outgoing
-from app.metrics import Metrics
-from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
 from app.rates.wire import RESYNC, AllRates, RateItem, RatesUpdateItem, RateUpdate, rates_update_frame
+from app.storage.rate import StoredRate
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class HubClient:
         self.slow = False
         self.sending_since: float | None = None  # when the frame being sent now was handed over
         self.frames_sent = 0  # since the hub last counted them
-        # The connection's "write these bytes now if you can take them" (app.ws_protocol), once accepted, and how
+        # The connection's "write these bytes now if you can take them" (app.live.protocol), once accepted, and how
         # its frames are compressed; None under a server without it: everything then goes through the queue and
         # the sender.
         self.write_now: Callable[[bytes], bool] | None = None

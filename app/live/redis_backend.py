@@ -19,7 +19,7 @@ from broadcaster import BroadcastBackend, Event
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.tasks import cancel_and_wait
+from app.kit.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Rates at rest: models, repository (SQL only), cache, the store (the one writer), lookup and wire format."""
+"""Rates served: the store (the one writer), the cache, lookup, quoting and the wire format."""

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.currencies import Pair
-from app.rates.rate import StoredRate
+from app.storage.rate import StoredRate
 
 log = logging.getLogger(__name__)
 

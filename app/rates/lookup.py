@@ -31,12 +31,12 @@ from typing import Literal, Self
 
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable, RateUnavailable, TooManyRequests
-from app.metrics import Metrics
-from app.rates.budget import OnDemandBudget
+from app.kit.metrics import Metrics
+from app.kit.tasks import cancel_and_wait
+from app.limits.on_demand import OnDemandBudget
 from app.rates.cache import TieredCache
-from app.rates.rate import StoredRate
 from app.rates.store import RateStore, utc_now
-from app.tasks import cancel_and_wait
+from app.storage.rate import StoredRate
 from app.upstream.errors import RateLimited, UpstreamError, UpstreamRejected
 from app.upstream.provider import Provider
 

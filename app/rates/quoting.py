@@ -2,7 +2,7 @@
 
 from decimal import Decimal, localcontext
 
-from app.rates.rate import StoredRate
+from app.storage.rate import StoredRate
 from app.upstream.quote import significant
 
 # Computed amounts are rounded once, at the end, to what a JSON number carries digit for digit.

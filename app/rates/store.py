@@ -29,12 +29,12 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.currencies import Pair
-from app.db_health import DatabaseHealth
 from app.errors import DatabaseUnavailable
-from app.rates import repository
 from app.rates.cache import TieredCache
-from app.rates.rate import StoredRate
 from app.rates.wire import AllRatesUpdate
+from app.storage import repository
+from app.storage.health import DatabaseHealth
+from app.storage.rate import StoredRate
 from app.upstream.quote import Quote
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class SaveResult:
 class Writer(Protocol):
     """Runs a batch's transaction away from the event loop and hands back its result once.
 
-    `app.rates.sqlite_writer.SqliteWriter` (a thread of its own) or `app.rates.postgres_writer.PostgresWriter`
+    `app.storage.sqlite_writer.SqliteWriter` (a thread of its own) or `app.storage.postgres_writer.PostgresWriter`
     (an event loop of its own).
     """
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, PlainSerializer
 
 from app.currencies import Pair
-from app.rates.rate import StoredRate
+from app.storage.rate import StoredRate
 
 
 def _json_number(value: Decimal) -> int | float:

@@ -5,7 +5,7 @@ uvicorn's own included, so nothing writes a line that is not JSON. Each object
 has `time` (ISO 8601, UTC), `level`, `logger` and `message`, then whatever the
 call passed as `extra`; a line logged while a request is served also carries
 that request's `request_id`. The request records themselves (method, route,
-status, duration) are written by `app.api.middleware` on the `app.access`
+status, duration) are written by `app.api.middleware.request_metrics` on the `app.access`
 logger, and replace uvicorn's access log; uvicorn's `--no-access-log` turns
 them off too.
 """

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app.api.asyncapi import build_asyncapi
+from app.api.docs.asyncapi import build_asyncapi
 
 router = APIRouter(include_in_schema=False)
 

@@ -14,8 +14,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.currencies import Pair
-from app.rates.models import ExchangeRate, ExchangeRateHistory
-from app.rates.rate import StoredRate
+from app.storage.models import ExchangeRate, ExchangeRateHistory
+from app.storage.rate import StoredRate
 from app.upstream.quote import Quote
 
 

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Any fixed number: replicas starting together take turns at migrating.
 MIGRATION_LOCK_ID = 0x66787261746573
 # What a caller may wait on the database (DB_TIMEOUT_SECONDS): connect, pool checkout, one statement.
@@ -101,7 +101,7 @@ def create_engine(
     Connecting gives up after `timeout_s`. Waiting for a pooled connection, a statement (on the client and on
     the server) and, on SQLite, the busy timeout give up after a write's bound, `WRITE_FACTOR` times that: a
     write may queue behind another's lock on a busy machine. Readers are held to `timeout_s` by
-    `app.db_health.DatabaseHealth.call`; these inner bounds are what winds down work it abandoned.
+    `app.storage.health.DatabaseHealth.call`; these inner bounds are what winds down work it abandoned.
     `pooled=False` opens a connection per use: the health probe's, so a busy pool is never taken for an outage.
     """
     options: dict[str, Any] = {} if pooled else {"poolclass": NullPool}

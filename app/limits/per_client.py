@@ -5,7 +5,7 @@ it is counted and decorated like any other. Every answer under `/api` carries
 `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds); past
 the limit the answer is a 429 in the error envelope with `Retry-After`.
 
-The count is a moving window (`app.windows`), in Redis when it is set, so
+The count is a moving window (`app.limits.windows`), in Redis when it is set, so
 every replica adds to one count per address. A round trip to Redis per request
 would cost more than a cached answer itself, so each process decides from what
 it knows: the deployment's count for the address at its last sync, plus the
@@ -29,8 +29,8 @@ from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body, retry_after
-from app.tasks import running
-from app.windows import MovingWindow, whole_seconds
+from app.kit.tasks import running
+from app.limits.windows import MovingWindow, whole_seconds
 
 SYNC_S = 1.0
 FLUSH_S = 0.1

@@ -26,8 +26,8 @@ from redis.exceptions import RedisError
 
 from app.currencies import Pair
 from app.errors import NotFound, TooManyRequests
+from app.limits.windows import MovingWindow
 from app.settings import ANY_CURRENCY
-from app.windows import MovingWindow
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ class Metrics:
         self.websocket_dropped = Counter(
             "fxrates_websocket_dropped",
             "WebSocket connections reset because what was queued for the client was still unsent 10 s after the "
-            "service was done with them (app.ws_protocol).",
+            "service was done with them (app.live.protocol).",
             registry=r,
         )
         self.database_errors = Counter(

@@ -4,7 +4,7 @@ Client messages are `app.api.ws.CLIENT_MESSAGES`, server frames `app.rates.wire.
 added there is in the document at once, and tests/test_asyncapi.py holds the two to what the endpoint really
 accepts and sends. The document describes the service, so `receive` operations are what clients send and
 `send` operations what the service sends them. `GET /asyncapi.json` serves it, `GET /docs/websocket`
-renders it for people (app/api/asyncapi_page.py).
+renders it for people (app/api/docs/asyncapi_page.py).
 """
 
 from typing import Any, Literal, get_args

@@ -6,7 +6,7 @@ from decimal import Decimal
 from sqlalchemy import BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, ExactDecimal, UTCDateTime
+from app.storage.engine import Base, ExactDecimal, UTCDateTime
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")

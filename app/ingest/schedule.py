@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.tasks import cancel_and_wait
+from app.kit.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class SharedSchedule:
             yield
         finally:
             # Cancelled until it has ended: a cancellation lost inside redis-py would leave it renewing, and this
-            # cycle waiting on it, for good (app.tasks).
+            # cycle waiting on it, for good (app.kit.tasks).
             await cancel_and_wait(renewing)
 
     async def _keep_renewing(self) -> None:

@@ -8,7 +8,7 @@ the median for its write. Here the whole transaction runs on a loop that does
 nothing else, and the service's loop gets its result once, as it does from the
 SQLite writer (docs/performance.md). Readers stay on the service's engine.
 
-The writer's engine is made as the service's is (`app.db.create_engine`): the
+The writer's engine is made as the service's is (`app.storage.engine.create_engine`): the
 same bounds on connecting, on each statement and on the pool. Work the caller
 stops waiting for (`DatabaseHealth` gave up on it) is cancelled on the
 writer's loop, as it would be on the service's.
@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from sqlalchemy import Connection
 
-from app.db import create_engine
+from app.storage.engine import create_engine
 
 T = TypeVar("T")
 

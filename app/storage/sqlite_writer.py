@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
-from app.db import sqlite_pragmas
+from app.storage.engine import sqlite_pragmas
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import time
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.logs import ACCESS_LOGGER, REQUEST_ID
+from app.kit.logs import ACCESS_LOGGER, REQUEST_ID
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 

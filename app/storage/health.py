@@ -34,8 +34,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import WRITE_FACTOR
 from app.errors import DatabaseUnavailable
+from app.storage.engine import WRITE_FACTOR
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from typing import Self
 
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
-from app.live.schedule import Schedule
-from app.metrics import Metrics
+from app.ingest.schedule import Schedule
+from app.kit.metrics import Metrics
+from app.kit.tasks import cancel_and_wait, log_crash
 from app.rates.store import RateStore, SaveResult, utc_now
 from app.rates.wire import AllRatesUpdate
-from app.tasks import cancel_and_wait, log_crash
 from app.upstream.errors import UpstreamError
 from app.upstream.provider import Provider
 
@@ -109,7 +109,7 @@ class Poller:
             log.warning("poll %s failed, keeping its last good rate: %s", pair, error)
             return None
         except DatabaseUnavailable:
-            # Said once for the whole outage by app.db_health; the value is not shown, since it is not stored.
+            # Said once for the whole outage by app.storage.health; the value is not shown, since it is not stored.
             self._metrics.poll_pairs.labels(outcome="failed").inc()
             return None
         except Exception:

@@ -21,7 +21,7 @@ from enum import Enum
 from fastapi import WebSocket
 from prometheus_client import Counter
 
-from app.api.client_limit import client_address
+from app.limits.per_client import client_address
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013

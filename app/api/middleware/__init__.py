@@ -1,0 +1,1 @@
+"""ASGI middleware: request metrics, security headers and the answer cache."""

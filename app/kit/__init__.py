@@ -1,0 +1,1 @@
+"""What every floor uses: background tasks, logging and metrics."""
