@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/ reaches a file, and every `#anchor` a heading in it.
+"""Every relative link in README.md and docs/ reaches a file, every `#anchor` a heading, and design.md maps app/.
 
 The docs cite one another and the code by path (docs/development.md, "Docs"); a file moved or a
 heading renamed breaks them silently. Anchors are GitHub's: the heading in lower case, punctuation
@@ -92,3 +92,32 @@ def test_the_decision_index_lists_every_record() -> None:
     records = {page.resolve() for page in index.parent.glob("[0-9][0-9][0-9][0-9]-*.md")}
     assert records, "no decision records found"
     assert records - listed == set()
+
+
+def design_map() -> tuple[set[Path], set[Path]]:
+    """The files and the folders the map at the top of docs/design.md names under app/."""
+    text = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    block = text.split("## The map", 1)[1].split("```", 2)[1]
+    files: set[Path] = set()
+    folders: set[Path] = set()
+    stack: list[str] = []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        stack = [*stack[:depth], name.rstrip("/")]
+        if stack[0] != "app":
+            continue
+        path = ROOT.joinpath(*stack)
+        (folders if name.endswith("/") else files).add(path)
+    return files, folders
+
+
+def test_the_design_map_names_every_module() -> None:
+    files, folders = design_map()
+    modules = {path for path in (ROOT / "app").rglob("*.py") if path.name != "__init__.py"}
+    # A folder listed without its files (middleware/, docs/) speaks for everything in it.
+    leaves = {folder for folder in folders if not any(f.parent == folder for f in files | folders - {folder})}
+    unnamed = {path for path in modules - files if not any(leaf in path.parents for leaf in leaves)}
+    assert sorted(str(path.relative_to(ROOT)) for path in unnamed) == []
