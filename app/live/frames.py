@@ -5,7 +5,7 @@ frame's bytes are the same on every connection: the hub frames each update
 once, and those bytes are written to every client (by the hub itself, or by
 the client's sender) through the protocol the image runs (`app.live.protocol`)
 instead of having uvicorn encode and frame the same text again per client
-(docs/performance.md).
+(docs/decisions/0015-prepared-frames-protocol.md).
 
 With permessage-deflate, that protocol negotiates no context takeover for the
 server (RFC 7692 §7.1.1.1), so each message it sends is compressed on its own

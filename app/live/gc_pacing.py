@@ -1,4 +1,4 @@
-"""Full garbage collections between poll cycles, not in the middle of one (docs/performance.md).
+"""Full garbage collections between poll cycles, not in the middle of one (docs/decisions/0011-gc-pacing.md).
 
 A full (generation 2) collection stops the event loop for as long as it takes
 to walk every tracked object: with a thousand WebSocket clients, 100-300 ms

@@ -11,7 +11,7 @@ Writes are group-committed: whatever quotes arrive while a transaction runs go
 into the next one, together, followed by one cache round trip and one published
 event. A quote that arrives when nothing is being written is written at once,
 alone, so batching never adds a delay; under a poll cycle it saves a
-transaction, a cache round trip and a publish per pair (docs/performance.md).
+transaction, a cache round trip and a publish per pair (docs/decisions/0009-writes-in-one-hand-off.md).
 A batch's round trips to Redis run while the next batch is written, one batch
 after another, in the order they were stored: the next transaction does not
 wait for them.

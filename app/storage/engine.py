@@ -143,7 +143,8 @@ def sqlite_pragmas(busy_s: float) -> Callable[[Any, Any], None]:
         cursor.execute("PRAGMA journal_mode=WAL")
         # synchronous=NORMAL: in WAL mode the log is synced at checkpoints rather than at every commit.
         # A crash of the process loses nothing, an OS crash or power cut may lose the last commits; a
-        # commit then costs microseconds, not a disk flush inside every rate's latency (docs/performance.md).
+        # commit then costs microseconds, not a disk flush inside every rate's latency
+        # (docs/decisions/0008-sqlite-wal-and-checkpoints.md).
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 

@@ -6,7 +6,8 @@ each answer waits for a turn of a loop that, under a poll cycle, is busy
 sending to every WebSocket client: at 1,000 clients a rate waited 40-50 ms at
 the median for its write. Here the whole transaction runs on a loop that does
 nothing else, and the service's loop gets its result once, as it does from the
-SQLite writer (docs/performance.md). Readers stay on the service's engine.
+SQLite writer (docs/decisions/0009-writes-in-one-hand-off.md). Readers stay on the
+service's engine.
 
 The writer's engine is made as the service's is (`app.storage.engine.create_engine`): the
 same bounds on connecting, on each statement and on the pool. Work the caller

@@ -44,7 +44,8 @@ def _quote_values(quote: Quote) -> dict[str, object]:
 
 
 # Core statements on the tables, built once, not ORM objects: a batch is written inside every rate's latency,
-# and building statements and the unit of work cost several times the SQL itself (docs/performance.md).
+# and building statements and the unit of work cost several times the SQL itself
+# (docs/decisions/0009-writes-in-one-hand-off.md).
 _CURRENT = cast(Table, ExchangeRate.__table__)
 _HISTORY = cast(Table, ExchangeRateHistory.__table__)
 _BY_PAIR = tuple_(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)

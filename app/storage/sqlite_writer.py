@@ -6,7 +6,7 @@ loop and aiosqlite's thread: about 37 turns of the loop per stored batch,
 each waiting behind whatever else the loop has to do, and under a poll cycle
 that is a send to every WebSocket client. Here the whole transaction runs in
 the writer's thread and the loop is handed its result once
-(docs/performance.md). Readers stay on the async engine.
+(docs/decisions/0009-writes-in-one-hand-off.md). Readers stay on the async engine.
 
 The transaction starts with `BEGIN IMMEDIATE`: the write lock is taken before
 the current rows are read, so two processes writing one file (several
