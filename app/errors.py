@@ -1,7 +1,6 @@
 """The service's errors and the one place that turns them, and every other error, into HTTP answers.
 
     ServiceError                  a request the service cannot answer as asked
-     ├── InvalidRequest      422  input the parameter validators cannot judge alone
      ├── NotFound            404  nothing there (a pair with no rate yet at that moment, or one never fetched)
      ├── TooManyRequests     429  over a limit (docs/limits.md); says when to retry
      └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
@@ -34,10 +33,6 @@ class ServiceError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
-
-
-class InvalidRequest(ServiceError):
-    status_code = 422
 
 
 class NotFound(ServiceError):

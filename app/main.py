@@ -7,7 +7,6 @@ importing this module creates nothing and reads no environment.
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,22 +25,22 @@ from app.limits.per_client import ClientLimit
 from app.services import open_services
 from app.settings import Settings, load_settings
 from app.shutdown import GracefulShutdown
+from app.state import State
 
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         async with (
             open_services(settings, metrics, start_poller=settings.poller_enabled) as services,
             GracefulShutdown(
                 services.hub, services.poller, drain_s=settings.shutdown_drain_seconds
             ).on_sigterm() as shutdown,
         ):
-            # Each field becomes `request.state.<name>` for the dependencies in app.api.deps.
-            state = {field: getattr(services, field) for field in services.__dataclass_fields__}
-            yield {**state, "shutdown": shutdown}
+            # Read through app.state, by the dependencies in app.api.deps and the middleware.
+            yield State(services=services, shutdown=shutdown)
 
     app = FastAPI(
         title="fxrates",

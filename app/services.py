@@ -31,10 +31,10 @@ from app.rates.store import RateStore
 from app.rates.wire import RateUpdate
 from app.settings import Settings
 from app.storage import repository
-from app.storage.engine import WRITE_FACTOR, create_engine, create_sessionmaker, migrate
+from app.storage.engine import WRITE_FACTOR, create_engine, create_sessionmaker, is_sqlite, migrate
 from app.storage.health import DatabaseHealth
 from app.storage.postgres_writer import PostgresWriter
-from app.storage.sqlite_writer import SqliteWriter, is_sqlite
+from app.storage.sqlite_writer import SqliteWriter
 from app.upstream.demo import DemoProvider
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client
 from app.upstream.provider import Provider

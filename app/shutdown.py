@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from types import FrameType
 
 from app.ingest.poller import Poller
-from app.kit.tasks import cancel_and_wait, log_crash
+from app.kit.tasks import TaskSet
 from app.live.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ class GracefulShutdown:
         self._poller = poller
         self._drain_s = drain_s
         self.draining = False
-        self._task: asyncio.Task[None] | None = None
-        self._poller_stopping: asyncio.Task[None] | None = None
+        self._tasks = TaskSet()
 
     @asynccontextmanager
     async def on_sigterm(self) -> AsyncIterator["GracefulShutdown"]:
@@ -66,22 +65,18 @@ class GracefulShutdown:
         finally:
             if signal.getsignal(signal.SIGTERM) is on_signal:
                 signal.signal(signal.SIGTERM, server_handler)
-            if self._task is not None:
-                await cancel_and_wait(self._task)
-            if self._poller_stopping is not None:
-                await asyncio.gather(self._poller_stopping, return_exceptions=True)
+            # The poller's stop is shielded: cancelled here, it still finishes, and the lifespan awaits it next.
+            await self._tasks.aclose()
 
     def _start(self, stop_server: Callable[[], None]) -> None:
-        self._task = asyncio.create_task(self._drain(stop_server), name="graceful-shutdown")
-        self._task.add_done_callback(log_crash)
+        self._tasks.spawn(self._drain(stop_server), "graceful-shutdown")
 
     async def _drain(self, stop_server: Callable[[], None]) -> None:
         log.info("SIGTERM: not ready any more; closing WebSocket clients with 1012 and handing the poller's lease back")
         self._hub.close_all(SERVICE_RESTART)
         # Beside the drain, not before it: a poll cycle slow to stop must not hold up the server's own shutdown
         # (the lifespan waits for this same stop before closing what the poller uses).
-        self._poller_stopping = asyncio.create_task(self._poller.stop(), name="poller-stop")
-        self._poller_stopping.add_done_callback(log_crash)
+        self._tasks.spawn(self._poller.stop(), "poller-stop")
         if self._drain_s > 0:
             log.info("draining for %.1fs before the server stops", self._drain_s)
             await asyncio.sleep(self._drain_s)

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.main import create_app
 from app.settings import Settings
+from app.state import State
 from app.storage.engine import create_engine, migrate
 from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.redis_server import RedisServer
@@ -121,14 +122,15 @@ def make_settings(fake: FakeFlutterwave, sqlite_url: str) -> Callable[..., Setti
 
 
 @asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, dict[str, Any]]]:
+async def running_app(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, State]]:
     """The real app with its lifespan, and a client that talks to it in process."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app) as state:
+    async with app.router.lifespan_context(app) as yielded:
+        state = cast(State, yielded)  # what app.main's lifespan yields
 
         async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
             # What uvicorn does: each request sees a copy of the lifespan's state.
-            scope["state"] = dict(state)
+            scope["state"] = state.copy()
             await app(scope, receive, send)
 
         transport = httpx.ASGITransport(app=with_state)

@@ -114,7 +114,7 @@ async def test_no_more_than_the_pair_cap_of_other_pairs_is_stored(
         assert [(await client.get(rate_url(pair))).status_code for pair in kept] == [200, 200]
         body = assert_envelope(await client.get(rate_url(new)), 429)
         again = await client.get(rate_url(kept[0]))
-        stored = {rate.pair for rate in await state["store"].all()}
+        stored = {rate.pair for rate in await state["services"].store.all()}
     assert "stores as many" in body["message"]
     assert fake.calls[new] == 0 and new not in stored and again.status_code == 200
 

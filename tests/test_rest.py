@@ -4,7 +4,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -12,6 +11,7 @@ from redis.asyncio import Redis
 from app.currencies import Pair
 from app.rates.lookup import RateLookup
 from app.settings import Settings
+from app.state import State
 from tests.conftest import running_app
 from tests.fake_flutterwave import FakeFlutterwave
 from tests.redis_server import RedisServer
@@ -20,14 +20,14 @@ USD_NGN = Pair("USD", "NGN")
 USD_JPY = Pair("USD", "JPY")  # not among the polled 44
 
 
-async def poll(state: dict[str, Any]) -> None:
-    report = await state["poller"].run_cycle()
+async def poll(state: State) -> None:
+    report = await state["services"].poller.run_cycle()
     assert report.failed == 0
 
 
-async def wait_until_stale(state: dict[str, Any], pair: Pair) -> None:
-    lookup: RateLookup = state["lookup"]
-    (rate,) = [rate for rate in await state["store"].all() if rate.pair == pair]
+async def wait_until_stale(state: State, pair: Pair) -> None:
+    lookup: RateLookup = state["services"].lookup
+    (rate,) = [rate for rate in await state["services"].store.all() if rate.pair == pair]
     deadline = time.monotonic() + 10
     while not lookup.is_stale(rate):
         assert time.monotonic() < deadline
@@ -114,7 +114,7 @@ async def test_bad_input_is_a_clear_422_and_changes_nothing(
 ) -> None:
     async with running_app(make_settings()) as (client, state):
         response = await client.get(url)
-        stored = await state["store"].all()
+        stored = await state["services"].store.all()
     body = response.json()
     assert response.status_code == 422
     assert body["status"] == "error" and body["data"] is None
@@ -142,7 +142,7 @@ async def test_fifty_requests_for_a_missing_pair_make_one_upstream_call(
     fake.latency_s = 0.2
     async with running_app(make_settings()) as (client, state):
         responses = await asyncio.gather(*(client.get(rate_url(USD_JPY, amount="100")) for _ in range(50)))
-        stored = {rate.pair for rate in await state["store"].all()}
+        stored = {rate.pair for rate in await state["services"].store.all()}
     assert [response.status_code for response in responses] == [200] * 50
     assert fake.calls[USD_JPY] == 1
     assert {response.json()["meta"]["served_from"] for response in responses} == {"upstream"}

@@ -15,10 +15,10 @@ from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.store import RateStore, Writer
 from app.storage import repository
-from app.storage.engine import create_engine, create_sessionmaker
+from app.storage.engine import create_engine, create_sessionmaker, is_sqlite
 from app.storage.health import DatabaseHealth
 from app.storage.postgres_writer import PostgresWriter
-from app.storage.sqlite_writer import SqliteWriter, is_sqlite
+from app.storage.sqlite_writer import SqliteWriter
 from app.upstream.quote import Quote
 
 USD_NGN = Pair("USD", "NGN")

@@ -1,10 +1,12 @@
-"""Stopping a background task even when it loses a cancellation, as redis-py's commands can on Python 3.11."""
+"""The task set: a crash logged, every task stopped even when it loses a cancellation (as redis-py's commands can
+on Python 3.11), and a close that waits for work handed over."""
 
 import asyncio
+import logging
 
 import pytest
 
-from app.kit.tasks import cancel_and_wait, running
+from app.kit.tasks import TaskSet, cancel_and_wait, running
 
 
 async def renews_forever(renewals: list[int], swallow: int) -> None:
@@ -65,3 +67,49 @@ async def test_a_task_that_crashed_is_awaited_without_raising() -> None:
     await cancel_and_wait(task)
     with pytest.raises(RuntimeError):
         task.result()
+
+
+async def test_a_crash_is_logged_and_an_expected_failure_is_not(caplog: pytest.LogCaptureFixture) -> None:
+    async def fail(error: Exception) -> None:
+        raise error
+
+    tasks = TaskSet()
+    with caplog.at_level(logging.ERROR, logger="app.kit.tasks"):
+        crashed = tasks.spawn(fail(RuntimeError("boom")), "crasher")
+        expected = tasks.spawn(fail(LookupError("answered for")), "quiet", quiet=(LookupError,))
+        await asyncio.wait({crashed, expected})
+        await asyncio.sleep(0)  # the done-callbacks run on the loop's next turn
+    assert [record.getMessage() for record in caplog.records] == ["background task crasher stopped"]
+    assert len(tasks) == 0, "an ended task is still held"
+
+
+async def test_close_stops_every_task_however_often_it_swallows() -> None:
+    renewals: list[int] = []
+    tasks = TaskSet()
+    spawned = [tasks.spawn(renews_forever(renewals, swallow=2), f"renewer {n}") for n in range(3)]
+    await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        await tasks.aclose()
+    assert all(task.cancelled() for task in spawned)
+    stopped_at = len(renewals)
+    await asyncio.sleep(0.02)
+    assert len(renewals) == stopped_at
+
+
+async def test_wait_lets_work_finish_including_work_it_hands_on() -> None:
+    finished: list[str] = []
+    tasks = TaskSet()
+
+    async def second() -> None:
+        await asyncio.sleep(0.01)
+        finished.append("second")
+
+    async def first() -> None:
+        await asyncio.sleep(0.01)
+        tasks.spawn(second(), "second")
+        finished.append("first")
+
+    tasks.spawn(first(), "first")
+    async with asyncio.timeout(10):
+        await tasks.wait()
+    assert finished == ["first", "second"]

@@ -1,68 +1,76 @@
 """What endpoints are handed: the lifespan's resources, as `Annotated` dependency aliases.
 
+Each reads the lifespan's typed state (`app.state`); no route reads `request.state` itself.
+
 They are `async def` on purpose: a plain `def` dependency runs in a worker thread, which costs more than
 the whole rest of a cached rate lookup.
 """
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.ingest.poller import Poller
 from app.kit.metrics import Metrics
 from app.live.hub import Hub
 from app.rates.lookup import RateLookup
 from app.settings import Settings
+from app.shutdown import GracefulShutdown
+from app.state import services_of, state_of
 from app.storage.health import DatabaseHealth
 
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
-async def get_settings(request: HTTPConnection) -> Settings:
-    settings: Settings = request.state.settings
-    return settings
+async def get_settings(connection: HTTPConnection) -> Settings:
+    return services_of(connection.scope).settings
 
 
-async def get_lookup(request: HTTPConnection) -> RateLookup:
-    lookup: RateLookup = request.state.lookup
-    return lookup
+async def get_lookup(connection: HTTPConnection) -> RateLookup:
+    return services_of(connection.scope).lookup
 
 
-async def get_hub(request: HTTPConnection) -> Hub:
-    hub: Hub = request.state.hub
-    return hub
+async def get_hub(connection: HTTPConnection) -> Hub:
+    return services_of(connection.scope).hub
 
 
-async def get_database(request: HTTPConnection) -> DatabaseHealth:
-    database: DatabaseHealth = request.state.database
-    return database
+async def get_database(connection: HTTPConnection) -> DatabaseHealth:
+    return services_of(connection.scope).database
 
 
-async def get_sessions(request: HTTPConnection) -> async_sessionmaker[AsyncSession]:
-    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
-    return sessions
+async def get_sessions(connection: HTTPConnection) -> async_sessionmaker[AsyncSession]:
+    return services_of(connection.scope).sessions
 
 
-async def get_metrics(request: HTTPConnection) -> Metrics:
-    metrics: Metrics = request.state.metrics
-    return metrics
+async def get_metrics(connection: HTTPConnection) -> Metrics:
+    return services_of(connection.scope).metrics
 
 
-async def get_session(request: HTTPConnection) -> AsyncIterator[AsyncSession]:
-    sessions: async_sessionmaker[AsyncSession] = request.state.sessions
-    async with sessions() as session:
-        yield session
+async def get_redis(connection: HTTPConnection) -> Redis | None:
+    return services_of(connection.scope).redis
+
+
+async def get_poller(connection: HTTPConnection) -> Poller:
+    return services_of(connection.scope).poller
+
+
+async def get_shutdown(connection: HTTPConnection) -> GracefulShutdown:
+    return state_of(connection.scope)["shutdown"]
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 HubDep = Annotated[Hub, Depends(get_hub)]
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
 DatabaseDep = Annotated[DatabaseHealth, Depends(get_database)]
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RedisDep = Annotated[Redis | None, Depends(get_redis)]
+PollerDep = Annotated[Poller, Depends(get_poller)]
+ShutdownDep = Annotated[GracefulShutdown, Depends(get_shutdown)]
 
 
 def get_with_and_without_slash(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:

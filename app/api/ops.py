@@ -4,18 +4,26 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
-from app.api.deps import SettingsDep, get_with_and_without_slash
+from app.api.deps import (
+    DatabaseDep,
+    HubDep,
+    MetricsDep,
+    PollerDep,
+    RedisDep,
+    SettingsDep,
+    ShutdownDep,
+    get_with_and_without_slash,
+)
 from app.errors import DatabaseUnavailable
 from app.ingest.poller import Poller
 from app.ingest.schedule import Role
 from app.kit.metrics import Metrics
 from app.live.hub import Hub
-from app.shutdown import GracefulShutdown
 from app.storage.health import DatabaseHealth
 
 router = APIRouter(tags=["operations"])
@@ -91,20 +99,23 @@ NOT_READY_EXAMPLE = {
         },
     },
 )
-async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
-    state = request.state
-    shutdown: GracefulShutdown = state.shutdown
+async def readyz(
+    settings: SettingsDep,
+    shutdown: ShutdownDep,
+    database: DatabaseDep,
+    redis: RedisDep,
+    poller: PollerDep,
+) -> JSONResponse:
     if shutdown.draining:
         # Checked first and alone: a load balancer must see this at once, whatever the parts say.
         body = {"status": "error", "message": "Not ready: shutting down.", "data": {"shutdown": "draining"}}
         return JSONResponse(body, status_code=503)
-    poller: Poller = state.poller
-    database, redis, polling = await asyncio.gather(
-        _database(state.database),
-        _redis(state.redis),
+    database_problem, redis_problem, polling = await asyncio.gather(
+        _database(database),
+        _redis(redis),
         _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
     )
-    failures = {"database": database, "redis": redis, "poller": polling}
+    failures = {"database": database_problem, "redis": redis_problem, "poller": polling}
     data: dict[str, Any] = {part: problem or "ok" for part, problem in failures.items()}
     if settings.redis_url is None:
         data["redis"] = "not configured"
@@ -125,21 +136,25 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}}
     },
 )
-async def metrics(request: Request, settings: SettingsDep) -> Response:
-    state = request.state
-    registry: Metrics = state.metrics
-    database, redis, _ = await asyncio.gather(
-        _database(state.database), _redis(state.redis), _read_rate_times(state.hub, registry)
+async def metrics(
+    settings: SettingsDep,
+    registry: MetricsDep,
+    database: DatabaseDep,
+    redis: RedisDep,
+    hub: HubDep,
+    poller: PollerDep,
+) -> Response:
+    database_problem, redis_problem, _ = await asyncio.gather(
+        _database(database), _redis(redis), _read_rate_times(hub, registry)
     )
-    registry.dependency_up.labels(dependency="database").set(database is None)
+    registry.dependency_up.labels(dependency="database").set(database_problem is None)
     if settings.redis_url is not None:
-        registry.dependency_up.labels(dependency="redis").set(redis is None)
+        registry.dependency_up.labels(dependency="redis").set(redis_problem is None)
     now = time.time()
     for pair in settings.pairs:
         received_at = registry.rate_received_at.get(str(pair))
         if received_at is not None:
             registry.rate_age_seconds.labels(pair=str(pair)).set(max(0.0, now - received_at))
-    poller: Poller = state.poller
     polling = poller.started_at is not None and not poller.stopped
     roles: tuple[Role, ...] = ("leading", "standby", "alone")
     for role in roles:

@@ -100,11 +100,6 @@ def _currency_schema(schema: dict[str, Any]) -> None:
     schema["pattern"] = currency_pattern()
 
 
-def _currency_list_schema(schema: dict[str, Any]) -> None:
-    schema.clear()
-    schema.update({"type": "array", "items": {"type": "string", "pattern": currency_pattern()}, "minItems": 1})
-
-
 CurrencyCode = Annotated[str, AfterValidator(_currency), Field(json_schema_extra=_currency_schema)]
 CurrencyCodes = Annotated[
     list[Annotated[str, Field(json_schema_extra=_currency_schema)]],

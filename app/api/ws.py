@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketState
 from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
 from app.errors import NotFound, RateUnavailable, TooManyRequests
-from app.limits.websocket import CLOSE_POLICY_VIOLATION, admitted, message_bucket
+from app.limits.websocket import CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER, admitted, message_bucket
 from app.live.hub import ALL, Hub, HubClient
 from app.live.protocol import PreparedFrames, prepared_frames
 from app.rates.lookup import RateLookup
@@ -32,7 +32,6 @@ router = APIRouter()
 
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class _Message(BaseModel):

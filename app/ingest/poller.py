@@ -18,7 +18,7 @@ from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.ingest.schedule import Schedule
 from app.kit.metrics import Metrics
-from app.kit.tasks import cancel_and_wait, log_crash
+from app.kit.tasks import TaskSet
 from app.rates.store import RateStore, SaveResult, utc_now
 from app.rates.wire import AllRatesUpdate
 from app.upstream.errors import UpstreamError
@@ -62,8 +62,9 @@ class Poller:
         self.schedule = schedule
         self._amount = amount
         self._metrics = metrics
-        self._task: asyncio.Task[None] | None = None
-        self._stopping: asyncio.Future[None] | None = None
+        self._tasks = TaskSet()
+        self._running = False
+        self._stopping: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Future[SaveResult]] = set()
         self.started_at: float | None = None  # time.time() when the loop started
         self.stopped = False
@@ -134,10 +135,10 @@ class Poller:
                 await self.run_cycle()
 
     async def __aenter__(self) -> Self:
-        if self._task is not None:
+        if self._running:
             raise RuntimeError("Poller is already running")
-        self._task = asyncio.create_task(self.run(), name="fxrates-poller")
-        self._task.add_done_callback(log_crash)
+        self._running = True
+        self._tasks.spawn(self.run(), "fxrates-poller")
         return self
 
     async def __aexit__(
@@ -148,17 +149,18 @@ class Poller:
     async def stop(self) -> None:
         """Stop cycling and hand the lease back; a write under way is finished. A second call waits for the first."""
         if self._stopping is None:
-            if self._task is None:
+            if not self._running:
                 return
-            self._stopping = asyncio.ensure_future(self._stop(self._task))
-            self._task = None
+            self._running = False
+            # Kept here rather than in the task set it stops; every caller of stop() awaits its outcome.
+            self._stopping = asyncio.create_task(self._stop(), name="fxrates-poller-stop")
         # Shielded: a caller that gives up waiting (the shutdown's drain) must not leave the stop half done.
         await asyncio.shield(self._stopping)
 
-    async def _stop(self, task: asyncio.Task[None]) -> None:
+    async def _stop(self) -> None:
         self.stopped = True
         try:
-            await cancel_and_wait(task)
+            await self._tasks.aclose()
         finally:
             await asyncio.gather(*self._saving, return_exceptions=True)
             await self.schedule.close()

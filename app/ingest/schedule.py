@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.kit.tasks import cancel_and_wait
+from app.kit.tasks import running
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,10 @@ class SharedSchedule:
                 await self._redis.set(self._last_cycle_key, repr(max(beat, time.time() - self._interval_s)))
         except (RedisError, OSError):
             pass
-        renewing = asyncio.create_task(self._keep_renewing(), name="poller-lease")
-        try:
+        # Cancelled until it has ended: a cancellation lost inside redis-py would leave it renewing, and this
+        # cycle waiting on it, for good (app.kit.tasks).
+        async with running(self._keep_renewing(), "poller-lease"):
             yield
-        finally:
-            # Cancelled until it has ended: a cancellation lost inside redis-py would leave it renewing, and this
-            # cycle waiting on it, for good (app.kit.tasks).
-            await cancel_and_wait(renewing)
 
     async def _keep_renewing(self) -> None:
         while True:

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import error_body, retry_after
 from app.kit.tasks import running
 from app.limits.windows import MovingWindow, whole_seconds
+from app.state import services_of
 
 SYNC_S = 1.0
 FLUSH_S = 0.1
@@ -155,9 +156,11 @@ class ClientLimit:
         self.under = prefix + "/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limiter: ClientLimiter | None = (scope.get("state") or {}).get("client_limiter")
-        path = scope.get("path", "")
-        if limiter is None or not limiter.limit or scope["type"] != "http" or not _under(path, self.prefix, self.under):
+        if scope["type"] != "http" or not _under(scope["path"], self.prefix, self.under):
+            await self.app(scope, receive, send)
+            return
+        limiter = services_of(scope).client_limiter
+        if not limiter.limit:
             await self.app(scope, receive, send)
             return
         verdict = await limiter.check(client_address(scope))

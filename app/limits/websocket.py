@@ -22,6 +22,7 @@ from fastapi import WebSocket
 from prometheus_client import Counter
 
 from app.limits.per_client import client_address
+from app.state import services_of
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -113,7 +114,7 @@ class MessageBucket:
 @asynccontextmanager
 async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
     """Inside: whether the connection holds a place; a refused one has been accepted and closed with 1013."""
-    admission: Admission = websocket.scope["state"]["ws_admission"]
+    admission = services_of(websocket.scope).ws_admission
     with admission.admit(client_address(websocket.scope)) as refusal:
         if refusal is not None:
             await websocket.accept()
@@ -122,5 +123,5 @@ async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
 
 
 def message_bucket(websocket: WebSocket) -> MessageBucket:
-    admission: Admission = websocket.scope["state"]["ws_admission"]
+    admission = services_of(websocket.scope).ws_admission
     return MessageBucket(admission.refused, admission.messages_per_s, admission.message_burst)

@@ -13,7 +13,6 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from app.currencies import Pair
 from app.live.redis_backend import ResilientRedisBackend
 from app.rates.store import SaveResult
 from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate
@@ -131,7 +130,3 @@ async def follow_rate_updates(
                 on_resync()
             for update in stored_updates(event.message) or ():
                 on_update(update)
-
-
-def rate_pair(update: RateUpdate) -> Pair:
-    return Pair(update.rate.source_currency, update.rate.destination_currency)

@@ -19,7 +19,7 @@ from broadcaster import BroadcastBackend, Event
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.kit.tasks import cancel_and_wait
+from app.kit.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,16 @@ class ResilientRedisBackend(BroadcastBackend):
         self._channels: set[str] = set()
         self._channels_changed = asyncio.Event()
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks = TaskSet()
         self.connected = False
 
     async def connect(self) -> None:
-        if self._listener is not None:
+        if self._tasks:
             raise RuntimeError("the backend is already connected")
-        self._listener = asyncio.create_task(self._listen(), name="redis-fanout-listener")
+        self._tasks.spawn(self._listen(), "redis-fanout-listener")
 
     async def disconnect(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            await cancel_and_wait(listener)
+        await self._tasks.aclose()
         await self._redis.aclose()
 
     async def subscribe(self, channel: str) -> None:

@@ -32,7 +32,7 @@ from typing import Literal, Self
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable, RateUnavailable, TooManyRequests
 from app.kit.metrics import Metrics
-from app.kit.tasks import cancel_and_wait
+from app.kit.tasks import TaskSet
 from app.limits.on_demand import OnDemandBudget
 from app.rates.cache import TieredCache
 from app.rates.store import RateStore, utc_now
@@ -81,7 +81,8 @@ class RateLookup:
         self._stale_wait_s = stale_wait_s
         self._cooldown_s = cooldown_s
         self._clock = clock
-        self._refreshing: dict[Pair, asyncio.Task[StoredRate]] = {}
+        self._refreshing: dict[Pair, asyncio.Task[StoredRate]] = {}  # one refresh of a pair at a time
+        self._tasks = TaskSet()
         self._on_demand = asyncio.Semaphore(on_demand_concurrency)
         self._resting_until: dict[Pair, float] = {}
 
@@ -177,18 +178,13 @@ class RateLookup:
         task = self._refreshing.get(pair)
         if task is None:
             fetch = self._fetch_and_store(pair) if self._budget.is_polled(pair) else self._fetch_on_demand(pair, new)
-            task = asyncio.create_task(fetch, name=f"refresh {pair}")
+            # The upstream failing, the budget spent and the database away are answered for to the readers.
+            task = self._tasks.spawn(
+                fetch, f"refresh {pair}", quiet=(UpstreamError, TooManyRequests, DatabaseUnavailable)
+            )
             self._refreshing[pair] = task
-            task.add_done_callback(lambda done: self._refreshed(pair, done))
+            task.add_done_callback(lambda _: self._refreshing.pop(pair, None))
         return task
-
-    def _refreshed(self, pair: Pair, task: asyncio.Task[StoredRate]) -> None:
-        self._refreshing.pop(pair, None)
-        if not task.cancelled() and task.exception() is not None:
-            # Retrieved here, so a refresh that every reader stopped waiting for is not reported as lost.
-            error = task.exception()
-            if not isinstance(error, UpstreamError | TooManyRequests | DatabaseUnavailable):
-                log.error("refreshing %s failed", pair, exc_info=error)
 
     async def _fetch_on_demand(self, pair: Pair, new: bool) -> StoredRate:
         """A pair outside the polled set: fetched only within the deployment's budget."""
@@ -237,4 +233,4 @@ class RateLookup:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await cancel_and_wait(*self._refreshing.values())
+        await self._tasks.aclose()

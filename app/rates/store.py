@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
+from app.kit.tasks import TaskSet
 from app.rates.cache import TieredCache
 from app.rates.wire import AllRatesUpdate
 from app.storage import repository
@@ -109,6 +110,7 @@ class RateStore:
         self._cache = cache
         self._fanout = fanout
         self._waiting: list[_Waiting] = []
+        self._tasks = TaskSet()
         self._draining: asyncio.Task[None] | None = None
         self._outgoing: asyncio.Task[None] | None = None  # the last batch's round trips to Redis
         self.version = 0  # bumped by every save in this process, so derived views know they are out of date
@@ -132,15 +134,12 @@ class RateStore:
         futures: list[asyncio.Future[SaveResult]] = [loop.create_future() for _ in quotes]
         self._waiting += zip(quotes, futures, strict=True)
         if self._draining is None:
-            self._draining = asyncio.create_task(self._drain(), name="rate-store-writer")
+            self._draining = self._tasks.spawn(self._drain(), "rate-store-writer")
         return futures
 
     async def aclose(self) -> None:
         """Wait for the writes already handed over, and their round trips to Redis (before the engine goes)."""
-        if self._draining is not None:
-            await asyncio.gather(self._draining, return_exceptions=True)
-        if self._outgoing is not None:
-            await asyncio.gather(self._outgoing, return_exceptions=True)
+        await self._tasks.wait()
 
     async def _drain(self) -> None:
         try:
@@ -187,7 +186,7 @@ class RateStore:
         # wherever it looks. Those round trips run behind the previous batch's, while the next batch is written.
         self._cache.hold_here(rates)
         self._fanout.hand_over(event)
-        self._outgoing = asyncio.create_task(self._share(rates, event, after=self._outgoing), name="rate-store-share")
+        self._outgoing = self._tasks.spawn(self._share(rates, event, after=self._outgoing), "rate-store-share")
         return results, self._outgoing
 
     async def _share(self, rates: list[StoredRate], event: str, *, after: "asyncio.Task[None] | None") -> None:

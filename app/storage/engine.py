@@ -22,7 +22,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from filelock import AsyncFileLock
-from sqlalchemy import Connection, DateTime, Dialect, MetaData, Numeric, String, event, make_url, text
+from sqlalchemy import URL, Connection, DateTime, Dialect, MetaData, Numeric, String, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.pool import NullPool
@@ -45,6 +45,13 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def is_sqlite(database_url: str | URL) -> bool:
+    """Whether the URL names SQLite rather than PostgreSQL: asked here alone, of the URL, by everything that
+    builds something different for each (engines, the writer, the migration lock). Code holding a connection
+    or a dialect asks that instead (`dialect.name`): it is what SQLAlchemy is compiling for at that moment."""
+    return make_url(database_url).get_backend_name() == "sqlite"
 
 
 class Base(DeclarativeBase):
@@ -105,7 +112,7 @@ def create_engine(
     `pooled=False` opens a connection per use: the health probe's, so a busy pool is never taken for an outage.
     """
     options: dict[str, Any] = {} if pooled else {"poolclass": NullPool}
-    if database_url.startswith("sqlite"):
+    if is_sqlite(database_url):
         # Readers never wait on the busy timeout in WAL mode; writers queue on it.
         busy_s = timeout_s * WRITE_FACTOR if timeout_s is not None else UNBOUNDED_BUSY_S
         if pooled:
@@ -172,8 +179,8 @@ def _upgrade(connection: Connection) -> None:
 
 def _lock_file(engine: AsyncEngine) -> Path | None:
     """The lock file beside an SQLite database file (None for PostgreSQL or an in-memory database)."""
-    url = make_url(str(engine.url))
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    url = engine.url
+    if not is_sqlite(url) or url.database in (None, "", ":memory:"):
         return None
     return Path(url.database).with_name(Path(url.database).name + ".lock")
 

@@ -35,6 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import DatabaseUnavailable
+from app.kit.tasks import TaskSet
 from app.storage.engine import WRITE_FACTOR
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class DatabaseHealth:
         self._down_since: float | None = None
         self._last_error = ""
         self._look = asyncio.Event()  # set by a failed call: the probe is to look now
-        self._abandoned: set[asyncio.Task[Any]] = set()
+        self._abandoned = TaskSet()
         self._up.set(1)
 
     @property
@@ -159,13 +160,8 @@ class DatabaseHealth:
         # Cancelled, not awaited: the caller has its answer; the session's clean-up runs on under the
         # engine's own timeouts, and is awaited when the service stops.
         task.cancel()
-        self._abandoned.add(task)
-        task.add_done_callback(self._forget)
-
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        self._abandoned.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: an abandoned call's error was already answered for
+        # Quiet: an abandoned call's error was already answered for.
+        self._abandoned.adopt(task, quiet=(Exception,))
 
     async def _reachable(self, timeout_s: float) -> bool:
         try:
@@ -205,5 +201,10 @@ class DatabaseHealth:
 
     async def close(self) -> None:
         """Let abandoned calls wind down before the engine is disposed of."""
-        if self._abandoned:
-            await asyncio.wait(set(self._abandoned), timeout=CLOSE_WAIT_S)
+        if not self._abandoned:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_WAIT_S):
+                await self._abandoned.aclose()
+        except TimeoutError:
+            log.warning("%d abandoned database calls still winding down at close", len(self._abandoned))

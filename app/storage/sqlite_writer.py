@@ -40,10 +40,6 @@ T = TypeVar("T")
 CHECKPOINT_EVERY = 500  # commits; a poll cycle is a few dozen
 
 
-def is_sqlite(database_url: str) -> bool:
-    return make_url(database_url).get_backend_name() == "sqlite"
-
-
 class SqliteWriter:
     def __init__(self, database_url: str, *, busy_s: float) -> None:
         url = make_url(database_url).set(drivername="sqlite")

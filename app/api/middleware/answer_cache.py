@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.etags import matches
+from app.state import services_of
 
 MAX_ENTRIES = 4096
 
@@ -42,12 +43,12 @@ class AnswerCache:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].rstrip("/") if scope["type"] == "http" else ""
-        state = scope.get("state") or {}
-        if path not in self.paths or scope["method"] != "GET" or "store" not in state:
+        if path not in self.paths or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
+        services = services_of(scope)
         # Any save in this process, or any change another process announced, makes every stored answer old.
-        version = (state["store"].version, state["hub"].version)
+        version = (services.store.version, services.hub.version)
         key = (path, scope["query_string"])
         answer = self._answers.get(key)
         if answer is not None and answer.version == version and time.monotonic() < answer.expires_at:
