@@ -254,7 +254,12 @@ async def test_a_long_stream_of_fragments_closes_with_1009_once_past_64_kib(host
         answered = await asyncio.gather(
             keep_asking(client, attacker), flood(attacker, frame(CONT, piece, fin=False) * 16)
         )
-        assert attacker.close_code == CLOSE_TOO_BIG
+        if hostile_service.ws_protocol == UVICORN_WS:
+            assert attacker.close_code == CLOSE_TOO_BIG
+        else:
+            # uvicorn's own closes the socket right after its 1009 with the flood unread, which resets the
+            # connection: the reset may overtake the close frame (the image's protocol reads on, docs/limits.md).
+            assert attacker.close_code in (CLOSE_TOO_BIG, None)
     assert answered[0] >= 1
 
 
