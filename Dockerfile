@@ -45,7 +45,11 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
 # (app/ws_protocol.py). permessage-deflate for the clients that offer it (browsers, most mobile libraries): a third
 # less to send per update, seven eighths less per snapshot, at about 8 KiB per connection (the client's own
 # compression context) and a tenth of a push's cost (docs/performance.md).
+# The protocol also closes a client that floods pings or fragments (1008) and refuses a message over 64 KiB as it
+# arrives (1009), never inflating one further; --ws-max-size 65536 says the same to uvicorn (docs/limits.md).
+# --no-server-header: no `server: uvicorn` telling scanners what to try.
 # A deeper backlog lets thousands of clients reconnect at once.
 # After SIGTERM, requests in flight get 10 s (docs/operations.md, Shutdown; the manifests in deploy/ allow for it).
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", \
-     "--ws", "app.ws_protocol:WebSocketProtocol", "--ws-per-message-deflate", "true", "--backlog", "8192", "--timeout-graceful-shutdown", "10"]
+     "--ws", "app.ws_protocol:WebSocketProtocol", "--ws-per-message-deflate", "true", "--ws-max-size", "65536", \
+     "--no-server-header", "--backlog", "8192", "--timeout-graceful-shutdown", "10"]

@@ -10,7 +10,8 @@ The types are imported for the type checker only: the composition root
 state, so a run-time import would be circular.
 """
 
-from typing import TYPE_CHECKING, TypedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from starlette.types import Scope
 
@@ -34,3 +35,9 @@ def state_of(scope: Scope) -> State:
 
 def services_of(scope: Scope) -> "Services":
     return state_of(scope)["services"]
+
+
+def services_in(state: Mapping[str, Any]) -> "Services | None":
+    """The services in a lifespan state the server holds (uvicorn's protocol, before any scope exists); None
+    under an app without this lifespan."""
+    return cast("Services | None", state.get("services"))

@@ -75,6 +75,7 @@ from typing import Any
 import httpx
 import redis
 
+from app.limits.websocket import MAX_MESSAGE_BYTES
 from app.live.protocol import UVICORN_WS
 from bench import pyspy
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
@@ -84,9 +85,15 @@ from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 44
 # The Dockerfile's: permessage-deflate with the clients that offer it, each frame compressed once for all of them.
-DOCKER_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "true", "--backlog", "8192"]
+DOCKER_FLAGS = [
+    *("--ws", UVICORN_WS, "--ws-per-message-deflate", "true", "--ws-max-size", str(MAX_MESSAGE_BYTES)),
+    *("--no-server-header", "--backlog", "8192"),
+]
 # The same without compression (what --flags docker meant before 2026-12-01), and the floor's flags.
-PLAIN_FLAGS = ["--ws", UVICORN_WS, "--ws-per-message-deflate", "false", "--backlog", "8192"]
+PLAIN_FLAGS = [
+    *("--ws", UVICORN_WS, "--ws-per-message-deflate", "false", "--ws-max-size", str(MAX_MESSAGE_BYTES)),
+    *("--no-server-header", "--backlog", "8192"),
+]
 POSTGRES_ADMIN_URL = "postgresql://127.0.0.1:5432/test"
 TOP_UP_CONCURRENCY = 100
 TARGETS = {  # (protocol, clients): p99 bound in ms, with the Dockerfile's flags, compression on or off

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from app.limits.websocket import MAX_MESSAGE_BYTES
 from app.live.protocol import UVICORN_WS
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
@@ -56,9 +57,12 @@ class Replica:
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = ("--no-access-log",),
         per_message_deflate: bool = True,
+        ws_protocol: str = UVICORN_WS,
         **env: str,
     ) -> None:
+        """`ws_protocol`: what `--ws` names; the image's protocol unless a test wants uvicorn's own."""
         self.workers = workers
+        self.ws_protocol = ws_protocol
         self.per_message_deflate = per_message_deflate
         self.uvicorn_args = uvicorn_args
         self.port = free_port()
@@ -80,9 +84,12 @@ class Replica:
             str(self.port),
             # As the image runs it (compression negotiated with clients that offer it), unless the test says not.
             "--ws",
-            UVICORN_WS,
+            self.ws_protocol,
             "--ws-per-message-deflate",
             str(self.per_message_deflate).lower(),
+            "--ws-max-size",
+            str(MAX_MESSAGE_BYTES),
+            "--no-server-header",
             *self.uvicorn_args,
         ]
         if self.workers > 1:

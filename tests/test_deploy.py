@@ -18,6 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from app.kit.metrics import Metrics
+from app.limits.websocket import MAX_MESSAGE_BYTES
 from app.live.protocol import UVICORN_WS
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
@@ -197,6 +198,13 @@ def test_the_image_runs_the_websocket_protocol_that_drops_clients_gone_silent() 
     command = image_command()
     assert command[command.index("--ws") + 1] == UVICORN_WS
     assert command[command.index("--ws-per-message-deflate") + 1] == "true"
+
+
+def test_the_image_refuses_big_messages_as_they_arrive_and_names_no_server() -> None:
+    # uvicorn's own limit is 16 MiB, checked after inflating; the app's is MAX_MESSAGE_BYTES (docs/limits.md).
+    command = image_command()
+    assert command[command.index("--ws-max-size") + 1] == str(MAX_MESSAGE_BYTES)
+    assert "--no-server-header" in command
 
 
 # Settings

@@ -20,7 +20,13 @@ from starlette.websockets import WebSocketState
 from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
 from app.errors import NotFound, RateUnavailable, TooManyRequests
-from app.limits.websocket import CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER, admitted, message_bucket
+from app.limits.websocket import (
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    MAX_MESSAGE_BYTES,
+    admitted,
+    message_bucket,
+)
 from app.live.hub import ALL, Hub, HubClient
 from app.live.protocol import PreparedFrames, prepared_frames
 from app.rates.lookup import RateLookup
@@ -30,7 +36,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter()
 
-MAX_FRAME_BYTES = 64 * 1024
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # the server closes a longer one first (app.live.protocol, --ws-max-size)
 CLOSE_TOO_BIG = 1009
 
 

@@ -9,21 +9,36 @@
   that is answered with a `rate_limited` error and not acted on. Refusals are
   strikes that fade at one a second; a client holding more than `MAX_STRIKES`
   (one that keeps on sending well over the limit) is closed with 1008 (policy
-  violation).
+  violation). Under the image's protocol (app.live.protocol) the connection's
+  frames the application never sees, pings, pongs and every fragment but a
+  message's last, take from the same bucket, and a flood of them is closed
+  with 1008 there; `message_bucket` hands the application that bucket.
+- A message may be `MAX_MESSAGE_BYTES` (64 KiB) long, counted as it arrives by
+  the server (the protocol, or uvicorn's `--ws-max-size`), which closes a
+  longer one with 1009.
 """
 
+import logging
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from enum import Enum
+from typing import Any
 
 from fastapi import WebSocket
 from prometheus_client import Counter
 
 from app.limits.per_client import client_address
-from app.state import services_of
+from app.state import services_in, services_of
 
+log = logging.getLogger(__name__)
+
+# The longest message a client may send (UTF-8 bytes of a text message, after decompression); what `--ws-max-size`
+# says to uvicorn and what the protocol enforces.
+MAX_MESSAGE_BYTES = 64 * 1024
+# The scope extension under which the protocol offers the connection's `MessageBucket`.
+MESSAGE_BUCKET = "fxrates.message_bucket"
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 MESSAGES_PER_S = 10.0
@@ -56,6 +71,7 @@ class Admission:
         self.refused = refused
         self._by_address: Tally[str] = Tally()
         self._total = 0
+        self.warned_unguarded = False
 
     @contextmanager
     def admit(self, address: str) -> Iterator[Refusal | None]:
@@ -122,6 +138,25 @@ async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
         yield refusal is None
 
 
+def connection_bucket(state: Mapping[str, Any]) -> MessageBucket | None:
+    """A new connection's bucket, as the application's lifespan state sizes it (None: no limits in that state)."""
+    services = services_in(state)
+    if services is None:
+        return None
+    admission = services.ws_admission
+    return MessageBucket(admission.refused, admission.messages_per_s, admission.message_burst)
+
+
 def message_bucket(websocket: WebSocket) -> MessageBucket:
+    """The connection's bucket: the one the protocol also counts the connection's other frames in, if it offers it."""
+    offered = websocket.scope.get("extensions", {}).get(MESSAGE_BUCKET)
+    if isinstance(offered, MessageBucket):
+        return offered
     admission = services_of(websocket.scope).ws_admission
+    if not admission.warned_unguarded:
+        admission.warned_unguarded = True  # once a process: every connection is served the same way
+        log.warning(
+            "WebSocket served without --ws app.ws_protocol:WebSocketProtocol: a client's pings and fragments are "
+            "not counted toward its message rate, so a flood of them is not closed (docs/deployment.md)"
+        )
     return MessageBucket(admission.refused, admission.messages_per_s, admission.message_burst)

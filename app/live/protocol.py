@@ -1,6 +1,21 @@
 """The WebSocket protocol the service runs under: `uvicorn app.main:app --ws app.ws_protocol:WebSocketProtocol`.
 
-It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with three additions.
+It is uvicorn's own (websockets-sansio, what `--ws auto` picks) with four additions.
+
+Hostile clients bounded (docs/limits.md). A message over `MAX_MESSAGE_BYTES`
+(64 KiB) is closed with 1009 as it arrives, whatever `--ws-max-size` says:
+websockets counts a message's size frame by frame, fragments included, and
+inflates a compressed one with that cap (zlib's max_length), so a small
+message that would inflate to megabytes, or an endless stream of fragments,
+costs at most 64 KiB before the close, never the message's inflated size.
+And the frames the application never sees, pings, pongs and every fragment
+but a message's last, take from the connection's message bucket
+(app.limits.websocket), which the protocol hands the application in the
+scope extension `fxrates.message_bucket` so that messages and frames share
+one budget: a client that floods them is closed with 1008 as one that floods
+messages is. Under uvicorn's own protocol these frames are answered (a ping's
+pong) or assembled without the application hearing of them, and nothing
+limits how fast they come.
 
 Frames framed once. Each push is the same frame to every client, and a
 server's frames are not masked, so their bytes are the same on every
@@ -49,10 +64,19 @@ from typing import Any
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
+from websockets.frames import Frame
+from websockets.http11 import Request
 from websockets.protocol import State
 
-from app.kit.metrics import Metrics
+from app.limits.websocket import (
+    CLOSE_POLICY_VIOLATION,
+    MAX_MESSAGE_BYTES,
+    MESSAGE_BUCKET,
+    MessageBucket,
+    connection_bucket,
+)
 from app.live.frames import Deflate, deflate
+from app.state import services_in
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +108,15 @@ def prepared_frames(scope: MutableMapping[str, Any]) -> PreparedFrames | None:
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
     _drop_timer: asyncio.TimerHandle | None = None
+    _bucket: MessageBucket | None = None  # the connection's message budget, once its handshake is under way
+    _flooded = False
+    _half_closed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # websockets checks each frame's size against what is left of this before reading its payload, and inflates
+        # no more than that (uvicorn passes it `--ws-max-size`, 16 MiB unless told).
+        self.conn.max_message_size = min(self.config.ws_max_size, MAX_MESSAGE_BYTES)
         if self.config.ws_per_message_deflate:
             self.conn.available_extensions = [
                 ServerPerMessageDeflateFactory(
@@ -96,6 +126,75 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
                     compress_settings=_COMPRESS_SETTINGS,
                 )
             ]
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if self.handshake_complete:
+            return  # refused before the application ran
+        self._bucket = connection_bucket(self.app_state)
+        if self._bucket is not None:
+            self.scope["extensions"][MESSAGE_BUCKET] = self._bucket  # type: ignore[assignment]  # ASGI's types say dict
+
+    # Every frame but a complete message (which the application counts) takes from the bucket here.
+
+    def handle_text(self, event: Frame) -> None:
+        if event.fin or self._counted():
+            super().handle_text(event)
+
+    def handle_bytes(self, event: Frame) -> None:
+        if event.fin or self._counted():
+            super().handle_bytes(event)
+
+    def handle_cont(self, event: Frame) -> None:
+        if event.fin or self._counted():
+            super().handle_cont(event)
+
+    def handle_ping(self) -> None:
+        if self._counted():
+            super().handle_ping()
+
+    def handle_pong(self, event: Frame) -> None:
+        if self._counted():
+            super().handle_pong(event)
+
+    def _counted(self) -> bool:
+        """Take a frame from the bucket; False, once the client has been closed with 1008 for flooding."""
+        if self._flooded:
+            return False  # the rest of what was read with the flood
+        if self._bucket is None or self._bucket.take() or not self._bucket.exhausted:
+            return True
+        if self.conn.state is not State.OPEN:
+            return True  # already closing: the closing handshake ends it
+        self._flooded = True
+        log.info("websocket client %s sent frames past its message rate: closed with 1008", self.client)
+        self.conn.fail(CLOSE_POLICY_VIOLATION, "too many messages")  # as websockets fails one itself (1009)
+        self.handle_parser_exception()
+        return False
+
+    def handle_parser_exception(self) -> None:
+        """websockets failed the connection (1009, 1002, ...) or the protocol did (1008): close frame, then half-close.
+
+        uvicorn closes the socket at once, and a client still sending (the rest of a too-big message, a flood) then
+        gets a TCP reset, which can overtake the close frame: it never learns why. Here, as websockets' own server
+        does, the server's side is shut after the close frame and what the client still sends is read and thrown
+        away (websockets discards it) until the client closes, for at most the close timeout.
+        """
+        if self._half_closed:
+            return  # uvicorn calls this again for each read that follows: websockets discarded it
+        if not (self.conn.eof_sent and self.transport.can_write_eof()):
+            super().handle_parser_exception()
+            return
+        self._half_closed = True
+        assert self.conn.close_sent is not None
+        close = self.conn.close_sent
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code, "reason": close.reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.write_eof()
+        self.close_sent = True  # from here on nothing is written: no keepalive ping, no pong, no frame
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     async def run_asgi(self) -> None:
         offer = self._prepared_frames()
@@ -152,7 +251,7 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         except (AttributeError, OSError):
             pass  # no socket to set it on: aborting still frees what this process holds
         self.transport.abort()
-        metrics = self.app_state.get("metrics")
-        if isinstance(metrics, Metrics):
-            metrics.websocket_dropped.inc()
+        services = services_in(self.app_state)
+        if services is not None:
+            services.metrics.websocket_dropped.inc()
         log.info("websocket client %s took nothing after it was closed: connection reset", self.client)
