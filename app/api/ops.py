@@ -10,17 +10,25 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from app.api.deps import SettingsDep, get_with_and_without_slash
-from app.errors import DatabaseUnavailable
+from app.errors import DatabaseUnavailable, NotFound
 from app.ingest.poller import Poller
 from app.ingest.schedule import Role
 from app.kit.metrics import Metrics
+from app.kit.throttle import Throttle
+from app.limits.addresses import client_ip
 from app.live.hub import Hub
+from app.settings import Settings
 from app.shutdown import GracefulShutdown
 from app.storage.health import DatabaseHealth
 
 router = APIRouter(tags=["operations"])
 
 CHECK_TIMEOUT_S = 2.0
+# `/readyz` and `/metrics` probe the database, Redis and the poller's beat at most this often per process.
+PROBE_INTERVAL_S = 1.0
+
+Problems = tuple[str | None, str | None, str | None]
+"""What is wrong with the database, Redis and the poller; None where nothing is."""
 
 
 @get_with_and_without_slash(
@@ -99,11 +107,7 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
         body = {"status": "error", "message": "Not ready: shutting down.", "data": {"shutdown": "draining"}}
         return JSONResponse(body, status_code=503)
     poller: Poller = state.poller
-    database, redis, polling = await asyncio.gather(
-        _database(state.database),
-        _redis(state.redis),
-        _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
-    )
+    database, redis, polling = await _problems(request, settings)
     failures = {"database": database, "redis": redis, "poller": polling}
     data: dict[str, Any] = {part: problem or "ok" for part, problem in failures.items()}
     if settings.redis_url is None:
@@ -116,21 +120,31 @@ async def readyz(request: Request, settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"status": "success", "message": "Ready", "data": data})
 
 
+NOT_ALLOWED_EXAMPLE = {"status": "error", "message": "No such endpoint.", "data": None}
+
+
 @get_with_and_without_slash(
     router,
     "/metrics",
     summary="Prometheus metrics",
+    description="Only for clients whose address is in `METRICS_ALLOW_IPS`; any other gets a 404.",
     response_class=Response,
     responses={
-        200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}}
+        200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}},
+        404: {
+            "description": "The client's address is not in `METRICS_ALLOW_IPS`",
+            "content": {"application/json": {"example": NOT_ALLOWED_EXAMPLE}},
+        },
     },
 )
 async def metrics(request: Request, settings: SettingsDep) -> Response:
+    ip = client_ip(request.scope)
+    if ip is None or not any(ip in network for network in settings.metrics_allow_ips):
+        # As if there were nothing here: a public client learns nothing, not even that it was refused.
+        raise NotFound("No such endpoint.")
     state = request.state
     registry: Metrics = state.metrics
-    database, redis, _ = await asyncio.gather(
-        _database(state.database), _redis(state.redis), _read_rate_times(state.hub, registry)
-    )
+    (database, redis, _), _ = await asyncio.gather(_problems(request, settings), _read_rate_times(state.hub, registry))
     registry.dependency_up.labels(dependency="database").set(database is None)
     if settings.redis_url is not None:
         registry.dependency_up.labels(dependency="redis").set(redis is None)
@@ -145,6 +159,22 @@ async def metrics(request: Request, settings: SettingsDep) -> Response:
     for role in roles:
         registry.poller_role.labels(role=role).set(polling and poller.schedule.role == role)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _problems(request: Request, settings: Settings) -> Problems:
+    """What is wrong, from a probe at most `PROBE_INTERVAL_S` old: a flood of `/readyz` is no flood of pings."""
+    state = request.state
+    probes: Throttle[Problems] = state.probes
+    poller: Poller = state.poller
+
+    async def probe() -> Problems:
+        return await asyncio.gather(
+            _database(state.database),
+            _redis(state.redis),
+            _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
+        )
+
+    return await probes(probe)
 
 
 async def _read_rate_times(hub: Hub, registry: Metrics) -> None:
