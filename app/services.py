@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.api.history_answers import HistoryAnswers
 from app.api.ops import PROBE_INTERVAL_S, Problems
 from app.currencies import Pair
 from app.ingest.poller import Poller
@@ -64,6 +65,7 @@ class Services:
     client_limiter: ClientLimiter
     ws_admission: Admission
     probes: Throttle[Problems]
+    history_answers: HistoryAnswers
 
 
 @asynccontextmanager
@@ -235,4 +237,5 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             client_limiter,
             ws_admission,
             Throttle(PROBE_INTERVAL_S),
+            HistoryAnswers(),
         )
