@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.api.history_answers import HistoryAnswers
+from app.api.ops import PROBE_INTERVAL_S, Problems
 from app.currencies import Pair
 from app.ingest.poller import Poller
 from app.ingest.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.kit.metrics import Metrics
 from app.kit.tasks import running
+from app.kit.throttle import Throttle
 from app.limits.on_demand import OnDemandBudget
-from app.limits.per_client import ClientLimiter
+from app.limits.per_client import MAX_CLIENTS, ClientLimiter
 from app.limits.websocket import Admission
 from app.limits.windows import MovingWindow
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
@@ -61,6 +64,8 @@ class Services:
     poller: Poller
     client_limiter: ClientLimiter
     ws_admission: Admission
+    probes: Throttle[Problems]
+    history_answers: HistoryAnswers
 
 
 @asynccontextmanager
@@ -199,8 +204,13 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         poller = Poller(
             provider, store, settings.pairs, schedule, amount=settings.upstream_quote_amount, metrics=metrics
         )
+        # Its own window, keyed by client address: its memory forgets the least recently seen past MAX_CLIENTS.
+        client_window = MovingWindow(
+            redis, settings.redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS
+        )
+        stack.push_async_callback(client_window.aclose)
         client_limiter = await stack.enter_async_context(
-            ClientLimiter(settings.rate_limit_per_minute, window, metrics.refused).flushing()
+            ClientLimiter(settings.rate_limit_per_minute, client_window, metrics.refused).flushing()
         )
         ws_admission = Admission(
             settings.ws_max_clients,
@@ -226,4 +236,6 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             poller,
             client_limiter,
             ws_admission,
+            Throttle(PROBE_INTERVAL_S),
+            HistoryAnswers(),
         )

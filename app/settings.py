@@ -4,6 +4,7 @@ Only the entry points (`app.main`, `app.poller`) build a `Settings`; everything
 else is handed the values it needs.
 """
 
+import ipaddress
 import sys
 from decimal import Decimal
 from enum import StrEnum
@@ -22,6 +23,9 @@ class Environment(StrEnum):
 
 
 CommaList = Annotated[list[str], NoDecode]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Networks = Annotated[tuple[Network, ...], NoDecode]
 
 # In ON_DEMAND_CURRENCIES: every ISO 4217 code.
 ANY_CURRENCY = "*"
@@ -79,6 +83,10 @@ class Settings(BaseSettings):
     ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
     ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)
     ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
+    # Who may read /metrics (docs/operations.md): loopback and the private networks.
+    metrics_allow_ips: Networks = Field(
+        default="127.0.0.1,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7", validate_default=True
+    )
 
     @field_validator("redis_url", mode="before")
     @classmethod
@@ -129,6 +137,11 @@ class Settings(BaseSettings):
             return value
         return list(dict.fromkeys(normalise_currency(code) for code in value))
 
+    @field_validator("metrics_allow_ips", mode="before")
+    @classmethod
+    def _addresses_or_networks(cls, value: Any) -> Any:
+        return tuple(_network(item) for item in _split_commas(value)) if isinstance(value, str) else value
+
     @field_validator("database_url")
     @classmethod
     def _async_driver(cls, value: str) -> str:
@@ -163,6 +176,16 @@ class Settings(BaseSettings):
             for destination in self.rates_destination_currencies
             if source != destination
         ]
+
+
+def _network(text: str) -> Network:
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError as error:
+        reason = str(error).removeprefix(f"{text!r} ").removeprefix(f"{text} ")
+        raise ValueError(
+            f"has {text!r}, which is no IP address or network (CIDR, such as 10.0.0.0/8): {reason}"
+        ) from None
 
 
 def describe_error(error: ValidationError) -> str:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 
+from app.api.history_answers import HistoryAnswers
 from app.ingest.poller import Poller
 from app.kit.metrics import Metrics
 from app.live.hub import Hub
@@ -62,6 +63,10 @@ async def get_shutdown(connection: HTTPConnection) -> GracefulShutdown:
     return state_of(connection.scope)["shutdown"]
 
 
+async def get_history_answers(connection: HTTPConnection) -> HistoryAnswers:
+    return services_of(connection.scope).history_answers
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 HubDep = Annotated[Hub, Depends(get_hub)]
@@ -71,6 +76,7 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RedisDep = Annotated[Redis | None, Depends(get_redis)]
 PollerDep = Annotated[Poller, Depends(get_poller)]
 ShutdownDep = Annotated[GracefulShutdown, Depends(get_shutdown)]
+HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 
 
 def get_with_and_without_slash(router: APIRouter, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:

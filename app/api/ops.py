@@ -2,12 +2,13 @@
 
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
 
 from app.api.deps import (
     DatabaseDep,
@@ -19,16 +20,32 @@ from app.api.deps import (
     ShutdownDep,
     get_with_and_without_slash,
 )
-from app.errors import DatabaseUnavailable
+from app.errors import DatabaseUnavailable, NotFound
 from app.ingest.poller import Poller
 from app.ingest.schedule import Role
 from app.kit.metrics import Metrics
+from app.kit.throttle import Throttle
+from app.limits.addresses import client_ip
 from app.live.hub import Hub
+from app.settings import Settings
+from app.state import services_of
 from app.storage.health import DatabaseHealth
 
 router = APIRouter(tags=["operations"])
 
 CHECK_TIMEOUT_S = 2.0
+# `/readyz` and `/metrics` probe the database, Redis and the poller's beat at most this often per process.
+PROBE_INTERVAL_S = 1.0
+
+Problems = tuple[str | None, str | None, str | None]
+"""What is wrong with the database, Redis and the poller; None where nothing is."""
+
+
+async def get_probes(connection: HTTPConnection) -> Throttle[Problems]:
+    return services_of(connection.scope).probes
+
+
+ProbesDep = Annotated[Throttle[Problems], Depends(get_probes)]
 
 
 @get_with_and_without_slash(
@@ -105,16 +122,13 @@ async def readyz(
     database: DatabaseDep,
     redis: RedisDep,
     poller: PollerDep,
+    probes: ProbesDep,
 ) -> JSONResponse:
     if shutdown.draining:
         # Checked first and alone: a load balancer must see this at once, whatever the parts say.
         body = {"status": "error", "message": "Not ready: shutting down.", "data": {"shutdown": "draining"}}
         return JSONResponse(body, status_code=503)
-    database_problem, redis_problem, polling = await asyncio.gather(
-        _database(database),
-        _redis(redis),
-        _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
-    )
+    database_problem, redis_problem, polling = await _problems(probes, settings, database, redis, poller)
     failures = {"database": database_problem, "redis": redis_problem, "poller": polling}
     data: dict[str, Any] = {part: problem or "ok" for part, problem in failures.items()}
     if settings.redis_url is None:
@@ -127,25 +141,39 @@ async def readyz(
     return JSONResponse({"status": "success", "message": "Ready", "data": data})
 
 
+NOT_ALLOWED_EXAMPLE = {"status": "error", "message": "No such endpoint.", "data": None}
+
+
 @get_with_and_without_slash(
     router,
     "/metrics",
     summary="Prometheus metrics",
+    description="Only for clients whose address is in `METRICS_ALLOW_IPS`; any other gets a 404.",
     response_class=Response,
     responses={
-        200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}}
+        200: {"content": {CONTENT_TYPE_LATEST: {"example": 'fxrates_upstream_calls_total{outcome="success"} 44.0\n'}}},
+        404: {
+            "description": "The client's address is not in `METRICS_ALLOW_IPS`",
+            "content": {"application/json": {"example": NOT_ALLOWED_EXAMPLE}},
+        },
     },
 )
 async def metrics(
+    request: Request,
     settings: SettingsDep,
     registry: MetricsDep,
     database: DatabaseDep,
     redis: RedisDep,
     hub: HubDep,
     poller: PollerDep,
+    probes: ProbesDep,
 ) -> Response:
-    database_problem, redis_problem, _ = await asyncio.gather(
-        _database(database), _redis(redis), _read_rate_times(hub, registry)
+    ip = client_ip(request.scope)
+    if ip is None or not any(ip in network for network in settings.metrics_allow_ips):
+        # As if there were nothing here: a public client learns nothing, not even that it was refused.
+        raise NotFound("No such endpoint.")
+    (database_problem, redis_problem, _), _ = await asyncio.gather(
+        _problems(probes, settings, database, redis, poller), _read_rate_times(hub, registry)
     )
     registry.dependency_up.labels(dependency="database").set(database_problem is None)
     if settings.redis_url is not None:
@@ -160,6 +188,21 @@ async def metrics(
     for role in roles:
         registry.poller_role.labels(role=role).set(polling and poller.schedule.role == role)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _problems(
+    probes: Throttle[Problems], settings: Settings, database: DatabaseHealth, redis: Redis | None, poller: Poller
+) -> Problems:
+    """What is wrong, from a probe at most `PROBE_INTERVAL_S` old: a flood of `/readyz` is no flood of pings."""
+
+    async def probe() -> Problems:
+        return await asyncio.gather(
+            _database(database),
+            _redis(redis),
+            _poller(poller, settings.poller_enabled, settings.poll_interval_seconds),
+        )
+
+    return await probes(probe)
 
 
 async def _read_rate_times(hub: Hub, registry: Metrics) -> None:

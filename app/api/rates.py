@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import (
     DatabaseDep,
+    HistoryAnswersDep,
     HubDep,
     LookupDep,
     MetricsDep,
@@ -19,6 +20,7 @@ from app.api.deps import (
     get_with_and_without_slash,
 )
 from app.api.etags import etag, matches
+from app.api.history_answers import Answer, Question
 from app.api.schemas import (
     AllRatesData,
     AllRatesEntry,
@@ -247,9 +249,27 @@ def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:
     },
 )
 async def get_history(
-    query: Annotated[HistoryQuery, Query()], sessions: SessionsDep, database: DatabaseDep, request: Request
+    query: Annotated[HistoryQuery, Query()],
+    sessions: SessionsDep,
+    database: DatabaseDep,
+    answers: HistoryAnswersDep,
+    request: Request,
 ) -> Response:
     pair = query.pair
+    wants_csv = _wants_csv(request.headers.get("accept"))
+    # A range is kept until the pair next changes; a moment (`at`) is one row read either way.
+    question = None if query.at is not None else Question(pair, query.since, query.until, query.limit, wants_csv)
+    version = None
+    if question is not None:
+
+        async def read_version() -> int | None:
+            async with sessions() as session:
+                return await repository.latest_history_id(session, pair)
+
+        version = await database.call(read_version)
+        kept = answers.get(question, version)
+        if kept is not None:
+            return Response(kept.body, media_type=kept.media_type, headers=dict(kept.headers))
 
     async def read() -> list[ExchangeRateHistory]:
         async with sessions() as session:
@@ -273,13 +293,19 @@ async def get_history(
         )
         for row in rows[: query.limit]
     ]
-    if _wants_csv(request.headers.get("accept")):
-        return _csv(pair.source, pair.destination, points, truncated)
-    body = HistoryResponse(
-        data=HistoryData(source_currency=pair.source, destination_currency=pair.destination, points=points),
-        meta=HistoryMeta(count=len(points), truncated=truncated, at=query.at),
-    )
-    return Response(body.model_dump_json(), media_type="application/json", headers={"Vary": "Accept"})
+    if wants_csv:
+        response = _csv(pair.source, pair.destination, points, truncated)
+    else:
+        body = HistoryResponse(
+            data=HistoryData(source_currency=pair.source, destination_currency=pair.destination, points=points),
+            meta=HistoryMeta(count=len(points), truncated=truncated, at=query.at),
+        )
+        response = Response(body.model_dump_json(), media_type="application/json", headers={"Vary": "Accept"})
+    if question is not None:
+        # Made from rows at least as new as `version`: kept under it, so it is never served once a newer row exists.
+        headers = tuple((name, value) for name, value in response.headers.items() if name != "content-length")
+        answers.put(question, Answer(version, bytes(response.body), response.media_type or "", headers))
+    return response
 
 
 def _quality(media_range: str) -> tuple[str, float]:

@@ -1,5 +1,7 @@
 """The per-client REST limit: `RATE_LIMIT_PER_MINUTE` requests under `/api` per client address (docs/limits.md).
 
+A client is counted by `app.limits.addresses.limit_key`: its IPv4 address, or its IPv6 /64.
+
 An ASGI middleware outside the answer micro-cache, so a request answered from
 it is counted and decorated like any other. Every answer under `/api` carries
 `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds); past
@@ -14,10 +16,15 @@ what it knows is older than `SYNC_S`, and pushes the hits it served every
 `FLUSH_S` in the background. Within one process the count is exact; across
 replicas a client may get a few more than the limit, up to what it can send
 to the other replicas in `SYNC_S`.
+
+What a process knows is bounded: past `MAX_CLIENTS` addresses, the least
+recently seen is forgotten first, so a flood of distinct addresses costs a
+bounded amount of memory and a client that keeps sending stays counted.
 """
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,13 +37,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import error_body, retry_after
 from app.kit.tasks import running
+from app.limits.addresses import limit_key
 from app.limits.windows import MovingWindow, whole_seconds
 from app.state import services_of
 
 SYNC_S = 1.0
 FLUSH_S = 0.1
 NEVER = float("-inf")
-# Addresses not seen for a while are forgotten once this many are known.
+# Past this many addresses known, the least recently seen is forgotten (about 300 bytes each here, as much again
+# in the window's memory while Redis is away): a flood of distinct addresses costs at most some 60 MB.
 MAX_CLIENTS = 100_000
 
 
@@ -58,13 +67,17 @@ class Verdict(NamedTuple):
 
 
 class ClientLimiter:
-    def __init__(self, limit_per_minute: int, window: MovingWindow, refused: Counter) -> None:
+    def __init__(
+        self, limit_per_minute: int, window: MovingWindow, refused: Counter, *, max_clients: int = MAX_CLIENTS
+    ) -> None:
         self.limit = limit_per_minute
         self.limit_header = b"%d" % limit_per_minute
         self._item = RateLimitItemPerMinute(max(1, limit_per_minute))
         self._window = window
         self._refused = refused
-        self._clients: dict[str, _Client] = {}
+        self._max_clients = max_clients
+        # Least recently seen first.
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
         self._unpushed: set[str] = set()
 
     async def check(self, address: str) -> Verdict:
@@ -75,6 +88,7 @@ class ClientLimiter:
         client = self._clients.get(address)
         if client is None:
             return None
+        self._clients.move_to_end(address)
         now = time.monotonic()
         # Only a client never seen waits for a sync under way; others decide from what is known meanwhile.
         stale = now - client.synced_at >= SYNC_S and (client.synced_at == NEVER or not client.lock.locked())
@@ -92,10 +106,12 @@ class ClientLimiter:
     async def _check_after_sync(self, address: str) -> Verdict:
         client = self._clients.get(address)
         if client is None:
-            if len(self._clients) >= MAX_CLIENTS:
-                self._forget_quiet(time.monotonic())
+            while len(self._clients) >= self._max_clients:
+                # Hits not yet pushed go with it: at most what it sent in the last `FLUSH_S`.
+                self._clients.popitem(last=False)
             client = self._clients[address] = _Client()
         await self._sync(address, client)
+        # Forgotten while it synced, in a flood of new addresses: it is the newest now.
         self._clients.setdefault(address, client)
         verdict = self.decide(address, synced=True)
         assert verdict is not None  # the address is known: it was just synced
@@ -127,13 +143,6 @@ class ClientLimiter:
                 else:
                     await self._sync(address, client, max_age_s=0)
 
-    def _forget_quiet(self, now: float) -> None:
-        self._clients = {
-            address: client
-            for address, client in self._clients.items()
-            if client.pending or now - client.synced_at < 60
-        }
-
     @asynccontextmanager
     async def flushing(self) -> AsyncIterator["ClientLimiter"]:
         if self.limit == 0:
@@ -141,12 +150,6 @@ class ClientLimiter:
             return
         async with running(self.flush(), "client-limit-flush"):
             yield self
-
-
-def client_address(scope: Scope) -> str:
-    """The peer as the server reports it: behind a proxy, uvicorn's `--proxy-headers` puts the forwarded one here."""
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
 
 
 class ClientLimit:
@@ -163,7 +166,7 @@ class ClientLimit:
         if not limiter.limit:
             await self.app(scope, receive, send)
             return
-        verdict = await limiter.check(client_address(scope))
+        verdict = await limiter.check(limit_key(scope))
         headers = [
             (b"ratelimit-limit", limiter.limit_header),
             (b"ratelimit-remaining", b"%d" % verdict.remaining),

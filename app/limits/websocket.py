@@ -1,9 +1,9 @@
 """WebSocket limits (docs/limits.md): how many clients a process holds, and how fast one may send.
 
 - `WS_MAX_CLIENTS` per process and `WS_MAX_CLIENTS_PER_ADDRESS` per client
-  address per process: past either, the connection is accepted and closed at
-  once with 1013 (try again later), so the client sees a reason, not a failed
-  handshake.
+  address per process (an IPv6 client by its /64, `app.limits.addresses`):
+  past either, the connection is accepted and closed at once with 1013 (try
+  again later), so the client sees a reason, not a failed handshake.
 - Each connection may send `WS_MESSAGES_PER_SECOND` messages a second (10),
   in bursts of up to `WS_MESSAGE_BURST` (50): a token bucket. A message over
   that is answered with a `rate_limited` error and not acted on. Refusals are
@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import WebSocket
 from prometheus_client import Counter
 
-from app.limits.per_client import client_address
+from app.limits.addresses import limit_key
 from app.state import services_in, services_of
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class MessageBucket:
 async def admitted(websocket: WebSocket) -> AsyncIterator[bool]:
     """Inside: whether the connection holds a place; a refused one has been accepted and closed with 1013."""
     admission = services_of(websocket.scope).ws_admission
-    with admission.admit(client_address(websocket.scope)) as refusal:
+    with admission.admit(limit_key(websocket.scope)) as refusal:
         if refusal is not None:
             await websocket.accept()
             await websocket.close(CLOSE_TRY_AGAIN_LATER, reason="too many clients, try again later")

@@ -6,18 +6,25 @@ must never turn into an error: when Redis refuses, hangs or is gone, the count
 moves to this process's memory for a while (`retry_s`), then Redis is tried
 again. During that time each replica counts alone, so a client may get up to
 the limit from each.
+
+A window keyed by client address is given `max_memory_keys`: its memory then
+holds at most that many keys, the least recently hit forgotten first, so a
+flood of distinct addresses cannot grow it past a known size. (Redis keys
+expire with their window.)
 """
 
 import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from limits import RateLimitItem
 from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage.memory import Entry
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.errors import StorageError
 from prometheus_client import Counter
@@ -47,6 +54,49 @@ class WindowCount:
 Result = TypeVar("Result", WindowState, WindowCount)
 
 
+class _RecentKeys(OrderedDict[str, list[Entry]]):
+    """`MemoryStorage.events` that forgets the least recently used key past `max_keys`.
+
+    The storage records every hit through `setdefault` and reads a window through `get`, so those make a key
+    the newest: a client refused at its limit is read, not hit, and must stay counted.
+    """
+
+    def __init__(self, max_keys: int, forget: Callable[[str], None]) -> None:
+        super().__init__()
+        self._max_keys = max_keys
+        self._forget = forget
+
+    def __missing__(self, key: str) -> list[Entry]:
+        # The storage's expiry pass walks a copy of the keys; one forgotten meanwhile reads as empty.
+        return []
+
+    def get(self, key: str, default: list[Entry] | None = None) -> list[Entry] | None:  # type: ignore[override]
+        events = super().get(key)
+        if events is None:
+            return default
+        self.move_to_end(key)
+        return events
+
+    def setdefault(self, key: str, default: list[Entry] | None = None) -> list[Entry]:
+        events = super().setdefault(key, [] if default is None else default)
+        self.move_to_end(key)
+        while len(self) > self._max_keys:
+            forgotten, _ = self.popitem(last=False)
+            self._forget(forgotten)
+        return events
+
+
+def _memory_storage(max_keys: int | None) -> MemoryStorage:
+    storage = MemoryStorage()
+    if max_keys is not None:
+
+        def forget(key: str) -> None:
+            storage.locks.pop(key, None)
+
+        storage.events = _RecentKeys(max(1, max_keys), forget)
+    return storage
+
+
 class MovingWindow:
     def __init__(
         self,
@@ -56,8 +106,9 @@ class MovingWindow:
         errors: Counter | None = None,
         timeout_s: float = 0.25,
         retry_s: float = 5.0,
+        max_memory_keys: int | None = None,
     ) -> None:
-        self._memory_storage = MemoryStorage()
+        self._memory_storage = _memory_storage(max_memory_keys)
         self._memory = MovingWindowRateLimiter(self._memory_storage)
         self._shared: MovingWindowRateLimiter | None = None
         if redis is not None and redis_url is not None:
@@ -115,6 +166,11 @@ class MovingWindow:
                 await limiter.hit(item, key, cost=stats.remaining)
         stats = await limiter.get_window_stats(item, key)
         return WindowCount(item.amount - stats.remaining, max(0.0, stats.reset_time - time.time()))
+
+    @property
+    def memory_keys(self) -> int:
+        """How many keys this process's memory holds."""
+        return len(self._memory_storage.events)
 
     async def aclose(self) -> None:
         # The memory storage runs an expiry task of its own; it must not outlive the app's event loop.

@@ -170,6 +170,25 @@ async def history_at(session: AsyncSession, pair: Pair, at: datetime) -> Exchang
     return point
 
 
+async def latest_history_id(session: AsyncSession, pair: Pair) -> int | None:
+    """The id of the pair's newest observation, read from the end of the pair's index: one row.
+
+    A version of the pair's history: rows are only appended, and in time order (a writer never goes back in
+    time, app.rates.store), so any new row changes it.
+    """
+    statement = (
+        select(ExchangeRateHistory.id)
+        .where(
+            ExchangeRateHistory.source_currency == pair.source,
+            ExchangeRateHistory.destination_currency == pair.destination,
+        )
+        .order_by(ExchangeRateHistory.observed_at.desc(), ExchangeRateHistory.id.desc())
+        .limit(1)
+    )
+    newest: int | None = await session.scalar(statement)
+    return newest
+
+
 async def list_pairs(session: AsyncSession) -> list[Pair]:
     """Every pair with a stored rate."""
     rows = await session.execute(select(ExchangeRate.source_currency, ExchangeRate.destination_currency))

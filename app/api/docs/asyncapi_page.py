@@ -6,6 +6,7 @@ service's own: no script, nothing fetched from elsewhere, so it works on a close
 
 import json
 import re
+from functools import cache
 from html import escape
 from typing import Any
 
@@ -17,20 +18,37 @@ from app.api.docs.asyncapi import build_asyncapi
 router = APIRouter(include_in_schema=False)
 
 
-def _document(request: Request) -> dict[str, Any]:
-    protocol = "wss" if request.url.scheme in ("https", "wss") else "ws"
-    return build_asyncapi(request.app.version, request.url.netloc, protocol)
+# Stands for the host in the document built once; each request puts its own in (the Host it was asked on).
+HOST = "\x00host\x00"
+
+
+@cache
+def _built(version: str, protocol: str) -> tuple[dict[str, Any], str]:
+    """The document and its page, built once per process (for each of `ws` and `wss`), the host left open."""
+    document = build_asyncapi(version, HOST, protocol)
+    return document, render(document)
+
+
+def _protocol(request: Request) -> str:
+    return "wss" if request.url.scheme in ("https", "wss") else "ws"
+
+
+def document_for(request: Request) -> dict[str, Any]:
+    document, _ = _built(request.app.version, _protocol(request))
+    server = {**document["servers"]["service"], "host": request.url.netloc}
+    return {**document, "servers": {"service": server}}
 
 
 # HEAD as well as GET, as everywhere in the service (docs/board.md).
 @router.api_route("/asyncapi.json", methods=["GET", "HEAD"])
 async def asyncapi_json(request: Request) -> JSONResponse:
-    return JSONResponse(_document(request))
+    return JSONResponse(document_for(request))
 
 
 @router.api_route("/docs/websocket", methods=["GET", "HEAD"])
 async def asyncapi_page(request: Request) -> HTMLResponse:
-    return HTMLResponse(render(_document(request)))
+    _, page = _built(request.app.version, _protocol(request))
+    return HTMLResponse(page.replace(HOST, escape(request.url.netloc)))
 
 
 def _text(text: str) -> str:
