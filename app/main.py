@@ -22,6 +22,7 @@ from app.errors import add_error_handlers
 from app.kit.logs import configure_logging
 from app.kit.metrics import Metrics
 from app.limits.per_client import ClientLimit
+from app.live.protocol import warn_if_untested_uvicorn
 from app.services import open_services
 from app.settings import Settings, load_settings
 from app.shutdown import GracefulShutdown
@@ -89,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
 def _app_from_environment() -> FastAPI:
     settings = load_settings()
     configure_logging(settings.log_format)
+    warn_if_untested_uvicorn()
     return create_app(settings)
 
 

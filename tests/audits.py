@@ -33,7 +33,7 @@ CHROME_FLAGS = [
     "--no-first-run",
     "--mute-audio",
 ]
-MISSING = "{} is missing: run `npm ci` in tools/npm (.ci/run does)"
+MISSING = "{} is missing: run `npm ci` in tools/npm (tools/test.sh does)"
 
 
 def run_lighthouse(url: str, categories: list[str] | None = None, timeout_s: float = 180) -> dict[str, Any]:

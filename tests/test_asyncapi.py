@@ -75,7 +75,7 @@ def model_of(kind: str) -> type[BaseModel]:
 
 def test_the_official_parser_finds_nothing(document: dict[str, Any], tmp_path: Path) -> None:
     node = shutil.which("node")
-    assert node is not None, "Node 20 is needed: .ci/run installs it"
+    assert node is not None, "Node 20 is needed: tools/test.sh installs it"
     assert (NPM_TOOLS / "node_modules" / "@asyncapi" / "parser").is_dir(), "run `npm ci` in tools/npm (.ci/run does)"
     path = tmp_path / "asyncapi.json"
     path.write_text(json.dumps(document))

@@ -41,7 +41,7 @@ ALSO_EXPORTED = {
 
 def promtool() -> str:
     found = shutil.which("promtool")
-    assert found, "promtool is missing: apt-get install prometheus (.ci/run does)"
+    assert found, "promtool is missing: apt-get install prometheus (tools/test.sh does)"
     return found
 
 

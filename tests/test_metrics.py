@@ -128,7 +128,7 @@ async def test_promtool_finds_nothing_wrong_with_a_live_scrape(
 
 async def promtool_check(text: str) -> None:
     promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: apt-get install prometheus (.ci/run does)"
+    assert promtool, "promtool is missing: apt-get install prometheus (tools/test.sh does)"
     result = await asyncio.to_thread(
         subprocess.run, [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )

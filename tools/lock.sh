@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the lock files from pyproject.toml, the source of truth for dependencies:
 #   requirements/service.lock  what the service runs on (the Dockerfile installs it)
-#   requirements/test.lock     the same plus the test extra (.ci/run and the README's test command install it)
+#   requirements/test.lock     the same plus the test extra (tools/test.sh, the README's test command, installs it)
 # Both pin every package, with the hashes of every file PyPI has for it, for Python 3.11 on any platform.
 # Run it after adding, removing or changing a dependency; pins already in the lock files are kept unless
 # pyproject.toml no longer allows them. `tools/lock.sh --upgrade` moves every pin to the newest allowed.

@@ -54,6 +54,7 @@ the service has not finished with are not affected.
 """
 
 import asyncio
+import importlib.metadata
 import logging
 import socket
 import struct
@@ -61,6 +62,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.extensions.permessage_deflate import PerMessageDeflate, ServerPerMessageDeflateFactory
@@ -82,6 +84,9 @@ log = logging.getLogger(__name__)
 
 # What `--ws` names to run it.
 UVICORN_WS = "app.ws_protocol:WebSocketProtocol"
+# The uvicorn releases the subclass below was tested with: it relies on internals of a class uvicorn does not
+# document as an extension point (tests/test_uvicorn_contract.py names each one), so pyproject.toml pins this range.
+TESTED_UVICORN = ">=0.54,<0.55"
 # The scope extension under which the protocol offers `PreparedFrames`.
 PREPARED_FRAMES = "fxrates.prepared_frames"
 # SO_LINGER on, for 0 s: close() resets the connection and discards what is unsent.
@@ -104,6 +109,19 @@ def prepared_frames(scope: MutableMapping[str, Any]) -> PreparedFrames | None:
     """The connection's writers of framed bytes, when the server offers them (else: send text through ASGI)."""
     offered = scope.get("extensions", {}).get(PREPARED_FRAMES)
     return offered if isinstance(offered, PreparedFrames) else None
+
+
+def warn_if_untested_uvicorn(installed: str | None = None) -> None:
+    """One warning when uvicorn (the installed one unless `installed` is given) is outside `TESTED_UVICORN`."""
+    version = importlib.metadata.version("uvicorn") if installed is None else installed
+    if not SpecifierSet(TESTED_UVICORN).contains(version, prereleases=True):
+        log.warning(
+            "uvicorn %s is outside the range tested (%s): the WebSocket protocol %s relies on its internals "
+            "(tests/test_uvicorn_contract.py checks them)",
+            version,
+            TESTED_UVICORN,
+            UVICORN_WS,
+        )
 
 
 class WebSocketProtocol(WebSocketsSansIOProtocol):
