@@ -173,6 +173,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 budget,
                 stale_after_s=settings.rate_stale_after_seconds,
                 amount=settings.upstream_quote_amount,
+                bound_s=settings.db_timeout_seconds,
             )
         )
         pacer = await stack.enter_async_context(CollectionPacer(metrics.gc_full_collection_seconds))
