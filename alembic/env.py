@@ -31,7 +31,7 @@ def run_migrations(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_engine(load_settings().database_url, timeout_s=None)
+    engine = create_engine(load_settings().database_url.get_secret_value(), timeout_s=None)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(run_migrations)
@@ -41,7 +41,7 @@ async def run_migrations_online() -> None:
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=load_settings().database_url,
+        url=load_settings().database_url.get_secret_value(),
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},

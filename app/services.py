@@ -92,19 +92,20 @@ async def open_provider(settings: Settings, metrics: Metrics) -> AsyncIterator[P
 @asynccontextmanager
 async def open_services(settings: Settings, metrics: Metrics, *, start_poller: bool) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
+        # The URLs' passwords leave the settings here, for the connections only (never logged, docs/configuration.md).
+        database_url = settings.database_url.get_secret_value()
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
         if settings.db_auto_migrate:
             # Unbounded: a replica may wait its turn behind another's migration, and a migration may run long.
-            migration_engine = create_engine(settings.database_url, timeout_s=None)
+            migration_engine = create_engine(database_url, timeout_s=None)
             try:
                 await migrate(migration_engine)
             finally:
                 await migration_engine.dispose()
-        engine = create_engine(settings.database_url, timeout_s=settings.db_timeout_seconds)
+        engine = create_engine(database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(engine.dispose)
         # A connection per probe, given a write's time to connect: see app.db_health.
-        probe_engine = create_engine(
-            settings.database_url, timeout_s=settings.db_timeout_seconds * WRITE_FACTOR, pooled=False
-        )
+        probe_engine = create_engine(database_url, timeout_s=settings.db_timeout_seconds * WRITE_FACTOR, pooled=False)
         stack.push_async_callback(probe_engine.dispose)
         database = DatabaseHealth(
             engine,
@@ -118,8 +119,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         sessions = create_sessionmaker(engine)
 
         redis: Redis | None = None
-        if settings.redis_url:
-            redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        if redis_url is not None:
+            redis = Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
             stack.push_async_callback(redis.aclose)
             cache = TieredCache(
                 MemoryCache(min(SHARED_MEMORY_TTL_S, settings.cache_ttl_s)),
@@ -129,7 +130,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             log.info("REDIS_URL is unset: in-process cache and broadcast, correct for one process only")
             cache = TieredCache(MemoryCache(settings.cache_ttl_s), None)
 
-        broadcast = await stack.enter_async_context(create_broadcast(settings.redis_url))
+        broadcast = await stack.enter_async_context(create_broadcast(redis_url))
         if redis is not None:
 
             def supersede(update: RateUpdate) -> None:
@@ -142,15 +143,15 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         provider = await stack.enter_async_context(open_provider(settings, metrics))
         fanout = Fanout(broadcast, metrics.publish_errors)
         writer: SqliteWriter | PostgresWriter
-        if is_sqlite(settings.database_url):
-            writer = SqliteWriter(settings.database_url, busy_s=settings.db_timeout_seconds * WRITE_FACTOR)
+        if is_sqlite(database_url):
+            writer = SqliteWriter(database_url, busy_s=settings.db_timeout_seconds * WRITE_FACTOR)
         else:
-            writer = PostgresWriter(settings.database_url, timeout_s=settings.db_timeout_seconds)
+            writer = PostgresWriter(database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(writer.aclose)
         store = RateStore(sessions, cache, fanout, database=database, writer=writer)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
-        window = MovingWindow(redis, settings.redis_url, errors=metrics.limit_errors)
+        window = MovingWindow(redis, redis_url, errors=metrics.limit_errors)
         stack.push_async_callback(window.aclose)
 
         async def stored_pairs() -> list[Pair]:
@@ -177,6 +178,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 budget,
                 stale_after_s=settings.rate_stale_after_seconds,
                 amount=settings.upstream_quote_amount,
+                bound_s=settings.db_timeout_seconds,
             )
         )
         pacer = await stack.enter_async_context(CollectionPacer(metrics.gc_full_collection_seconds))
@@ -206,7 +208,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         )
         # Its own window, keyed by client address: its memory forgets the least recently seen past MAX_CLIENTS.
         client_window = MovingWindow(
-            redis, settings.redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS
+            redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS
         )
         stack.push_async_callback(client_window.aclose)
         client_limiter = await stack.enter_async_context(

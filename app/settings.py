@@ -41,8 +41,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
 
     environment: Environment = Environment.development
-    database_url: str = "sqlite+aiosqlite:///./rates.db"
-    redis_url: str | None = None
+    # Secret, as the passwords they may carry must never show in a log, an answer or a repr (docs/configuration.md):
+    # read with get_secret_value() only where a connection is made.
+    database_url: SecretStr = SecretStr("sqlite+aiosqlite:///./rates.db")
+    redis_url: SecretStr | None = None
     flutterwave_secret_key: SecretStr | None = Field(default=None, validate_default=True)
     flutterwave_base_url: str = "https://api.flutterwave.com"
     rates_source_currencies: CommaList = ["USD", "CAD", "GBP", "EUR"]
@@ -144,8 +146,8 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _async_driver(cls, value: str) -> str:
-        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+    def _async_driver(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 

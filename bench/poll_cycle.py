@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             upstream_concurrency=args.concurrency,
             redis_url=None,
         )
-        database = "PostgreSQL" if settings.database_url.startswith("postgresql") else "SQLite (temporary)"
+        database = (
+            "PostgreSQL" if settings.database_url.get_secret_value().startswith("postgresql") else "SQLite (temporary)"
+        )
         print(f"{len(settings.pairs)} pairs, latency {args.latency * 1000:.0f} ms, concurrency {args.concurrency}")
         print(f"database: {database}")
         runs = asyncio.run(bench(settings, fake, args.cycles))

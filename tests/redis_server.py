@@ -8,22 +8,29 @@ import time
 class RedisServer:
     """A throw-away redis-server on a free loopback port, stopped by its own PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        """With `password`, clients must give it (`requirepass`), as the deploy kit's Redis asks; `url` carries it."""
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        credentials = f":{password}@" if password is not None else ""
+        self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.password is not None:
+            command += ["--requirepass", self.password]
+        # Without the password PING is refused (-NOAUTH), which still says the server is up.
+        ready = (b"+PONG", b"-NOAUTH")
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
                     connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(b"+PONG"):
+                    if connection.recv(16).startswith(ready):
                         return
             except OSError:
                 pass

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -336,3 +336,101 @@ async def test_sqlite_locked_by_another_process(fake: FakeFlutterwave, sqlite_fi
             await back_by_itself(http, fake, recorder)
             await history_holds_everything_shown(http, recorder)
             await said_once_and_counted(http, replica)
+
+
+# One bound per request, whatever it does (docs/outages.md): while the database hangs and before it is marked away
+# (the probe takes up to a write's bound to decide), each request meets the hang once at most. Chaining two bounded
+# waits (a read, then a refresh or a second read) takes twice the bound, so a margin of half a bound still tells
+# one from two on a machine under load. A deadline on an event, not a benchmark.
+DB_BOUND_S = 2.0  # DB_TIMEOUT_SECONDS, the default
+MARGIN_S = 1.0
+
+
+class Waits:
+    """How long each request waited, by what it asked, while the database hung."""
+
+    def __init__(self) -> None:
+        self.waits: dict[str, list[float]] = defaultdict(list)
+
+    async def time(self, what: str, request: Callable[[], Awaitable[None]]) -> None:
+        started = time.monotonic()
+        await request()
+        self.waits[what].append(time.monotonic() - started)
+
+    def over(self, bound_s: float) -> dict[str, list[float]]:
+        return {
+            what: [round(s, 2) for s in waits if s > bound_s]
+            for what, waits in self.waits.items()
+            if max(waits) > bound_s
+        }
+
+
+async def ask_over_and_over(http: httpx.AsyncClient, replica: Replica, waits: Waits, until: asyncio.Event) -> None:
+    """Every kind of request that meets the database, again and again, several at once, until `until` is set."""
+
+    async def rest(what: str, path: str, params: dict[str, str]) -> None:
+        async def request() -> None:
+            response = await http.get(path, params=params)
+            assert response.status_code in (200, 503), (what, response.status_code, response.text)
+
+        await waits.time(what, request)
+
+    async def snapshot() -> None:
+        async def request() -> None:
+            async with connect(replica.ws_url, open_timeout=GENEROUS_S) as websocket:
+                message = json.loads(await asyncio.wait_for(websocket.recv(), GENEROUS_S))
+                assert message["type"] == "all_rates", message
+
+        await waits.time("websocket snapshot", request)
+
+    async def again(request: Callable[[], Awaitable[None]]) -> None:
+        while not until.is_set():
+            await request()
+
+    kinds: list[Callable[[], Awaitable[None]]] = [
+        lambda: rest("/api/rates polled", "/api/rates", rate_query("USD/NGN")),
+        lambda: rest("/api/rates polled", "/api/rates", rate_query("EUR/ZAR")),
+        lambda: rest("/api/rates held on demand", "/api/rates", rate_query(HELD_UNPOLLED)),
+        lambda: rest("/api/rates never held", "/api/rates", rate_query(NEVER_HELD)),
+        lambda: rest("/api/rates/all", "/api/rates/all", {"base_currency": "USD"}),
+        lambda: rest("/api/rates/all", "/api/rates/all", {"base_currency": "GBP"}),
+        snapshot,
+        snapshot,
+    ]
+    await asyncio.gather(*(again(request) for request in kinds))
+
+
+@pytest.mark.slow
+async def test_while_the_database_hangs_no_request_waits_more_than_one_bound(
+    fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
+) -> None:
+    # Rates turn stale a second after the hang begins: readers then hold a stale rate while the database hangs,
+    # the case where a read and a refresh could be waited for one after the other.
+    with (
+        proxied(postgres_url) as (proxy, through),
+        started(
+            Replica(
+                tmp_path,
+                "one-bound",
+                **service_env(fake, through, throwaway_redis.url),
+                RATE_STALE_AFTER_SECONDS="1",
+            )
+        ) as replica,
+    ):
+        async with (
+            httpx.AsyncClient(base_url=replica.url, timeout=GENEROUS_S) as http,
+            Recorder(replica.ws_url) as recorder,
+        ):
+            await before_the_outage(http, fake, recorder)
+            waits, done = Waits(), asyncio.Event()
+            proxy.hang()
+            asking = asyncio.create_task(ask_over_and_over(http, replica, waits, done))
+            # The whole time the database hangs unnoticed, until the probe marks it away (each worker then ends
+            # the round it is in).
+            await wait_for_status(http, "/readyz", 503)
+            done.set()
+            await asking
+            proxy.restore()
+            await wait_for_status(http, "/readyz", 200)
+    assert sum(len(taken) for taken in waits.waits.values()) >= 30, waits.waits
+    assert not waits.over(DB_BOUND_S + MARGIN_S), waits.over(DB_BOUND_S + MARGIN_S)

@@ -2,6 +2,7 @@
 Compose specification, the Kubernetes manifests against Kubernetes's schemas, and all of them against the
 service (every variable they set is a setting, every metric they read is one the service exports)."""
 
+import ipaddress
 import json
 import re
 import shutil
@@ -10,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -152,9 +154,16 @@ def test_compose_migrates_once_before_two_replicas_start() -> None:
 # Kubernetes
 
 
-def kubernetes() -> dict[str, dict[str, Any]]:
+def kubernetes_documents() -> list[dict[str, Any]]:
+    return [document for path in sorted(DEPLOY.glob("kubernetes/*.yaml")) for document in load_all(path)]
+
+
+def kubernetes(name: str = "fxrates") -> dict[str, dict[str, Any]]:
+    """The manifests of one part (`fxrates`: the service and its migration; `redis`), by kind."""
     return {
-        document["kind"]: document for path in sorted(DEPLOY.glob("kubernetes/*.yaml")) for document in load_all(path)
+        document["kind"]: document
+        for document in kubernetes_documents()
+        if document["metadata"]["labels"]["app.kubernetes.io/name"] == name
     }
 
 
@@ -225,8 +234,15 @@ def environment_names() -> dict[str, set[str]]:
     return names
 
 
+# Variables the manifests set for the service's containers that are not its settings.
+NOT_SETTINGS = {
+    "FORWARDED_ALLOW_IPS",  # uvicorn's own: whose proxy headers it believes
+    "REDIS_PASSWORD",  # Kubernetes only: spelled into REDIS_URL as $(REDIS_PASSWORD), from the Secret
+}
+
+
 def test_every_variable_the_manifests_set_is_a_setting() -> None:
-    settings = {name.upper() for name in Settings.model_fields}
+    settings = {name.upper() for name in Settings.model_fields} | NOT_SETTINGS
     found = environment_names()
     assert len(found) >= 5, found  # two replicas and the migration in Compose, the Deployment and the Job
     for where, names in found.items():
@@ -244,6 +260,128 @@ def test_the_variables_in_the_manifests_hold_valid_values() -> None:
     container = kubernetes()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     values = {item["name"].lower(): item["value"] for item in container["env"] if "value" in item}
     Settings(_env_file=None, flutterwave_secret_key="set-by-the-secret", **values)  # type: ignore[call-arg]
+
+
+# What the manifests owe the contract: Redis's password, the proxy's network, memory for every client admitted
+
+# Per WebSocket client, compressed (the image negotiates permessage-deflate): 55-57 KiB measured at 10,000 clients
+# (docs/performance.md), the top of it; above the 50 KiB the contract allows for at the least.
+CLIENT_KIB = 57
+# The process itself: the interpreter, the libraries, every rate and the caches.
+BASE_MIB = 150
+COMPOSE_DEFAULT = re.compile(r"\$\{([A-Z_]+)(?::?-([^}]*))?\}")
+
+
+def compose_value(text: str) -> str:
+    """`text` as Compose gives it with no variable set: each ${NAME:-default} its default."""
+    return COMPOSE_DEFAULT.sub(lambda match: match[2] or "", text)
+
+
+def compose_replicas() -> dict[str, dict[str, Any]]:
+    return {name: service for name, service in compose()["services"].items() if name.startswith("fxrates-")}
+
+
+def kubernetes_container() -> dict[str, Any]:
+    container: dict[str, Any] = kubernetes()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def kubernetes_env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {item["name"]: item for item in container["env"]}
+
+
+def flag_value(command: list[str], flag: str) -> str:
+    assert flag in command, (flag, command)
+    return command[command.index(flag) + 1]
+
+
+def test_compose_gives_redis_a_password_and_the_replicas_use_it() -> None:
+    redis = compose()["services"]["redis"]
+    password = flag_value(redis["command"], "--requirepass")
+    assert compose_value(password), "Redis's password is empty when REDIS_PASSWORD is unset"
+    # The health check must authenticate: an unauthenticated PING is refused, and redis-cli still exits 0.
+    assert redis["environment"]["REDISCLI_AUTH"] == password
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    for name, replica in compose_replicas().items():
+        url = urlsplit(replica["environment"]["REDIS_URL"])
+        assert url.password == password, (name, "REDIS_URL must carry the password Redis asks for")
+        assert (url.hostname, url.port) == ("redis", 6379), name
+
+
+def test_kubernetes_gives_redis_a_password_from_the_secret_and_the_replicas_use_it() -> None:
+    redis_pod = kubernetes("redis")["Deployment"]["spec"]["template"]["spec"]
+    redis_service = kubernetes("redis")["Service"]
+    (server,) = redis_pod["containers"]
+    server_env = kubernetes_env(server)
+    assert flag_value(server["args"], "--requirepass") == "$(REDIS_PASSWORD)"
+    secret = server_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert server_env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == secret  # the probe authenticates
+    container = kubernetes_container()
+    env = kubernetes_env(container)
+    # From the same Secret's key, never written into the Deployment.
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    url = urlsplit(env["REDIS_URL"]["value"])
+    assert url.password == "$(REDIS_PASSWORD)"
+    # Kubernetes expands $(NAME) only from variables defined before it.
+    names = [item["name"] for item in container["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
+    assert url.hostname == redis_service["metadata"]["name"]
+    assert url.port == redis_service["spec"]["ports"][0]["port"]
+
+
+def proxy_networks(value: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    assert value.strip() and "*" not in value, f"FORWARDED_ALLOW_IPS={value!r} would let a client pick its address"
+    # Addresses or networks only: each must parse (an address is a network of one).
+    return [ipaddress.ip_network(item.strip()) for item in value.split(",")]
+
+
+def test_compose_believes_proxy_headers_only_from_its_own_network() -> None:
+    (subnet,) = [item["subnet"] for item in compose()["networks"]["default"]["ipam"]["config"]]
+    for name, replica in compose_replicas().items():
+        networks = proxy_networks(compose_value(replica["environment"]["FORWARDED_ALLOW_IPS"]))
+        assert networks == [ipaddress.ip_network(compose_value(subnet))], name
+        # Published on the host's loopback only: a client elsewhere cannot come in through Docker's gateway.
+        assert all(port.startswith("127.0.0.1:") for port in replica["ports"]), name
+
+
+def test_kubernetes_believes_proxy_headers_only_from_the_pod_network() -> None:
+    env = kubernetes_env(kubernetes_container())
+    assert "FORWARDED_ALLOW_IPS" in env, "behind an ingress every client would share its address"
+    networks = proxy_networks(env["FORWARDED_ALLOW_IPS"]["value"])
+    assert all(network.is_private for network in networks), networks
+
+
+def memory_bytes(text: str) -> int:
+    """A memory quantity, as Kubernetes (`512Mi`, `1G`) or Compose (`512m`, `1g`: binary) writes it."""
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text))
+    assert match, text
+    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+    decimal = {"K": 10**3, "M": 10**6, "G": 10**9}
+    return int(match[1]) * (decimal.get(match[2]) or units[match[2].lower()])
+
+
+def needed_bytes(ws_max_clients: str | None) -> int:
+    clients = int(ws_max_clients) if ws_max_clients is not None else Settings.model_fields["ws_max_clients"].default
+    return clients * CLIENT_KIB * 2**10 + BASE_MIB * 2**20
+
+
+def test_compose_gives_each_replica_the_memory_its_clients_need() -> None:
+    for name, replica in compose_replicas().items():
+        limit = memory_bytes(replica["mem_limit"])
+        assert limit >= needed_bytes(replica["environment"].get("WS_MAX_CLIENTS")), name
+
+
+def test_kubernetes_gives_each_replica_the_memory_its_clients_need() -> None:
+    container = kubernetes_container()
+    limit = memory_bytes(container["resources"]["limits"]["memory"])
+    clients = kubernetes_env(container).get("WS_MAX_CLIENTS", {}).get("value")
+    assert limit >= needed_bytes(clients)
+
+
+def test_memory_quantities_read_as_their_tools_do() -> None:
+    assert memory_bytes("1Gi") == memory_bytes("1g") == 2**30
+    assert memory_bytes("512Mi") == memory_bytes("512m") == 512 * 2**20
+    assert memory_bytes("1G") == 10**9
 
 
 # Build

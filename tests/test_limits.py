@@ -19,6 +19,10 @@ from redis.asyncio import Redis
 
 from app.api.board import WEB_DIR
 from app.currencies import Pair
+from app.errors import NotFound
+from app.kit.metrics import Metrics
+from app.limits.on_demand import OnDemandBudget
+from app.limits.windows import MovingWindow
 from app.settings import Settings, load_settings
 from tests.conftest import TEST_REDIS_URL, running_app
 from tests.fake_flutterwave import FakeFlutterwave
@@ -119,17 +123,69 @@ async def test_no_more_than_the_pair_cap_of_other_pairs_is_stored(
     assert fake.calls[new] == 0 and new not in stored and again.status_code == 200
 
 
-async def test_on_demand_currencies_empty_is_a_404_with_no_upstream_call(
+def budget_for(settings: Settings) -> OnDemandBudget:
+    """The deployment's on-demand rule as the service builds it, with nothing stored yet."""
+
+    async def nothing_stored() -> list[Pair]:
+        return []
+
+    return OnDemandBudget(
+        settings.pairs,
+        settings.polled_currencies,
+        settings.on_demand_currencies,
+        calls_per_minute=settings.on_demand_calls_per_minute,
+        max_pairs=settings.on_demand_max_pairs,
+        window=MovingWindow(None, None),
+        redis=None,
+        stored_pairs=nothing_stored,
+        refused=Metrics().refused,
+    )
+
+
+@pytest.mark.parametrize(
+    ("listed", "pair", "served"),
+    [
+        ("", Pair("NGN", "GHS"), True),  # both polled destinations
+        ("", Pair("NGN", "USD"), True),  # a polled destination and a polled source
+        ("", Pair("GBP", "EUR"), True),  # both polled sources
+        ("", Pair("USD", "JPY"), False),  # JPY is neither polled nor listed
+        ("", Pair("JPY", "CHF"), False),
+        ("JPY", Pair("USD", "JPY"), True),
+        ("JPY", Pair("JPY", "NGN"), True),
+        ("JPY", Pair("JPY", "CHF"), False),
+        ("JPY,CHF", Pair("JPY", "CHF"), True),
+        ("*", Pair("JPY", "CHF"), True),
+    ],
+    ids=str,
+)
+def test_a_pair_is_fetched_on_demand_when_each_currency_is_polled_or_listed(
+    make_settings: Callable[..., Settings], listed: str, pair: Pair, served: bool
+) -> None:
+    budget = budget_for(make_settings(on_demand_currencies=listed))
+    if served:
+        budget.check_allowed(pair)
+    else:
+        with pytest.raises(NotFound) as refused:
+            budget.check_allowed(pair)
+        assert pair.source in str(refused.value) or pair.destination in str(refused.value)
+
+
+async def test_on_demand_currencies_empty_still_fetches_pairs_of_polled_currencies(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings]
 ) -> None:
-    reverse = Pair("NGN", "USD")  # both currencies polled, the pair is not
+    # NGN and GHS are both polled (as destinations), the pair is not: fetched on demand, as USD/NGN's reverse is.
+    crossed = [Pair("NGN", "GHS"), Pair("NGN", "USD")]
     (other,) = unpolled_pairs(1)
     async with running_app(make_settings(on_demand_currencies="")) as (client, _):
-        answers = [await client.get(rate_url(pair)) for pair in (reverse, other)]
+        served = [await client.get(rate_url(pair)) for pair in crossed]
+        refused = await client.get(rate_url(other))
         polled = await client.get(rate_url(USD_NGN))
-    for answer in answers:
-        assert_envelope(answer, 404)
-    assert fake.calls[reverse] == fake.calls[other] == 0
+    for answer, pair in zip(served, crossed, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["meta"]["served_from"] == "upstream"
+        assert fake.calls[pair] == 1
+    assert other.destination in assert_envelope(refused, 404)["message"]
+    assert fake.calls[other] == 0
     assert polled.status_code == 200
 
 

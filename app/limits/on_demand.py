@@ -5,7 +5,8 @@ merchant's Flutterwave key a call and ride along in every snapshot from then
 on. So, for the whole deployment (through Redis when it is set, per process
 while it is not or while it fails):
 
-- a pair is fetched on demand only when each currency is polled or listed in
+- a pair is fetched on demand only when each of its currencies is polled (as
+  a source or a destination of the polled pairs) or listed in
   `ON_DEMAND_CURRENCIES`; otherwise it is a 404, and the upstream is not asked;
 - at most `ON_DEMAND_CALLS_PER_MINUTE` on-demand fetches start in any minute;
 - at most `ON_DEMAND_MAX_PAIRS` pairs outside the polled set are stored;
@@ -70,8 +71,8 @@ class OnDemandBudget:
         self._polled = frozenset(polled)
         allowed = frozenset(allowed_currencies)
         self._any_currency = ANY_CURRENCY in allowed
-        # An empty ON_DEMAND_CURRENCIES means no fetching on demand at all, not "only the polled currencies".
-        self._on_demand = bool(allowed)
+        # The polled currencies are always allowed: an empty ON_DEMAND_CURRENCIES still serves NGN/GHS when NGN
+        # and GHS are both polled, and only adds no other currency.
         self._allowed = allowed | frozenset(polled_currencies)
         self._calls = RateLimitItemPerMinute(calls_per_minute)
         self._calls_per_minute = calls_per_minute
@@ -90,8 +91,6 @@ class OnDemandBudget:
         """Raise `NotFound` for a pair outside the polled set that `ON_DEMAND_CURRENCIES` does not allow."""
         if pair in self._polled or self._any_currency:
             return
-        if not self._on_demand:
-            raise NotFound(f"{pair} is not served: this service fetches only the pairs it polls.")
         refused = [code for code in (pair.source, pair.destination) if code not in self._allowed]
         if refused:
             raise NotFound(f"{pair} is not served: this service does not fetch {' or '.join(refused)} on demand.")

@@ -345,8 +345,14 @@ class Hub:
         """Every stored rate, read from the database at most once a second while nothing changes."""
         if (current := self._current()) is not None:
             return current
+        arrived, built_before = (self._store.version, self.version), self._snapshot
         async with self._snapshot_lock:
-            # Whoever waited on the lock takes the snapshot the holder just built.
+            # Whoever waited on the lock takes the snapshot the holder just built, however long its read took: a
+            # request waits for one database bound at most (docs/outages.md). Unless a change landed between that
+            # read's start and this caller's arrival, which the read may have missed (a held snapshot has them all).
+            built = self._snapshot
+            if built is not None and built is not built_before and (built.held or built.versions == arrived):
+                return built
             if (current := self._current()) is not None:
                 return current
             # Versions taken before the read: a change that lands during it makes this snapshot old at once.

@@ -17,6 +17,11 @@ While the database cannot be reached, what the process holds stands in for
 it: Redis, then the last rate this process held in memory, however old
 (served `stale` once it is); nothing is fetched from the upstream then, since
 a rate is shown only once stored (docs/outages.md).
+
+A request waits one bound at most, whatever it does: the database read and,
+with a rate in hand, the wait for a refresh share one deadline, and a read
+that failed is not followed by a refresh that would meet the same database
+again to store what it fetched (docs/outages.md).
 """
 
 import asyncio
@@ -66,7 +71,7 @@ class RateLookup:
         *,
         stale_after_s: float,
         amount: Decimal,
-        stale_wait_s: float = 2.0,
+        bound_s: float = 2.0,
         cooldown_s: float = 5.0,
         on_demand_concurrency: int = 2,
         clock: Callable[[], datetime] = utc_now,
@@ -78,7 +83,7 @@ class RateLookup:
         self._budget = budget
         self._stale_after_s = stale_after_s
         self._amount = amount
-        self._stale_wait_s = stale_wait_s
+        self._bound_s = bound_s
         self._cooldown_s = cooldown_s
         self._clock = clock
         self._refreshing: dict[Pair, asyncio.Task[StoredRate]] = {}  # one refresh of a pair at a time
@@ -100,10 +105,18 @@ class RateLookup:
         fetching it is beyond the on-demand budget, and `RateUnavailable` when none is stored and the upstream fails.
         """
         self._budget.check_allowed(pair)
-        stored = await self._stored(pair)
+        # One deadline for the whole request: what the read took comes off the wait for a refresh.
+        deadline = asyncio.get_running_loop().time() + self._bound_s
+        stored, reached = await self._stored(pair, deadline)
         if stored is not None and not self.is_stale(stored[0]):
             self._metrics.cache_lookups.labels(layer=stored[1]).inc()
             return Found(stored[0], stored[1], stale=False)
+        if not reached:
+            # The database did not answer the read: a refresh would wait on it again to store what it fetched.
+            if stored is None:
+                raise self._store.database.unavailable()
+            self._metrics.cache_lookups.labels(layer=stored[1]).inc()
+            return Found(stored[0], stored[1], stale=True)
 
         resting_s = self._resting_until.get(pair, 0.0) - time.monotonic()
         if resting_s <= 0:
@@ -114,7 +127,7 @@ class RateLookup:
                 else:
                     # A reader with a stale rate in hand waits a little for a fresh one, not for every retry.
                     # (asyncio.timeout, as Python 3.11's wait_for may swallow a cancellation of the request.)
-                    async with asyncio.timeout(self._stale_wait_s):
+                    async with asyncio.timeout_at(deadline):
                         fresh = await asyncio.shield(refresh)
             except TooManyRequests:
                 if stored is None:
@@ -137,8 +150,9 @@ class RateLookup:
         self._metrics.cache_lookups.labels(layer=stored[1]).inc()
         return Found(stored[0], stored[1], stale=True)
 
-    async def _stored(self, pair: Pair) -> tuple[StoredRate, Layer] | None:
-        """The freshest stored rate, going deeper only while what was found is stale."""
+    async def _stored(self, pair: Pair, deadline: float) -> tuple[tuple[StoredRate, Layer] | None, bool]:
+        """The freshest stored rate, going deeper only while what was found is stale; and False when the database
+        was to be read and could not be (what is returned is then what this process held)."""
         layers: list[tuple[Layer, Callable[[Pair], Awaitable[StoredRate | None]]]] = [
             ("memory", self._cache.memory.get)
         ]
@@ -153,9 +167,10 @@ class RateLookup:
                 break
         if best is None or self.is_stale(best[0]):
             try:
-                rate = await self._store.current(pair)
+                # Within what the request has left, should Redis have been slow to answer.
+                rate = await self._store.current(pair, within_s=deadline - asyncio.get_running_loop().time())
             except DatabaseUnavailable:
-                return self._held(pair, best)
+                return self._held(pair, best), False
             if rate is not None and (best is None or rate.last_updated > best[0].last_updated):
                 best = (rate, "database")
         if best is not None and best[1] != "memory":
@@ -163,7 +178,7 @@ class RateLookup:
                 await self._cache.set(best[0])
             else:
                 await self._cache.memory.set(best[0])
-        return best
+        return best, True
 
     def _held(self, pair: Pair, best: tuple[StoredRate, Layer] | None) -> tuple[StoredRate, Layer] | None:
         """With the database away: the newest of what Redis gave and what this process last held."""

@@ -217,12 +217,14 @@ class RateStore:
 
         return await self.database.call(read)
 
-    async def current(self, pair: Pair) -> StoredRate | None:
+    async def current(self, pair: Pair, *, within_s: float | None = None) -> StoredRate | None:
+        """The pair's stored rate; `within_s`: what the caller has left of its own bound, if less than a read's."""
+
         async def read() -> StoredRate | None:
             async with self._sessions() as session:
                 return await repository.get_current(session, pair)
 
-        return await self.database.call(read)
+        return await self.database.call(read, within_s=within_s)
 
 
 def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveResult]:

@@ -113,12 +113,18 @@ class DatabaseHealth:
     def unavailable(self) -> DatabaseUnavailable:
         return DatabaseUnavailable(retry_after_s=RETRY_AFTER_S)
 
-    async def call(self, work: Callable[[], Awaitable[T]], *, write: bool = False) -> T:
-        """Run `work` against the database, bounded; `DatabaseUnavailable` when it cannot be reached."""
+    async def call(self, work: Callable[[], Awaitable[T]], *, write: bool = False, within_s: float | None = None) -> T:
+        """Run `work` against the database, bounded; `DatabaseUnavailable` when it cannot be reached.
+
+        `within_s` shortens the bound to what a caller has left of its own (one bound per request).
+        """
         if self._down_since is not None:
             raise self.unavailable()
+        timeout_s = self._timeout_s * WRITE_FACTOR if write else self._timeout_s
+        if within_s is not None:
+            timeout_s = max(0.0, min(timeout_s, within_s))
         try:
-            return await self._bounded(work, self._timeout_s * WRITE_FACTOR if write else self._timeout_s)
+            return await self._bounded(work, timeout_s)
         except _Unreachable as failure:
             self._errors.inc()
             self._last_error = _describe(failure.cause)
