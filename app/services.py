@@ -207,9 +207,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             provider, store, settings.pairs, schedule, amount=settings.upstream_quote_amount, metrics=metrics
         )
         # Its own window, keyed by client address: its memory forgets the least recently seen past MAX_CLIENTS.
-        client_window = MovingWindow(
-            redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS
-        )
+        client_window = MovingWindow(redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS)
         stack.push_async_callback(client_window.aclose)
         client_limiter = await stack.enter_async_context(
             ClientLimiter(settings.rate_limit_per_minute, client_window, metrics.refused).flushing()
