@@ -76,12 +76,23 @@ RELIED_ON = {
     "transport": "frames are written to it; the reset reads its buffer size and socket and aborts it",
     "app_state": "the reset counts in the lifespan state's metrics",
     "client": "the reset logs the peer's address",
+    "queue": "handle_parser_exception hands the application its websocket.disconnect, as uvicorn's own does",
+    "read_paused": "handle_parser_exception resumes reading, so what the client still sends is read and dropped",
+    "close_timer": "handle_parser_exception closes the transport after close_timeout, as uvicorn's own does",
 }
 # uvicorn's methods the subclass overrides, with what it assumes of them.
 OVERRIDDEN = {
     "__init__": "called by keyword (config, server_state, app_state) by uvicorn's HTTP protocols on an upgrade",
     "run_asgi": "a coroutine without arguments, run as a task once the handshake request is accepted",
     "connection_lost": "called with the exception (or None) when the transport is gone",
+    "handle_connect": "called with websockets' Request once it is parsed, before the application runs; sets scope",
+    "handle_text": "called with each text frame (fragments too) websockets parsed",
+    "handle_bytes": "called with each binary frame (fragments too) websockets parsed",
+    "handle_cont": "called with each continuation frame websockets parsed",
+    "handle_ping": "called, without arguments, for each ping websockets answered",
+    "handle_pong": "called with each pong frame",
+    "handle_parser_exception": "called when websockets failed the connection (1009, 1002, ...), with the close "
+    "frame in conn.data_to_send(); again for each read that follows",
 }
 FRAME_TEXT = "contract"
 
@@ -309,7 +320,10 @@ async def test_uvicorn_still_sets_every_attribute_the_subclass_relies_on() -> No
         )
         # The subclass's own names shadow nothing of uvicorn's (a clash would replace uvicorn's, or hide ours).
         own = defined_by_subclass(subclass_source()) - OVERRIDDEN.keys()
-        clashes = {name for name in own if hasattr(WebSocketsSansIOProtocol, name)} | (own & set(vars(protocol)))
+        uvicorns = WebSocketsSansIOProtocol(
+            config=protocol.config, server_state=connection.server_state, app_state=connection.app_state
+        )
+        clashes = {name for name in own if hasattr(WebSocketsSansIOProtocol, name)} | (own & set(vars(uvicorns)))
         assert not clashes, f"{UVICORN}: {BASE} now has {sorted(clashes)}, names app/live/protocol.py defines too"
 
 
