@@ -166,12 +166,12 @@ class Hub:
     def fan_out(self, event: Stored | CycleEnded) -> None:
         """Hand an event to every client, each failing client apart (see `_drop`)."""
         if isinstance(event, Stored):
+            self._on_rates()  # first: the collector is paced before the fan-out allocates (app.live.gc_pacing)
             self._fan_out_updates([Update(update) for update in event.updates])
         else:
             self._fan_out_cycle_end(Outgoing(event.frame))
 
     def _fan_out_updates(self, updates: list[Update]) -> None:
-        self._on_rates()
         self._snapshots.announce(update.stored for update in updates)
         self._batches.clear()
         conflated = 0
