@@ -27,7 +27,8 @@ from app.limits.websocket import (
     admitted,
     message_bucket,
 )
-from app.live.hub import ALL, Hub, HubClient
+from app.live.client import HubClient
+from app.live.hub import ALL, Hub
 from app.live.protocol import PreparedFrames, prepared_frames
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
@@ -144,27 +145,10 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
         client.send(frame, pair, found.rate.destination_per_source)
     elif isinstance(message, Subscribe):
-        wanted = _pairs(message.pairs)
-        # The first subscribe narrows the default "everything"; later ones add to it.
-        if wanted is None or (client.pairs is None and not client.subscribed_once):
-            client.pairs = wanted
-        elif client.pairs is not None:
-            client.pairs |= wanted
-        client.subscribed_once = True
-        if message.min_change_bps is not None:
-            client.min_change_bps = message.min_change_bps
-        if message.batch is not None:
-            client.batch = message.batch
+        client.subscribe(_pairs(message.pairs), message.min_change_bps, message.batch)
         client.send(_subscribed(client))
     elif isinstance(message, Unsubscribe):
-        unwanted = _pairs(message.pairs)
-        if unwanted is None:
-            client.pairs = set()
-        else:
-            current = client.pairs if client.pairs is not None else set((await hub.snapshot()).values)
-            client.pairs = current - unwanted
-        client.forget(unwanted)
-        client.subscribed_once = True
+        await client.unsubscribe(_pairs(message.pairs), hub.stored_pairs)
         client.send(_subscribed(client))
 
 
@@ -177,11 +161,11 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
         text: str | None = message.get("text")
         size = len(text.encode()) if text is not None else len(message.get("bytes") or b"")
         if size > MAX_FRAME_BYTES:
-            client.close_code = CLOSE_TOO_BIG
+            client.close(CLOSE_TOO_BIG)
             return
         if not bucket.take():
             if bucket.exhausted:
-                client.close_code = CLOSE_POLICY_VIOLATION
+                client.close(CLOSE_POLICY_VIOLATION)
                 return
             client.send(ErrorFrame(code="rate_limited", message="Too many messages; slow down.").model_dump_json())
             continue
@@ -197,7 +181,7 @@ async def _send(websocket: WebSocket, client: HubClient, prepared: PreparedFrame
     clock = time.monotonic
     while True:
         frame = await client.take()
-        client.sending_since = clock()  # the hub cuts off a client whose send stays blocked too long
+        client.sending(clock())  # the hub cuts off a client whose send stays blocked too long
         try:
             if prepared is not None:
                 await prepared.send(frame.wire(prepared.deflate))  # framed once for every client (app.live.frames)
@@ -206,8 +190,7 @@ async def _send(websocket: WebSocket, client: HubClient, prepared: PreparedFrame
         except (RuntimeError, OSError) as error:
             # The client's close frame arrived first and the server already answered it: the socket is done.
             raise WebSocketDisconnect(1000) from error
-        client.sending_since = None
-        client.frames_sent += 1
+        client.sent()
 
 
 async def serve(websocket: WebSocket, hub: HubDep, lookup: LookupDep) -> None:
@@ -221,8 +204,7 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     client = hub.join()
     prepared = prepared_frames(websocket.scope)
     if prepared is not None:
-        client.write_now = prepared.write_now  # the hub writes to an idle client at once, its sender left asleep
-        client.deflate = prepared.deflate
+        client.attach(prepared.write_now, prepared.deflate)  # written to at once while idle, its sender asleep
     try:
         client.send_snapshot(await hub.snapshot())
         async with asyncio.TaskGroup() as group:
@@ -230,14 +212,14 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
                 group.create_task(_receive(websocket, client, hub, lookup)),
                 group.create_task(_send(websocket, client, prepared)),
                 # Watched apart from the sender, which may sit blocked on a client that stopped reading.
-                group.create_task(client.ending.wait()),
+                group.create_task(client.ended()),
             ]
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
                 task.cancel()
             if client.slow:
                 hub.count_slow_closed()
-                client.close_code = CLOSE_TRY_AGAIN_LATER
+                client.close(CLOSE_TRY_AGAIN_LATER)
     except* (WebSocketDisconnect, OSError):
         pass
     finally:

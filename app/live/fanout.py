@@ -1,21 +1,40 @@
 """Publishing rate events to every process: broadcaster on `redis://` when Redis is set, `memory://` otherwise.
 
-Each event is serialised once, here, whatever the number of listeners.
+Each event is serialised once, here, whatever the number of listeners, and
+each listener parses it once (`read_event`) into a typed event.
+
+The channel (`RATES_CHANNEL`) is internal to the service: every process runs
+the same version. A message is one JSON object whose `"type"` names its kind,
+read as the discriminator of a union of models (never by the first bytes of
+the text):
+
+- `rates_stored` (`RatesStored`): one store batch, committed together: its
+  rates' updates in the order stored. Read as `Stored`.
+- `all_rates_update` (`AllRatesUpdate`): a poll cycle has ended. Read as
+  `CycleEnded`, whose frame is the message's own text, sent to WebSocket
+  clients as it is (it is the client frame of docs/websocket.md).
+- `resync` (`Resync`): never published. Once Redis is back after an outage,
+  this process's backend hands it to its own listeners (`Resynced`): whatever
+  they derived from the channel may have missed changes.
+
+A message of any other kind, or malformed, is logged and skipped.
 """
 
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
 
 from broadcaster import Broadcast
 from prometheus_client import Counter
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
 from app.live.redis_backend import ResilientRedisBackend
 from app.rates.store import SaveResult
-from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate
+from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate, Resync
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +127,45 @@ class Delivered:
         return True
 
 
-def stored_updates(message: str) -> list[RateUpdate] | None:
-    """The rate updates an event tells of (a store batch), or None for any other event."""
-    if not message.startswith('{"type":"rates_stored"'):
-        return None
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A store batch: the updates of its rates, in the order stored."""
+
+    updates: list[RateUpdate]
+
+
+@dataclass(frozen=True, slots=True)
+class CycleEnded:
+    """A poll cycle has ended; `frame` is its `all_rates_update` frame, as clients get it."""
+
+    frame: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resynced:
+    """The channel is back after an outage: whatever was derived from it may have missed changes."""
+
+
+Event = Stored | CycleEnded | Resynced
+
+_MESSAGE: TypeAdapter[RatesStored | AllRatesUpdate | Resync] = TypeAdapter(
+    Annotated[RatesStored | AllRatesUpdate | Resync, Field(discriminator="type")]
+)
+_RESYNCED = Resynced()
+
+
+def read_event(message: str) -> Event | None:
+    """The event a channel message carries, by its kind, parsed once; None (logged) for any other message."""
     try:
-        return RatesStored.model_validate_json(message).updates
-    except ValidationError:
-        log.warning("ignoring a malformed rates_stored event on %s", RATES_CHANNEL)
+        parsed = _MESSAGE.validate_json(message)
+    except ValidationError as error:
+        log.warning("ignoring a message on %s: %s", RATES_CHANNEL, error.errors()[0]["msg"])
         return None
+    if isinstance(parsed, RatesStored):
+        return Stored(parsed.updates)
+    if isinstance(parsed, AllRatesUpdate):
+        return CycleEnded(message)
+    return _RESYNCED
 
 
 async def follow_rate_updates(
@@ -125,8 +174,9 @@ async def follow_rate_updates(
     """Hand every rate update any process publishes to `on_update`, and a fan-out comeback to `on_resync`."""
     async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
         while True:
-            event = await subscriber.get()
-            if event.message == RESYNC:
+            event = read_event((await subscriber.get()).message)
+            if isinstance(event, Resynced):
                 on_resync()
-            for update in stored_updates(event.message) or ():
-                on_update(update)
+            elif isinstance(event, Stored):
+                for update in event.updates:
+                    on_update(update)

@@ -149,5 +149,12 @@ SERVER_FRAMES: tuple[type[BaseModel], ...] = (
     ErrorFrame,
 )
 
-# Published by this process's fan-out backend, never by a client: "Redis is back, refresh what you hold".
-RESYNC = '{"type":"resync"}'
+
+class Resync(BaseModel):
+    """Handed to this process's listeners by its fan-out backend, never published: "Redis is back, refresh what
+    you hold"."""
+
+    type: Literal["resync"] = "resync"
+
+
+RESYNC = Resync().model_dump_json()
