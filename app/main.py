@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import board, ops, rates, ws
+from app.api import admin, board, ops, rates, ws
 from app.api.docs import asyncapi_page
 from app.api.docs.openapi import install_openapi, operation_id
 from app.api.middleware.answer_cache import AnswerCache
+from app.api.middleware.no_store import NoStore
 from app.api.middleware.request_metrics import RequestMetrics
 from app.api.middleware.security_headers import SecurityHeaders
 from app.errors import add_error_handlers
@@ -58,9 +59,12 @@ def create_app(settings: Settings) -> FastAPI:
     install_openapi(app, settings)
     # Listed innermost first. The answer cache sits next to the router; the per-client limit outside it, so an
     # answer replayed from it is still counted and carries the RateLimit headers; CORS outside that, so a browser
-    # can read a 429; the headers every answer carries, and the request counts, outermost.
+    # can read a 429; the headers every answer carries, and the request counts, outermost. The per-client limit
+    # also verifies a key a request carries (app.limits.per_key), so a bad one is refused before anything else
+    # runs; admin answers, its refusals included, are marked no-store just outside it.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(ClientLimit)
+    app.add_middleware(NoStore, prefix="/api/admin")
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins,
@@ -73,11 +77,13 @@ def create_app(settings: Settings) -> FastAPI:
             "RateLimit-Reset",
             "ETag",
             "X-Request-ID",
+            "WWW-Authenticate",
         ],
     )
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, requests=metrics.requests, durations=metrics.request_seconds)
     app.include_router(rates.router)
+    app.include_router(admin.router)
     app.include_router(ops.router)
     app.include_router(ws.router)
     app.include_router(board.router)
