@@ -49,7 +49,10 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
         description='Every error has the envelope `{"status": "error", "message": …, "data": null}`. '
         "The WebSocket `/ws/rates` is described by the AsyncAPI document at [/asyncapi.json](/asyncapi.json), "
-        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.",
+        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.\n\n"
+        "An API key is optional on the public `/api` endpoints: sent as `Authorization: Bearer <key>`, a valid one is "
+        "counted against its own limit (`RATE_LIMIT_PER_KEY_PER_MINUTE`) instead of the address's; an unknown or "
+        "revoked one is a 401. `/api/admin` needs an operator's key.",
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,

@@ -7,12 +7,13 @@ from fastapi import APIRouter, Query
 from app.admin import audit
 from app.api.admin.auth import OperatorDep
 from app.api.admin.schemas import AUTH_ERRORS, AuditData, AuditItem, AuditMeta, AuditQuery, AuditResponse, error
-from app.api.deps import DatabaseDep, SessionsDep
+from app.api.deps import DatabaseDep, SessionsDep, get_with_and_without_slash
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
 
-@router.get(
+@get_with_and_without_slash(
+    router,
     "/audit",
     response_model=AuditResponse,
     summary="The audit trail, newest first",

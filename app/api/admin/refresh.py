@@ -6,9 +6,10 @@ their transaction: it is written right after, once every pair's outcome is
 known (docs/design.md, "The audit trail").
 """
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
+from fastapi.openapi.models import Example
 
 from app.admin import audit
 from app.api.admin.auth import OperatorDep
@@ -22,6 +23,16 @@ from app.storage import repository
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
 ACTION = "refresh"
+EXAMPLES: dict[str, Example] = {
+    "some": {
+        "summary": "Two pairs a customer reported stale",
+        "value": {"pairs": ["USD/NGN", "GBP/KES"], "reason": "Customer report: USD/NGN looked stale"},
+    },
+    "all": {
+        "summary": 'Every stored pair (`"*"`)',
+        "value": {"pairs": "*", "reason": "Upstream incident over; refreshing everything"},
+    },
+}
 
 
 def _outcome(result: SaveResult | None) -> Outcome:
@@ -46,7 +57,7 @@ def _outcome(result: SaveResult | None) -> Outcome:
     },
 )
 async def refresh(
-    body: RefreshRequest,
+    body: Annotated[RefreshRequest, Body(openapi_examples=EXAMPLES)],
     operator: OperatorDep,
     poller: PollerDep,
     sessions: SessionsDep,

@@ -48,10 +48,7 @@ PairText = Annotated[
 
 
 class RefreshRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"pairs": ["USD/NGN", "GBP/KES"], "reason": "Customer reports a stale rate"}]},
-    )
+    model_config = ConfigDict(extra="forbid")
 
     pairs: (
         Annotated[list[PairText], Field(min_length=1, max_length=MAX_PAIRS), AfterValidator(_distinct)] | Literal["*"]
