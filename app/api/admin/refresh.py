@@ -50,6 +50,7 @@ def _outcome(result: SaveResult | None) -> Outcome:
     "outcome. Writes one row of the audit trail.",
     responses={
         **AUTH_ERRORS,
+        400: error("The body cannot be read at all (not text)", "There was an error parsing the body"),
         422: error(
             "The body is malformed, a reason is missing or too long, or a pair was never stored",
             "Invalid pairs: USD/JPY was never stored; only stored pairs can be refreshed.",
