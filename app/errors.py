@@ -1,7 +1,10 @@
 """The service's errors and the one place that turns them, and every other error, into HTTP answers.
 
     ServiceError                  a request the service cannot answer as asked
+     ├── Unauthorized        401  no API key, or an unknown or revoked one, where one is needed (docs/rest.md)
+     ├── Forbidden           403  a valid key whose role may not do this (an integrator's under /api/admin)
      ├── NotFound            404  nothing there (a pair with no rate yet at that moment, or one never fetched)
+     ├── InvalidRequest      422  well-formed, but not possible now (refreshing a pair never stored); names fields
      ├── TooManyRequests     429  over a limit (docs/limits.md); says when to retry
      └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
           └── DatabaseUnavailable  503  the answer needs the database, which cannot be reached now
@@ -37,6 +40,25 @@ class ServiceError(Exception):
 
 class NotFound(ServiceError):
     status_code = 404
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+
+    def __init__(self, message: str, errors: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.errors = errors
 
 
 class _RetryLater(ServiceError):
@@ -98,7 +120,8 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    return JSONResponse(error_body(error.message), status_code=error.status_code, headers=error.headers())
+    errors = error.errors if isinstance(error, InvalidRequest) else None
+    return JSONResponse(error_body(error.message, errors), status_code=error.status_code, headers=error.headers())
 
 
 _HTTP_MESSAGES = {404: "No such endpoint.", 405: "Method not allowed; this API answers GET."}
@@ -108,6 +131,9 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     detail = error.detail if isinstance(error.detail, str) else None
     message = _HTTP_MESSAGES.get(error.status_code) or (detail or "Request failed.")
+    allowed = {method.strip() for method in (error.headers or {}).get("Allow", "").split(",") if method.strip()}
+    if error.status_code == 405 and not allowed <= {"GET", "HEAD"}:
+        message = f"Method not allowed; this path answers {', '.join(sorted(allowed))}."
     return JSONResponse(error_body(message), status_code=error.status_code, headers=error.headers)
 
 

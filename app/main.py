@@ -12,10 +12,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import board, ops, rates, ws
+from app.api import admin, board, ops, rates, ws
 from app.api.docs import asyncapi_page
 from app.api.docs.openapi import install_openapi, operation_id
 from app.api.middleware.answer_cache import AnswerCache
+from app.api.middleware.no_store import NoStore
 from app.api.middleware.request_metrics import RequestMetrics
 from app.api.middleware.security_headers import SecurityHeaders
 from app.errors import add_error_handlers
@@ -48,7 +49,10 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
         description='Every error has the envelope `{"status": "error", "message": …, "data": null}`. '
         "The WebSocket `/ws/rates` is described by the AsyncAPI document at [/asyncapi.json](/asyncapi.json), "
-        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.",
+        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.\n\n"
+        "An API key is optional on the public `/api` endpoints: sent as `Authorization: Bearer <key>`, a valid one is "
+        "counted against its own limit (`RATE_LIMIT_PER_KEY_PER_MINUTE`) instead of the address's; an unknown or "
+        "revoked one is a 401. `/api/admin` needs an operator's key.",
         version="0.1.0",
         lifespan=lifespan,
         redirect_slashes=False,
@@ -58,9 +62,12 @@ def create_app(settings: Settings) -> FastAPI:
     install_openapi(app, settings)
     # Listed innermost first. The answer cache sits next to the router; the per-client limit outside it, so an
     # answer replayed from it is still counted and carries the RateLimit headers; CORS outside that, so a browser
-    # can read a 429; the headers every answer carries, and the request counts, outermost.
+    # can read a 429; the headers every answer carries, and the request counts, outermost. The per-client limit
+    # also verifies a key a request carries (app.limits.per_key), so a bad one is refused before anything else
+    # runs; admin answers, its refusals included, are marked no-store just outside it.
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(ClientLimit)
+    app.add_middleware(NoStore, prefix="/api/admin")
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins,
@@ -73,11 +80,13 @@ def create_app(settings: Settings) -> FastAPI:
             "RateLimit-Reset",
             "ETag",
             "X-Request-ID",
+            "WWW-Authenticate",
         ],
     )
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestMetrics, requests=metrics.requests, durations=metrics.request_seconds)
     app.include_router(rates.router)
+    app.include_router(admin.router)
     app.include_router(ops.router)
     app.include_router(ws.router)
     app.include_router(board.router)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.admin.keyring import KeyRing, database_reads
 from app.api.history_answers import HistoryAnswers
 from app.api.ops import PROBE_INTERVAL_S, Problems
 from app.currencies import Pair
@@ -23,6 +24,7 @@ from app.kit.tasks import running
 from app.kit.throttle import Throttle
 from app.limits.on_demand import OnDemandBudget
 from app.limits.per_client import MAX_CLIENTS, ClientLimiter
+from app.limits.per_key import BadKeys, KeyGate
 from app.limits.websocket import Admission
 from app.limits.windows import MovingWindow
 from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
@@ -30,7 +32,7 @@ from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.lookup import RateLookup
-from app.rates.store import RateStore
+from app.rates.store import RateStore, utc_now
 from app.rates.wire import RateUpdate
 from app.settings import Settings
 from app.storage import repository
@@ -63,6 +65,8 @@ class Services:
     hub: Hub
     poller: Poller
     client_limiter: ClientLimiter
+    key_limiter: ClientLimiter
+    key_gate: KeyGate
     ws_admission: Admission
     probes: Throttle[Problems]
     history_answers: HistoryAnswers
@@ -212,6 +216,24 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         client_limiter = await stack.enter_async_context(
             ClientLimiter(settings.rate_limit_per_minute, client_window, metrics.refused).flushing()
         )
+        # Keys: what this process read of each (app.admin.keyring), then their own limit, keyed by name.
+        read_key, touch_key = database_reads(sessions, database)
+        keyring = KeyRing(read_key, touch_key, now=utc_now)
+        stack.push_async_callback(keyring.aclose)
+        key_window = MovingWindow(redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS)
+        stack.push_async_callback(key_window.aclose)
+        key_limiter = await stack.enter_async_context(
+            ClientLimiter(
+                settings.rate_limit_per_key_per_minute,
+                key_window,
+                metrics.refused,
+                name="per_key",
+                whose="with this key",
+            ).flushing()
+        )
+        bad_key_window = MovingWindow(redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS)
+        stack.push_async_callback(bad_key_window.aclose)
+        key_gate = KeyGate(keyring, BadKeys(bad_key_window), metrics.auth_failures)
         ws_admission = Admission(
             settings.ws_max_clients,
             settings.ws_max_clients_per_address,
@@ -235,6 +257,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             hub,
             poller,
             client_limiter,
+            key_limiter,
+            key_gate,
             ws_admission,
             Throttle(PROBE_INTERVAL_S),
             HistoryAnswers(),

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from app.storage import models  # noqa: F401 - registers the tables
 from app.storage.engine import PROJECT_ROOT, Base, create_engine, migrate
@@ -45,6 +47,33 @@ async def test_start_up_migration_runs_on_the_running_loop_and_is_idempotent(dat
         await migrate(engine)  # a second replica, or a restart: nothing left to do
         async with engine.connect() as connection:
             assert await connection.run_sync(_schema_diff) == []
-            assert {"exchange_rates", "exchange_rate_history", "alembic_version"} <= await connection.run_sync(_tables)
+            assert {
+                "exchange_rates",
+                "exchange_rate_history",
+                "api_keys",
+                "audit_log",
+                "alembic_version",
+            } <= await connection.run_sync(_tables)
+    finally:
+        await engine.dispose()
+
+
+async def test_the_audit_log_refuses_update_and_delete(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO audit_log (at, actor, action, pairs, reason) "
+                    "VALUES (CURRENT_TIMESTAMP, 'ops', 'refresh', '[]', 'a test')"
+                )
+            )
+        for statement in ("UPDATE audit_log SET reason = 'rewritten'", "DELETE FROM audit_log"):
+            with pytest.raises(DBAPIError, match="append-only"):
+                async with engine.begin() as connection:
+                    await connection.execute(text(statement))
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT reason FROM audit_log"))).scalars().all() == ["a test"]
     finally:
         await engine.dispose()

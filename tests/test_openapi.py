@@ -147,3 +147,46 @@ def test_moments_beyond_the_calendar_once_in_utc_are_before_or_after_everything(
     assert status == 404 and json.loads(body)["status"] == "error"
     status, _, body = get(f"{live.url}{HISTORY}&until=9999-12-31T23:59:59-05:00")
     assert status == 200 and json.loads(body)["meta"]["count"] >= 1
+
+
+def send(url: str, method: str, body: Any, key: str) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
+    live: LiveService, spec: dict[str, Any]
+) -> None:
+    assert spec["components"]["securitySchemes"]["operatorKey"] | {"description": ""} == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "",
+    }
+    admin = {path: item for path, item in spec["paths"].items() if path.startswith("/api/admin/")}
+    assert {"/api/admin/refresh", "/api/admin/audit"} <= set(admin)
+    for item in admin.values():
+        for operation in item.values():
+            assert operation["security"] == [{"operatorKey": []}]
+            for status in ("401", "403", "422", "429", "503"):
+                example = operation["responses"][status]["content"]["application/json"]["example"]
+                assert example["status"] == "error" and example["data"] is None
+    bodies = admin["/api/admin/refresh"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    assert set(bodies) == {"some", "all"}
+    for name, example in bodies.items():
+        status, body = send(f"{live.url}/api/admin/refresh", "POST", example["value"], live.operator_key)
+        assert status == 200, (name, body)
+    queries = examples_of(admin["/api/admin/audit"]["get"])
+    assert set(queries) == {"recent", "since"}
+    for name, query in queries.items():
+        status, body = send(
+            f"{live.url}/api/admin/audit?{urllib.parse.urlencode(query)}", "GET", None, live.operator_key
+        )
+        assert status == 200 and json.loads(body)["meta"]["count"] >= 2, (name, body)
+    status, headers, body = get(f"{live.url}/api/admin/audit")
+    assert status == 401 and headers["www-authenticate"] == "Bearer" and headers["cache-control"] == "no-store"

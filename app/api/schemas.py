@@ -120,6 +120,13 @@ Limit = Annotated[
     WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 5000}),
 ]
 
+AuditLimit = Annotated[
+    int,
+    BeforeValidator(_limit),
+    Field(ge=1, le=1000),
+    WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 1000}),
+]
+
 
 class RateQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")

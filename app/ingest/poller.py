@@ -9,6 +9,7 @@ every pair.
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import TracebackType
@@ -79,7 +80,7 @@ class Poller:
         report = CycleReport(
             ok=sum(outcome is not None for outcome in outcomes),
             failed=sum(outcome is None for outcome in outcomes),
-            changed=sum(bool(outcome) for outcome in outcomes),
+            changed=sum(outcome is not None and outcome.changed for outcome in outcomes),
             duration_s=time.perf_counter() - started,
         )
         self._metrics.poll_cycle_seconds.observe(report.duration_s)
@@ -96,8 +97,16 @@ class Poller:
         await self._store.publish_cycle(AllRatesUpdate(as_of=utc_now(), count=report.ok, changed=report.changed))
         return report
 
-    async def _refresh(self, pair: Pair) -> bool | None:
-        """True when the value changed, False when it held, None when the pair failed."""
+    async def refresh(self, pairs: Sequence[Pair]) -> list[SaveResult | None]:
+        """Fetch and store `pairs` now, outside the schedule, as a cycle would (an operator's refresh): each
+        one's result, None where it failed. Skipped, all failed, while the database is away."""
+        if not self._store.database.available:
+            self._metrics.poll_pairs.labels(outcome="skipped").inc(len(pairs))
+            return [None] * len(pairs)
+        return list(await asyncio.gather(*(self._refresh(pair) for pair in pairs)))
+
+    async def _refresh(self, pair: Pair) -> SaveResult | None:
+        """What was stored (`changed` says whether the value moved); None when the pair failed."""
         try:
             quote = await self._provider.fetch(pair, self._amount)
             # A write once started is finished even if the poller is stopped meanwhile: no lost write.
@@ -119,7 +128,7 @@ class Poller:
             log.exception("poll %s failed unexpectedly, keeping its last good rate", pair)
             return None
         self._metrics.poll_pairs.labels(outcome="ok").inc()
-        return result.changed
+        return result
 
     async def run(self) -> None:
         """Cycle until cancelled, whenever the schedule says it is this process's turn."""

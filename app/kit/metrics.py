@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-LIMITS = ("per_client", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
+LIMITS = ("per_client", "per_key", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
+
+AUTH_FAILURES = ("missing", "bad_key", "forbidden", "blocked")
+OPERATOR_ACTIONS = ("refresh",)
 
 
 @dataclass
@@ -128,6 +131,20 @@ class Metrics:
         )
         for limit in LIMITS:
             self.refused.labels(limit=limit)
+        self.auth_failures = Counter(
+            "fxrates_auth_failures",
+            "Requests refused for their API key: none where one is needed (missing), unknown or revoked (bad_key), "
+            "a role that may not (forbidden), or from an address blocked for sending bad keys (blocked).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_FAILURES:
+            self.auth_failures.labels(reason=reason)
+        self.operator_actions = Counter(
+            "fxrates_operator_actions", "Operator actions done under /api/admin, by action.", ["action"], registry=r
+        )
+        for action in OPERATOR_ACTIONS:
+            self.operator_actions.labels(action=action)
         self.limit_errors = Counter(
             "fxrates_limit_errors", "Limit counts that fell back to this process because Redis failed.", registry=r
         )

@@ -1,6 +1,8 @@
 """The per-client REST limit: `RATE_LIMIT_PER_MINUTE` requests under `/api` per client address (docs/limits.md).
 
-A client is counted by `app.limits.addresses.limit_key`: its IPv4 address, or its IPv6 /64.
+A client is counted by `app.limits.addresses.limit_key`: its IPv4 address, or its IPv6 /64. A request with a
+valid API key is counted against the key's own limit instead (`RATE_LIMIT_PER_KEY_PER_MINUTE`, one more
+`ClientLimiter` keyed by the key's name), after `app.limits.per_key.KeyGate` has admitted it.
 
 An ASGI middleware outside the answer micro-cache, so a request answered from
 it is counted and decorated like any other. Every answer under `/api` carries
@@ -35,9 +37,10 @@ from limits import RateLimitItemPerMinute
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body, retry_after
+from app.errors import DatabaseUnavailable, error_body, retry_after
 from app.kit.tasks import running
 from app.limits.addresses import limit_key
+from app.limits.per_key import SCOPE_KEY, bearer_token
 from app.limits.windows import MovingWindow, whole_seconds
 from app.state import services_of
 
@@ -68,9 +71,19 @@ class Verdict(NamedTuple):
 
 class ClientLimiter:
     def __init__(
-        self, limit_per_minute: int, window: MovingWindow, refused: Counter, *, max_clients: int = MAX_CLIENTS
+        self,
+        limit_per_minute: int,
+        window: MovingWindow,
+        refused: Counter,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        name: str = "per_client",
+        whose: str = "from this address",
     ) -> None:
+        """`name`: the limit's label in `fxrates_requests_refused_total`; `whose`: how its 429 names the client."""
         self.limit = limit_per_minute
+        self.name = name
+        self.refusal = f"Too many requests {whose} (at most {limit_per_minute} a minute); try again later."
         self.limit_header = b"%d" % limit_per_minute
         self._item = RateLimitItemPerMinute(max(1, limit_per_minute))
         self._window = window
@@ -97,7 +110,7 @@ class ClientLimiter:
         count = client.shared + client.pending
         reset_s = client.reset_at - now if count else 60.0
         if count >= self.limit:
-            self._refused.labels(limit="per_client").inc()
+            self._refused.labels(limit=self.name).inc()
             return Verdict(False, 0, reset_s)
         client.pending += 1
         self._unpushed.add(address)
@@ -162,23 +175,37 @@ class ClientLimit:
         if scope["type"] != "http" or not _under(scope["path"], self.prefix, self.under):
             await self.app(scope, receive, send)
             return
-        limiter = services_of(scope).client_limiter
+        services = services_of(scope)
+        limiter, counted_as = services.client_limiter, limit_key(scope)
+        token = bearer_token(scope)
+        if token is not None:
+            try:
+                admission = await services.key_gate.admit(counted_as, token)
+            except DatabaseUnavailable as error:
+                await _refuse(scope, receive, send, 503, error.message, error.headers())
+                return
+            if admission.outcome == "blocked":
+                message = "Too many bad API keys from this address; try again later."
+                await _refuse(scope, receive, send, 429, message, {"Retry-After": retry_after(admission.retry_after_s)})
+                return
+            if admission.key is None:
+                await _refuse(scope, receive, send, 401, BAD_KEY, {"WWW-Authenticate": "Bearer"})
+                return
+            scope[SCOPE_KEY] = admission.key
+            limiter, counted_as = services.key_limiter, services.key_gate.limit_key(admission.key)
         if not limiter.limit:
             await self.app(scope, receive, send)
             return
-        verdict = await limiter.check(limit_key(scope))
+        verdict = await limiter.check(counted_as)
         headers = [
             (b"ratelimit-limit", limiter.limit_header),
             (b"ratelimit-remaining", b"%d" % verdict.remaining),
             (b"ratelimit-reset", b"%d" % whole_seconds(verdict.reset_s)),
         ]
         if not verdict.allowed:
-            message = f"Too many requests from this address (at most {limiter.limit} a minute); try again later."
-            refusal = JSONResponse(
-                error_body(message), status_code=429, headers={"Retry-After": retry_after(verdict.reset_s)}
+            await _refuse(
+                scope, receive, send, 429, limiter.refusal, {"Retry-After": retry_after(verdict.reset_s)}, headers
             )
-            refusal.raw_headers += headers
-            await refusal(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:
@@ -188,6 +215,24 @@ class ClientLimit:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+# Says nothing of the key, which must never be echoed (docs/rest.md, "Keys").
+BAD_KEY = "The API key is unknown or revoked; send a valid one as 'Authorization: Bearer <key>', or none."
+
+
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    message: str,
+    headers: dict[str, str],
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    refusal = JSONResponse(error_body(message), status_code=status, headers=headers)
+    refusal.raw_headers += raw_headers or []
+    await refusal(scope, receive, send)
 
 
 def _under(path: str, prefix: str, under: str) -> bool:

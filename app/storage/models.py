@@ -2,8 +2,9 @@
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import BigInteger, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.storage.engine import Base, ExactDecimal, UTCDateTime
@@ -50,3 +51,41 @@ class ExchangeRateHistory(Base):
     destination_amount: Mapped[Decimal] = mapped_column(ExactDecimal())
     provider: Mapped[str] = mapped_column(String(32))
     observed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ApiKey(Base):
+    """An operator's or integrator's API key: only its hash is kept (docs/operations.md, "Operators")."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        Index("ix_api_keys_name", "name", unique=True),
+        Index("ix_api_keys_key_id", "key_id", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    key_id: Mapped[str] = mapped_column(String(16))
+    """The key's first characters: not secret, shown by `list`, and what a presented key is looked up by."""
+    key_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 of the whole key, hex."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AuditEntry(Base):
+    """Append-only (the migration adds triggers refusing UPDATE and DELETE): one row per operator action."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    """The key's name, never the key."""
+    action: Mapped[str] = mapped_column(String(64))
+    pairs: Mapped[list[str]] = mapped_column(JSON())
+    reason: Mapped[str] = mapped_column(String(500))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON(), nullable=True)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON(), nullable=True)

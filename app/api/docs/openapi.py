@@ -7,6 +7,8 @@
   (which for `amount` and `source_amount` would be a 422).
 - A comma-separated list is an array with `explode: false`, so its items carry their pattern.
 - The polled currencies, which depend on the deployment's settings, are named in the descriptions.
+- `/api/admin` operations name the bearer scheme (`operatorKey`, from `app.api.admin.auth`); a request body's
+  examples are FastAPI's own `openapi_examples`.
 
 Every example is a request that succeeds as written on a running service (tests/test_openapi.py).
 """
@@ -63,6 +65,10 @@ EXAMPLES: dict[str, dict[str, Example]] = {
             {"source_currency": "USD", "destination_currency": "NGN", "at": "2036-01-01T00:00:00Z"},
         ),
     },
+    "/api/admin/audit": {
+        "recent": Example("The 20 newest rows", {"limit": 20}),
+        "since": Example("Every row since a moment, up to 1000", {"since": "2026-01-01T00:00:00Z", "limit": 1000}),
+    },
 }
 
 COMMA_LISTS = {"destination_currencies"}
@@ -111,7 +117,8 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
                 _polled(parameter, settings)
         if path in EXAMPLES:
             _spread(operation, EXAMPLES[path])
-        for response in operation.get("responses", {}).values():
+    for item in document["paths"].values():
+        for response in (response for operation in item.values() for response in operation["responses"].values()):
             example = response.get("content", {}).get("application/json", {}).get("example")
             if isinstance(example, dict) and example.get("status") == "error":
                 # FastAPI drops every null from the document; the envelope's `data: null` is part of its shape.

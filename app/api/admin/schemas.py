@@ -1,0 +1,144 @@
+"""Bodies and answers of `/api/admin`, and the error answers every admin endpoint documents."""
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+from app.api.schemas import AuditLimit, ErrorResponse, Moment
+from app.currencies import Pair
+from app.errors import error_body
+
+PAIR_PATTERN = "^[A-Za-z]{3}/[A-Za-z]{3}$"
+_PAIR = re.compile(PAIR_PATTERN)
+# One line of printable text: control characters have no place in a reason, and NUL is refused by PostgreSQL.
+REASON_PATTERN = "^[^\\u0000-\\u001f\\u007f]+$"
+MAX_PAIRS = 500
+
+Reason = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=500,
+        pattern=REASON_PATTERN,
+        description="Why, in 1-500 characters on one line; kept in the audit trail with the key's name.",
+    ),
+]
+
+
+def _pair(value: Any) -> Pair:
+    if not isinstance(value, str) or not _PAIR.fullmatch(value):
+        raise ValueError(f"{value!r} is not a pair like USD/NGN")
+    source, _, destination = value.partition("/")
+    return Pair.parse(source, destination)
+
+
+def _distinct(pairs: list[Pair]) -> list[Pair]:
+    return list(dict.fromkeys(pairs))
+
+
+PairText = Annotated[
+    Pair,
+    PlainValidator(_pair),
+    WithJsonSchema(
+        {"type": "string", "pattern": PAIR_PATTERN, "description": "`SOURCE/DESTINATION`, ISO 4217 codes, any case"}
+    ),
+]
+
+
+class RefreshRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: (
+        Annotated[list[PairText], Field(min_length=1, max_length=MAX_PAIRS), AfterValidator(_distinct)] | Literal["*"]
+    ) = Field(description='Stored pairs to fetch now, or `"*"` for every stored pair. A pair never stored is a 422.')
+    reason: Reason
+
+
+Outcome = Literal["changed", "unchanged", "failed"]
+
+
+class PairOutcome(BaseModel):
+    pair: str = Field(description="`SOURCE/DESTINATION`", json_schema_extra={"pattern": "^[A-Z]{3}/[A-Z]{3}$"})
+    outcome: Outcome = Field(
+        description="`changed`: a new value was stored and pushed; `unchanged`: the upstream answered the stored "
+        "value; `failed`: the upstream (or the database) did not answer, and the stored rate stands."
+    )
+
+
+class RefreshData(BaseModel):
+    outcomes: list[PairOutcome]
+
+
+class RefreshResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Refreshed"
+    data: RefreshData
+
+
+class AuditQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    since: Moment | None = Field(default=None, description="RFC 3339 date-time: rows at or after it (no zone: UTC).")
+    limit: AuditLimit = Field(default=100, description="Rows at most, newest first.")
+
+
+class AuditItem(BaseModel):
+    id: int
+    at: datetime
+    actor: str = Field(description="The name of the key that acted (never the key)")
+    action: str
+    pairs: list[str]
+    reason: str
+    before: dict[str, Any] | None = Field(description="What the action changed, as it was")
+    after: dict[str, Any] | None = Field(description="What the action changed, as it became")
+
+
+class AuditData(BaseModel):
+    rows: list[AuditItem]
+
+
+class AuditMeta(BaseModel):
+    count: int
+
+
+class AuditResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Audit trail fetched"
+    data: AuditData
+    meta: AuditMeta
+
+
+def error(description: str, message: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "model": ErrorResponse,
+        "description": description,
+        "content": {"application/json": {"example": error_body(message)}},
+    }
+    if headers is not None:
+        response["headers"] = headers
+    return response
+
+
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: error(
+        "No key, or an unknown or revoked one",
+        "An operator API key is needed here: send it as 'Authorization: Bearer <key>'.",
+        {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    ),
+    403: error(
+        "A valid key whose role is not `operator`",
+        "The key 'app' is an integrator's; /api/admin needs an operator key.",
+    ),
+    429: error(
+        "Over the key's limit, or 10 bad keys from this address within a minute; see `Retry-After`",
+        "Too many requests with this key (at most 6000 a minute); try again later.",
+        {"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}},
+    ),
+    503: error(
+        "The database cannot be reached now (docs/outages.md); see `Retry-After`",
+        "The database cannot be reached right now; try again shortly.",
+        {"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}},
+    ),
+}
