@@ -54,11 +54,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
-from tests.stalled_ws import StalledClient
-from tests.tcp_proxy import TcpProxy
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
+from tests.support.stalled_ws import StalledClient
+from tests.support.tcp_proxy import TcpProxy
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 POLL_INTERVAL_S = 2.0

@@ -79,7 +79,7 @@ from app.live.protocol import UVICORN_WS
 from bench import pyspy
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 from bench.ws_fanout import RawClient, _masked, client_processes, listen_counters, quantile, rss_kib, schedstat
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 44

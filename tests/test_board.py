@@ -15,10 +15,10 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests import audits
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.history import record_history
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support import audits
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.history import record_history
+from tests.support.replicas import Replica, replica_on_sqlite
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"

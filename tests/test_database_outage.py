@@ -29,10 +29,10 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica
-from tests.tcp_proxy import TcpProxy
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica
+from tests.support.tcp_proxy import TcpProxy
 
 GENEROUS_S = 15.0
 INTERVAL_S = 1.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.openapi_service import LiveService, live_service_on
+from tests.support.openapi_service import LiveService, live_service_on
 
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
 PACKAGE = "fxrates_client"

@@ -21,8 +21,8 @@ from app.api.board import WEB_DIR
 from app.currencies import Pair
 from app.settings import Settings, load_settings
 from tests.conftest import TEST_REDIS_URL, running_app
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
 
 USD_NGN = Pair("USD", "NGN")
 POLLED = {"USD", "CAD", "GBP", "EUR", "XOF", "XAF", "EGP", "ETB", "GHS", "KES", "MAD", "NGN", "ZAR", "UGX", "ZMW"}

@@ -17,10 +17,10 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.ws_client import WsClient, is_update_for
 from tests.test_limits import metric, rate_url, unpolled_pairs
-from tests.ws_client import WsClient, is_update_for
 
 
 def client_from(address: str) -> httpx.AsyncClient:

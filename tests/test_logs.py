@@ -13,7 +13,7 @@ import pytest
 
 from app.settings import Settings, load_settings
 from tests.conftest import running_app
-from tests.replicas import Replica
+from tests.support.replicas import Replica
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:

@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.currencies import Pair
 from app.settings import Settings
 from tests.conftest import running_app
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -15,7 +15,7 @@ from app.services import open_services
 from app.settings import Settings
 from app.storage import repository
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 
 async def current_values(settings: Settings) -> dict[Pair, Decimal]:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from broadcaster import Broadcast
 
 from app.live.redis_backend import ResilientRedisBackend
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 RESYNC = "resync!"
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
-from tests.ws_client import WsClient, is_update_for
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
+from tests.support.ws_client import WsClient, is_update_for
 
 INTERVAL_S = 0.5
 LOCK_TTL_S = 2.0

@@ -13,8 +13,8 @@ from app.currencies import Pair
 from app.rates.lookup import RateLookup
 from app.settings import Settings
 from tests.conftest import running_app
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
 
 USD_NGN = Pair("USD", "NGN")
 USD_JPY = Pair("USD", "JPY")  # not among the polled 44

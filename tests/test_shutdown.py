@@ -17,10 +17,10 @@ from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, service_env, wait_for_rates
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, service_env, wait_for_rates
+from tests.support.ws_client import WsClient
 
 LEASE_KEY = "fxrates:poller:lock"
 SERVICE_RESTART = 1012

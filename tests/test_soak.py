@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from app.storage.engine import PROJECT_ROOT
-from tests.replicas import service_env
+from tests.support.replicas import service_env
 
 
 def test_a_short_soak_loses_nothing() -> None:

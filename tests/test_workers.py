@@ -17,9 +17,9 @@ from websockets.asyncio.client import connect
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
 
 INTERVAL_S = 0.5
 GENEROUS_S = 15.0  # fails only what hangs; measures nothing

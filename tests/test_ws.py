@@ -11,10 +11,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica
-from tests.ws_client import WsClient, is_update_for
-from tests.ws_service import POLL_INTERVAL_S
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica
+from tests.support.ws_client import WsClient, is_update_for
+from tests.support.ws_service import POLL_INTERVAL_S
 
 RATE_ITEM_FIELDS = {
     "source_currency",

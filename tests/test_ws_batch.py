@@ -15,10 +15,10 @@ import pytest
 
 from app.currencies import Pair
 from app.rates.wire import RatesUpdate
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
-from tests.stalled_ws import StalledClient
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.stalled_ws import StalledClient
+from tests.support.ws_client import WsClient
 
 POLL_INTERVAL_S = 0.3
 CONFLATED = "fxrates_websocket_updates_conflated_total"
@@ -100,7 +100,7 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | 
 
 
 async def stalled_client(replica: Replica) -> StalledClient:
-    """A client connected to `/ws/rates` that will stop reading (tests.stalled_ws)."""
+    """A client connected to `/ws/rates` that will stop reading (tests.support.stalled_ws)."""
     client = StalledClient("127.0.0.1", replica.port)
     await client.connect()
     return client

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from tests.replicas import Replica
-from tests.ws_client import WsClient
+from tests.support.replicas import Replica
+from tests.support.ws_client import WsClient
 
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_BIG = 1009

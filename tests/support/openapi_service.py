@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
 
 POLL_INTERVAL_S = 0.3
 

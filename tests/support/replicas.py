@@ -16,7 +16,7 @@ from typing import Any
 from app.live.protocol import UVICORN_WS
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 
 def free_port() -> int:
