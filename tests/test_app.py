@@ -1,15 +1,15 @@
 """The whole app on its embedded defaults, and start-up refusing bad configuration in one line."""
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
 from tests.conftest import running_app
+from tests.support.waiting import eventually
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -30,16 +30,18 @@ async def test_demo_rates_for_all_44_pairs_with_no_key_and_no_redis(tmp_path: Pa
         poll_interval_seconds=600,
     )
     async with running_app(settings) as (client, _):
-        deadline = time.monotonic() + 10
-        while True:
-            answers = [
+
+        async def every_base() -> list[dict[str, Any]]:
+            return [
                 (await client.get(f"/api/rates/all?base_currency={base}")).json()
                 for base in ("USD", "CAD", "GBP", "EUR")
             ]
-            if sum(answer["meta"]["count"] for answer in answers) == 44:
-                break
-            assert time.monotonic() < deadline, "the demo provider did not fill all 44 pairs"
-            await asyncio.sleep(0.02)
+
+        answers = await eventually(
+            every_base,
+            until=lambda answers: sum(answer["meta"]["count"] for answer in answers) == 44,
+            what="the demo provider to fill all 44 pairs",
+        )
         quote = (await client.get("/api/rates?source_currency=USD&destination_currency=NGN")).json()
     entries = [entry for answer in answers for entry in answer["data"]["rates"].values()]
     assert {entry["provider"] for entry in entries} == {"demo"}

@@ -15,6 +15,7 @@ from app.settings import Settings
 from tests.conftest import running_app
 from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 USD_NGN = Pair("USD", "NGN")
 USD_JPY = Pair("USD", "JPY")  # not among the polled 44
@@ -28,10 +29,7 @@ async def poll(state: dict[str, Any]) -> None:
 async def wait_until_stale(state: dict[str, Any], pair: Pair) -> None:
     lookup: RateLookup = state["lookup"]
     (rate,) = [rate for rate in await state["store"].all() if rate.pair == pair]
-    deadline = time.monotonic() + 10
-    while not lookup.is_stale(rate):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await eventually(lambda: lookup.is_stale(rate), what=f"the stored {pair} to turn stale", interval_s=0.02)
 
 
 def rate_url(pair: Pair, **params: str) -> str:

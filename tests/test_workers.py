@@ -20,6 +20,7 @@ from app.storage.engine import PROJECT_ROOT
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.support.redis_server import RedisServer
 from tests.support.replicas import Replica, wait_for_rates
+from tests.support.waiting import eventually
 
 INTERVAL_S = 0.5
 GENEROUS_S = 15.0  # fails only what hangs; measures nothing
@@ -45,10 +46,13 @@ def workers_started(replica: Replica) -> int:
 
 async def serves(replica: Replica) -> None:
     """Both workers up, and whichever worker answers: every request answered, none an error."""
-    deadline = time.monotonic() + GENEROUS_S
-    while workers_started(replica) < 2:
-        assert time.monotonic() < deadline, replica.log()
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: workers_started(replica),
+        until=lambda started: started >= 2,
+        what="both workers to start",
+        timeout_s=GENEROUS_S,
+        detail=replica.log,
+    )
     wait_for_rates(replica)
     async with httpx.AsyncClient(base_url=replica.url, timeout=GENEROUS_S) as http:
         # New connections each time, so the kernel spreads them over both workers.

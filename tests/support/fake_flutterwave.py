@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.currencies import Pair
+from tests.support.waiting import eventually_sync
 
 SECRET_KEY = "FLWSECK_TEST-fake-0123456789abcdef-X"
 
@@ -321,13 +322,15 @@ class FakeFlutterwave:
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True, name="fake-flutterwave"
         )
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the fake Flutterwave did not start")
-            time.sleep(0.01)
+        eventually_sync(self._started, what="the fake Flutterwave to start", interval_s=0.01)
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    def _started(self) -> bool:
+        assert self._server is not None and self._thread is not None
+        if not self._thread.is_alive():
+            raise RuntimeError("the fake Flutterwave's server thread ended before it started")
+        return self._server.started
 
     def stop(self) -> None:
         self._stopping.set()

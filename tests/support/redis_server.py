@@ -2,7 +2,8 @@
 
 import socket
 import subprocess
-import time
+
+from tests.support.waiting import eventually_sync
 
 
 class RedisServer:
@@ -18,18 +19,17 @@ class RedisServer:
     def start(self) -> None:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
-                    connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self._process.poll() is not None:
-                raise RuntimeError("the throw-away redis-server did not start")
-            time.sleep(0.02)
+        eventually_sync(
+            self._pong, what="the throw-away redis-server to answer PING", interval_s=0.02, ignoring=(OSError,)
+        )
+
+    def _pong(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise RuntimeError(f"the throw-away redis-server exited with {self._process.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

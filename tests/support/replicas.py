@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from app.live.protocol import UVICORN_WS
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.waiting import eventually_sync
 
 
 def free_port() -> int:
@@ -89,17 +89,21 @@ class Replica:
             command += ["--workers", str(self.workers)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"replica did not start:\n{self.log()}")
-            time.sleep(0.05)
+        eventually_sync(
+            self._healthy,
+            what=f"replica {self.url} to answer /healthz",
+            timeout_s=timeout_s,
+            detail=self.log,
+            ignoring=(OSError,),
+        )
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"replica exited with {self.process.returncode} before it answered:\n{self.log()}")
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
 
     def get(self, path: str) -> tuple[int, Any]:
         try:
@@ -136,17 +140,21 @@ class Replica:
 
 def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> None:
     """Until the replica serves `count` stored pairs across the four default bases."""
-    deadline = time.monotonic() + timeout_s
-    while (
-        sum(
-            replica.get(f"/api/rates/all?base_currency={base}")[1]["meta"]["count"]
-            for base in ("USD", "CAD", "GBP", "EUR")
-        )
-        < count
-    ):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the replica has not stored {count} rates:\n{replica.log()}")
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: stored_rates(replica),
+        until=lambda stored: stored >= count,
+        what=f"the replica to store {count} rates",
+        timeout_s=timeout_s,
+        detail=replica.log,
+    )
+
+
+def stored_rates(replica: Replica) -> int:
+    """How many pairs the replica serves across the four default bases."""
+    return sum(
+        int(replica.get(f"/api/rates/all?base_currency={base}")[1]["meta"]["count"])
+        for base in ("USD", "CAD", "GBP", "EUR")
+    )
 
 
 @contextmanager
