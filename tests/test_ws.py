@@ -8,6 +8,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
+from app.live.protocol import UVICORN_WS
 from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.replicas import Replica
 from tests.support.waiting import eventually
@@ -26,6 +27,13 @@ RATE_ITEM_FIELDS = {
     "stale",
     "provider",
 }
+
+
+@pytest.fixture(scope="module", params=[UVICORN_WS, None], ids=["image-protocol", "uvicorn-default"])
+def ws_protocol(request: pytest.FixtureRequest) -> str | None:
+    """Each test on the image's protocol and on the one a bare `uvicorn app.main:app` (the README's) picks."""
+    protocol: str | None = request.param
+    return protocol
 
 
 @pytest.fixture(autouse=True)

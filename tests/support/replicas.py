@@ -56,10 +56,12 @@ class Replica:
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = ("--no-access-log",),
         per_message_deflate: bool = True,
+        ws_protocol: str | None = UVICORN_WS,
         **env: str,
     ) -> None:
         self.workers = workers
         self.per_message_deflate = per_message_deflate
+        self.ws_protocol = ws_protocol
         self.uvicorn_args = uvicorn_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,9 +80,9 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
-            # As the image runs it (compression negotiated with clients that offer it), unless the test says not.
-            "--ws",
-            UVICORN_WS,
+            # As the image runs it (compression negotiated with clients that offer it), unless the test says not;
+            # ws_protocol=None leaves uvicorn to choose its own, as a bare `uvicorn app.main:app` does.
+            *(("--ws", self.ws_protocol) if self.ws_protocol is not None else ()),
             "--ws-per-message-deflate",
             str(self.per_message_deflate).lower(),
             *self.uvicorn_args,
@@ -159,12 +161,18 @@ def stored_rates(replica: Replica) -> int:
 
 @contextmanager
 def replica_on_sqlite(
-    folder: Path, fake: FakeFlutterwave, *, per_message_deflate: bool = True, **env: str
+    folder: Path,
+    fake: FakeFlutterwave,
+    *,
+    per_message_deflate: bool = True,
+    ws_protocol: str | None = UVICORN_WS,
+    **env: str,
 ) -> Iterator[Replica]:
     """One replica with its own SQLite file, polling the fake; yielded once all 44 pairs are stored."""
     replica = Replica(
         folder,
         per_message_deflate=per_message_deflate,
+        ws_protocol=ws_protocol,
         DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
         FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
         FLUTTERWAVE_BASE_URL=fake.url,
