@@ -21,6 +21,9 @@ from app.rates.wire import SERVER_FRAMES
 from tests.support.openapi_service import LiveService, live_service_on
 from tests.support.ws_client import WsClient
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 NPM_TOOLS = ROOT / "tools" / "npm"
 # Error codes the model declares that this service has no way to make here, each with its reason.

@@ -20,6 +20,9 @@ from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.history import record_history
 from tests.support.replicas import Replica, replica_on_sqlite
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 POLL_INTERVAL_S = 1.0

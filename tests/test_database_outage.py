@@ -34,6 +34,9 @@ from tests.support.replicas import Replica
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import eventually
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 GENEROUS_S = 15.0
 INTERVAL_S = 1.0
 SOURCES = ("USD", "CAD", "GBP", "EUR")
@@ -233,7 +236,6 @@ FAULTS: dict[str, Callable[[TcpProxy], None]] = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_postgresql_going_away(
     fault: str, fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
@@ -261,7 +263,6 @@ async def test_postgresql_going_away(
             await said_once_and_counted(http, replica)
 
 
-@pytest.mark.slow
 async def test_redis_and_postgresql_away_together(
     fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -321,7 +322,6 @@ def sqlite_file(tmp_path: Path) -> Path:
     return tmp_path / "rates.db"
 
 
-@pytest.mark.slow
 async def test_sqlite_locked_by_another_process(fake: FakeFlutterwave, sqlite_file: Path, tmp_path: Path) -> None:
     env = service_env(fake, f"sqlite+aiosqlite:///{sqlite_file}", None)
     with started(Replica(tmp_path, "sqlite", **env)) as replica:

@@ -12,6 +12,9 @@ import pytest
 from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.replicas import Replica, replica_on_sqlite
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 PATHS = [
     "/",
     "/static/board.js",

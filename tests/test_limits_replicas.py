@@ -21,6 +21,9 @@ from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient, is_update_for
 from tests.test_limits import metric, rate_url, unpolled_pairs
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 
 def client_from(address: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=address), timeout=10)

@@ -14,6 +14,9 @@ from tests.support.replicas import Replica, wait_for_rates
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient, is_update_for
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 INTERVAL_S = 0.5
 LOCK_TTL_S = 2.0
 

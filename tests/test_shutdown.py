@@ -21,6 +21,9 @@ from tests.support.replicas import Replica, service_env, wait_for_rates
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 LEASE_KEY = "fxrates:poller:lock"
 SERVICE_RESTART = 1012
 

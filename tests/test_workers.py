@@ -22,6 +22,9 @@ from tests.support.redis_server import RedisServer
 from tests.support.replicas import Replica, wait_for_rates
 from tests.support.waiting import eventually
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 INTERVAL_S = 0.5
 GENEROUS_S = 15.0  # fails only what hangs; measures nothing
 
@@ -68,7 +71,6 @@ async def serves(replica: Replica) -> None:
         assert sign not in log, log
 
 
-@pytest.mark.slow
 async def test_two_workers_on_sqlite_without_redis(fake: FakeFlutterwave, tmp_path: Path) -> None:
     replica = two_workers(tmp_path, fake).start()
     try:
@@ -80,7 +82,6 @@ async def test_two_workers_on_sqlite_without_redis(fake: FakeFlutterwave, tmp_pa
         replica.stop()
 
 
-@pytest.mark.slow
 async def test_two_workers_on_sqlite_with_redis_poll_once_per_cycle(
     fake: FakeFlutterwave, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -120,7 +121,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(3))
 def test_processes_migrating_one_sqlite_file_at_once_take_turns(tmp_path: Path, attempt: int) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}"

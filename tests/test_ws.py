@@ -14,6 +14,9 @@ from tests.support.replicas import Replica
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient, is_update_for
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 CYCLES = "fxrates_poll_cycle_seconds_count"
 
 RATE_ITEM_FIELDS = {

@@ -20,6 +20,9 @@ from tests.support.stalled_ws import StalledClient
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 POLL_INTERVAL_S = 0.3
 CONFLATED = "fxrates_websocket_updates_conflated_total"
 CUT_OFF = "fxrates_websocket_slow_closed_total"

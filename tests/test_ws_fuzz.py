@@ -25,6 +25,9 @@ from websockets.protocol import State
 from tests.support.replicas import Replica
 from tests.support.ws_client import WsClient
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 MAX_FRAME_BYTES = 64 * 1024
 CLOSE_TOO_BIG = 1009
 REPLY_TIMEOUT_S = 10.0
