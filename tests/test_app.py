@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
 from tests.conftest import running_app
@@ -59,6 +61,7 @@ def start_up(command: list[str], **env: str) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_production_without_a_key_fails_start_up_in_one_line(tmp_path: Path) -> None:
     for command in (["uvicorn", "app.main:app", "--port", "0"], ["app.poller", "--once"]):
         result = start_up(command, ENVIRONMENT="production", DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/r.db")
@@ -69,6 +72,7 @@ def test_production_without_a_key_fails_start_up_in_one_line(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_an_invalid_value_names_its_variable_and_never_echoes_the_key() -> None:
     result = start_up(
         ["app.poller", "--once"],
@@ -87,6 +91,7 @@ def test_the_key_is_never_in_a_repr() -> None:
     assert "very-secret" not in repr(settings) and "very-secret" not in str(settings.model_dump())
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_currency_lists_are_comma_separated_and_checked() -> None:
     settings = Settings(_env_file=None, rates_source_currencies="usd, gbp", rates_destination_currencies="ngn")  # type: ignore[call-arg]
     assert [str(pair) for pair in settings.pairs] == ["USD/NGN", "GBP/NGN"]

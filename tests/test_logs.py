@@ -23,6 +23,7 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return response.status, response.headers["X-Request-ID"]
 
 
+@pytest.mark.slow  # a real uvicorn process
 def test_json_logs_one_object_a_line_with_every_request(tmp_path: Path) -> None:
     replica = Replica(
         tmp_path,

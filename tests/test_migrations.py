@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect
@@ -19,6 +20,7 @@ def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # alembic as a process of its own, on both databases
 def test_alembic_upgrade_then_check_is_clean(database_url: str) -> None:
     upgrade = alembic(database_url, "upgrade", "head")
     assert upgrade.returncode == 0, upgrade.stderr

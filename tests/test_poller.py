@@ -8,6 +8,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from app.currencies import Pair
 from app.kit.metrics import Metrics
 from app.services import open_services
@@ -128,6 +130,7 @@ def run_once(fake: FakeFlutterwave, database: Path) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_once_exits_0_when_every_pair_succeeds_and_1_otherwise(fake: FakeFlutterwave, tmp_path: Path) -> None:
     ok = run_once(fake, tmp_path / "rates.db")
     assert ok.returncode == 0, ok.stderr

@@ -169,7 +169,8 @@ async def test_fifty_requests_for_a_stale_pair_make_one_upstream_call(
 async def test_a_stale_pair_is_served_stale_when_the_upstream_fails(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings], fault: str
 ) -> None:
-    settings = make_settings(rate_stale_after_seconds=0.3, upstream_timeout_seconds=0.3)
+    # One attempt: the retries' backoff (tests/test_flutterwave_client.py) would only add seconds here.
+    settings = make_settings(rate_stale_after_seconds=0.3, upstream_timeout_seconds=0.3, upstream_max_attempts=1)
     async with running_app(settings) as (client, state):
         await poll(state)
         await wait_until_stale(state, USD_NGN)
@@ -184,6 +185,7 @@ async def test_a_stale_pair_is_served_stale_when_the_upstream_fails(
         assert response.headers["cache-control"] == "max-age=0"
 
 
+@pytest.mark.slow  # it waits out the lookup's 5 s cool-down, as a client honouring Retry-After does
 async def test_nothing_stored_and_a_failing_upstream_is_a_503_that_heals(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings]
 ) -> None:
