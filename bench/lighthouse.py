@@ -48,10 +48,10 @@ from typing import Any
 from app.api.board import WEB_DIR
 from app.currencies import Pair
 from app.settings import Settings
-from tests.audits import run_lighthouse
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.history import record_history
-from tests.replicas import replica_on_sqlite
+from tests.support.audits import run_lighthouse
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.history import record_history
+from tests.support.replicas import replica_on_sqlite
 
 MIN_SCORE = 0.95
 MAX_TBT_MS = 150.0

@@ -34,7 +34,7 @@ from app.kit.metrics import Metrics
 from app.services import open_services
 from app.settings import Settings
 from app.upstream.flutterwave import RATES_PATH, create_http_client
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 MAX_RATIO = 1.3
 

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import Settings
 from bench import pyspy
+from tests.support.waiting import eventually_sync
 
 MIN_RATIO = 0.2
 MIN_LIMIT_RATIO = 0.8
@@ -210,17 +211,25 @@ def serving(
 
 def wait_until(server: Server, log_path: Path, timeout_s: float, ready: Any) -> None:
     """Poll `ready(client)` until it is true; raise with the server's log when the deadline passes."""
-    deadline = time.monotonic() + timeout_s
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
     with httpx.Client(base_url=server.url, timeout=5) as client:
-        while time.monotonic() < deadline:
+
+        def probe() -> bool:
             if server.process.poll() is not None:
-                break
-            with suppress(httpx.HTTPError, ValueError, KeyError):
-                if ready(client):
-                    return
-            time.sleep(0.2)
-    log = log_path.read_text(errors="replace")[-3000:]
-    raise RuntimeError(f"{server.name} not ready within {timeout_s:.0f} s (exit {server.process.poll()}):\n{log}")
+                raise RuntimeError(f"{server.name} exited with {server.process.poll()} before it was ready:\n{log()}")
+            return bool(ready(client))
+
+        eventually_sync(
+            probe,
+            what=f"{server.name} to be ready",
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            detail=log,
+            ignoring=(httpx.HTTPError, ValueError, KeyError),
+        )
 
 
 def service_ready(client: httpx.Client) -> bool:

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -54,11 +55,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
-from tests.stalled_ws import StalledClient
-from tests.tcp_proxy import TcpProxy
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
+from tests.support.stalled_ws import StalledClient
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import Timeout, eventually
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 POLL_INTERVAL_S = 2.0
@@ -288,13 +290,17 @@ def wrk_figures(output: str) -> tuple[int, int]:
     return int(requests.group(1)) if requests else 0, int(non_2xx.group(1)) if non_2xx else 0
 
 
-async def wait_until(condition: Any, timeout_s: float, blocking: bool = False, every_s: float = 0.1) -> float | None:
+async def seconds_until(
+    condition: Callable[[], object], what: str, timeout_s: float, blocking: bool = False, every_s: float = 0.1
+) -> float | None:
+    """How long `condition` took to hold, or None past `timeout_s`: the soak reports a figure, it does not fail."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if await asyncio.to_thread(condition) if blocking else condition():
-            return time.monotonic() - started
-        await asyncio.sleep(every_s)
-    return None
+    probe: Callable[[], object] = (lambda: asyncio.to_thread(condition)) if blocking else condition
+    try:
+        await eventually(probe, what=what, timeout_s=timeout_s, interval_s=every_s)
+    except Timeout:
+        return None
+    return time.monotonic() - started
 
 
 def lease_holder(redis_url: str) -> bytes | None:
@@ -344,9 +350,9 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         slow = [Client(replicas[i % 2], slow=True) for i in range(slow_n)]
         tasks = [asyncio.create_task(read_client(c, stop_clients)) for c in clients]
         tasks += [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
-        connect_deadline = time.monotonic() + 60
-        while sum(c.snapshots > 0 for c in clients) < clients_n and time.monotonic() < connect_deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
+        await seconds_until(
+            lambda: sum(c.snapshots > 0 for c in clients) >= clients_n, "clients to connect", 60, every_s=0.2
+        )
         print(f"{sum(c.snapshots > 0 for c in clients)} of {clients_n} clients connected, {slow_n} slow readers")
 
         script = workdir / "pace.lua"
@@ -380,11 +386,22 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             leader.kill()
             # The handover is the moment the lease changes hands, read from Redis itself: /readyz would add its
             # own answer time on a replica busy fanning out to hundreds of clients.
-            handover = await wait_until(
-                lambda: lease_holder(redis.url) not in (None, holder), LOCK_TTL_S * 3, blocking=True, every_s=0.02
+            handover = await seconds_until(
+                lambda: lease_holder(redis.url) not in (None, holder),
+                "the lease to change hands",
+                LOCK_TTL_S * 3,
+                blocking=True,
+                every_s=0.02,
             )
-            resumed = await wait_until(lambda: fake.calls[probe] > calls_before + 1, LOCK_TTL_S * 3)
-            reported = await wait_until(lambda: "leading" in survivor.poller_role(), LOCK_TTL_S * 3, blocking=True)
+            resumed = await seconds_until(
+                lambda: fake.calls[probe] > calls_before + 1, "polling to resume", LOCK_TTL_S * 3
+            )
+            reported = await seconds_until(
+                lambda: "leading" in survivor.poller_role(),
+                "the survivor to report leading",
+                LOCK_TTL_S * 3,
+                blocking=True,
+            )
             figures.handover_s = handover
             figures.handovers += 1
             print(f"the lease changed hands after {handover}s; polling resumed after {resumed}s")
@@ -420,7 +437,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         final = {str(pair): fake.rate(pair) for pair in pairs}
         # This one process reads every client's frames and falls behind the servers under load: give it time
         # to catch up (the servers keep pushing every pair each cycle) before judging what clients hold.
-        caught_up_s = await wait_until(lambda: all(c.state == final for c in clients), 120)
+        caught_up_s = await seconds_until(lambda: all(c.state == final for c in clients), "clients to catch up", 120)
         print(f"clients caught up with the final rates {caught_up_s}s after the settle")
         stop_clients.set()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -21,10 +21,10 @@ from app.main import create_app
 from app.settings import Settings
 from app.state import State
 from app.storage.engine import create_engine, migrate
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
 
-pytest_plugins = ["tests.ws_service"]
+pytest_plugins = ["tests.support.ws_service"]
 
 POSTGRES_ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/9")

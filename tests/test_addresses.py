@@ -25,9 +25,9 @@ from app.limits.websocket import Admission, Refusal
 from app.limits.windows import MovingWindow
 from app.settings import Settings, describe_error
 from tests.conftest import running_app
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.replicas import Replica
+from tests.support.ws_client import WsClient
 
 PROXY = ("--no-access-log", "--proxy-headers", "--forwarded-allow-ips", "127.0.0.1")
 ONE_64 = [f"2001:db8:1:2:{n:x}::{n}" for n in range(1, 7)]
@@ -58,6 +58,7 @@ def test_the_websocket_cap_counts_an_ipv6_64_as_one_address() -> None:
             assert (first, second, third, other) == (None, None, Refusal.TOO_MANY_FROM_ADDRESS, None)
 
 
+@pytest.mark.slow
 async def test_a_flood_of_distinct_addresses_leaves_the_limiter_bounded_and_a_heavy_client_limited() -> None:
     refused = Counter("refused", "", ["limit"], registry=CollectorRegistry())
     bound = 100_000
@@ -167,6 +168,7 @@ def statuses(replica: Replica, forwarded_for: Callable[[int], str], count: int) 
     return [get(replica.url + RATE, forwarded_for(n))[0] for n in range(count)]
 
 
+@pytest.mark.slow
 def test_a_client_cannot_choose_its_address_by_sending_the_header(proxied: Replica) -> None:
     # Each request's left entry is the client's own invention; the right-most untrusted one is what the proxy saw.
     assert statuses(proxied, lambda n: f"192.0.2.{n}, 203.0.113.5", 4) == [200, 200, 200, 429]
@@ -176,6 +178,7 @@ def test_a_client_cannot_choose_its_address_by_sending_the_header(proxied: Repli
     assert statuses(proxied, lambda n: "192.0.2.1", 1) == [200]
 
 
+@pytest.mark.slow
 def test_six_addresses_of_one_64_are_one_client_and_two_64s_two(proxied: Replica) -> None:
     assert statuses(proxied, lambda n: ONE_64[n], 6) == [200, 200, 200, 429, 429, 429]
     assert statuses(proxied, lambda n: ANOTHER_64, 1) == [200]
@@ -183,6 +186,7 @@ def test_six_addresses_of_one_64_are_one_client_and_two_64s_two(proxied: Replica
     assert statuses(proxied, lambda n: ("::ffff:203.0.113.7", "203.0.113.7")[n % 2], 4) == [200, 200, 200, 429]
 
 
+@pytest.mark.slow
 async def test_the_websocket_cap_counts_a_64_as_one_address_through_the_proxy(proxied: Replica) -> None:
     def client(address: str) -> WsClient:
         return WsClient(proxied.ws_url, additional_headers={"X-Forwarded-For": address})
@@ -197,6 +201,7 @@ async def test_the_websocket_cap_counts_a_64_as_one_address_through_the_proxy(pr
             assert (await other.recv())["type"] == "all_rates"
 
 
+@pytest.mark.slow
 def test_metrics_answers_only_the_allowed_addresses(proxied: Replica) -> None:
     status, body = get(proxied.url + "/metrics", "203.0.113.9")
     assert (status, body) == (404, {"status": "error", "message": "No such endpoint.", "data": None})
@@ -210,6 +215,7 @@ def test_metrics_answers_only_the_allowed_addresses(proxied: Replica) -> None:
 # /readyz: a flood of it is not a flood of probes.
 
 
+@pytest.mark.slow
 async def test_a_flood_of_readyz_probes_redis_about_once_a_second(
     make_settings: Callable[..., Settings], redis_url: str
 ) -> None:

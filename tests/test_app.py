@@ -1,15 +1,17 @@
 """The whole app on its embedded defaults, and start-up refusing bad configuration in one line."""
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
 from tests.conftest import running_app
+from tests.support.waiting import eventually
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -30,16 +32,18 @@ async def test_demo_rates_for_all_44_pairs_with_no_key_and_no_redis(tmp_path: Pa
         poll_interval_seconds=600,
     )
     async with running_app(settings) as (client, _):
-        deadline = time.monotonic() + 10
-        while True:
-            answers = [
+
+        async def every_base() -> list[dict[str, Any]]:
+            return [
                 (await client.get(f"/api/rates/all?base_currency={base}")).json()
                 for base in ("USD", "CAD", "GBP", "EUR")
             ]
-            if sum(answer["meta"]["count"] for answer in answers) == 44:
-                break
-            assert time.monotonic() < deadline, "the demo provider did not fill all 44 pairs"
-            await asyncio.sleep(0.02)
+
+        answers = await eventually(
+            every_base,
+            until=lambda answers: sum(answer["meta"]["count"] for answer in answers) == 44,
+            what="the demo provider to fill all 44 pairs",
+        )
         quote = (await client.get("/api/rates?source_currency=USD&destination_currency=NGN")).json()
     entries = [entry for answer in answers for entry in answer["data"]["rates"].values()]
     assert {entry["provider"] for entry in entries} == {"demo"}
@@ -57,6 +61,7 @@ def start_up(command: list[str], **env: str) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_production_without_a_key_fails_start_up_in_one_line(tmp_path: Path) -> None:
     for command in (["uvicorn", "app.main:app", "--port", "0"], ["app.poller", "--once"]):
         result = start_up(command, ENVIRONMENT="production", DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path}/r.db")
@@ -67,6 +72,7 @@ def test_production_without_a_key_fails_start_up_in_one_line(tmp_path: Path) -> 
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_an_invalid_value_names_its_variable_and_never_echoes_the_key() -> None:
     result = start_up(
         ["app.poller", "--once"],
@@ -85,6 +91,7 @@ def test_the_key_is_never_in_a_repr() -> None:
     assert "very-secret" not in repr(settings) and "very-secret" not in str(settings.model_dump())
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_currency_lists_are_comma_separated_and_checked() -> None:
     settings = Settings(_env_file=None, rates_source_currencies="usd, gbp", rates_destination_currencies="ngn")  # type: ignore[call-arg]
     assert [str(pair) for pair in settings.pairs] == ["USD/NGN", "GBP/NGN"]

@@ -18,8 +18,11 @@ from app.api.docs.asyncapi import error_codes, message_type
 from app.api.ws import CLIENT_MESSAGES, ClientMessage
 from app.currencies import Pair
 from app.rates.wire import SERVER_FRAMES
-from tests.openapi_service import LiveService, live_service_on
-from tests.ws_client import WsClient
+from tests.support.openapi_service import LiveService, live_service_on
+from tests.support.ws_client import WsClient
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 NPM_TOOLS = ROOT / "tools" / "npm"

@@ -13,7 +13,7 @@ from app.currencies import Pair
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import running_app
-from tests.fake_flutterwave import FakeFlutterwave
+from tests.support.fake_flutterwave import FakeFlutterwave
 
 USD_NGN = Pair("USD", "NGN")
 HISTORY = "/api/rates/history?source_currency=USD&destination_currency=NGN&since=2020-01-01T00:00:00Z&limit=500"

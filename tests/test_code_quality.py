@@ -7,6 +7,9 @@ import pytest
 
 from app.storage.engine import PROJECT_ROOT
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "command",

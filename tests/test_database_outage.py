@@ -29,10 +29,14 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica
-from tests.tcp_proxy import TcpProxy
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 GENEROUS_S = 15.0
 INTERVAL_S = 1.0
@@ -75,7 +79,7 @@ class Recorder:
 
     async def __aenter__(self) -> "Recorder":
         self.task = asyncio.create_task(self._run())
-        await wait_until(lambda: self.snapshots > 0, "the recorder's first snapshot")
+        await eventually(lambda: self.snapshots > 0, what="the recorder's first snapshot", timeout_s=30)
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -85,21 +89,17 @@ class Recorder:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def wait_for_status(http: httpx.AsyncClient, path: str, status: int, timeout_s: float = 30) -> httpx.Response:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = await http.get(path)
-        if response.status_code == status:
-            return response
-        assert time.monotonic() < deadline, f"{path} never answered {status}: {response.status_code} {response.text}"
-        await asyncio.sleep(0.1)
+    async def answer() -> httpx.Response:
+        return await http.get(path)
+
+    return await eventually(
+        answer,
+        until=lambda response: response.status_code == status,
+        what=f"{path} to answer {status}",
+        timeout_s=timeout_s,
+        interval_s=0.1,
+    )
 
 
 def rate_query(pair: str) -> dict[str, str]:
@@ -145,11 +145,11 @@ def service_env(fake: FakeFlutterwave, database_url: str, redis_url: str | None)
 
 
 async def before_the_outage(http: httpx.AsyncClient, fake: FakeFlutterwave, recorder: Recorder) -> None:
-    await wait_until(lambda: len(recorder.latest) >= len(POLLED), "every polled pair", GENEROUS_S * 2)
+    await eventually(lambda: len(recorder.latest) >= len(POLLED), what="every polled pair", timeout_s=GENEROUS_S * 2)
     response = await http.get("/api/rates", params=rate_query(HELD_UNPOLLED))
     assert response.status_code == 200, response.text
     moved = fake.bump(Pair("USD", "NGN"), Decimal("1.01"))
-    await wait_until(lambda: recorder.latest.get("USD/NGN") == moved, "a move reaching the client")
+    await eventually(lambda: recorder.latest.get("USD/NGN") == moved, what="a move reaching the client", timeout_s=30)
 
 
 async def rules_hold_while_away(
@@ -192,7 +192,9 @@ async def rules_hold_while_away(
 async def back_by_itself(http: httpx.AsyncClient, fake: FakeFlutterwave, recorder: Recorder) -> None:
     await wait_for_status(http, "/readyz", 200)
     moved = fake.bump(Pair("EUR", "ZAR"), Decimal("1.02"))
-    await wait_until(lambda: recorder.latest.get("EUR/ZAR") == moved, "a move stored after the return")
+    await eventually(
+        lambda: recorder.latest.get("EUR/ZAR") == moved, what="a move stored after the return", timeout_s=30
+    )
     assert (await http.get("/api/rates/history", params=rate_query("EUR/ZAR"))).status_code == 200
 
 
@@ -219,10 +221,13 @@ async def redis_forgets(redis_url: str, pair: str) -> None:
     """Until Redis's copy of `pair` has expired, so what is served is what the process itself held."""
     source, destination = pair.split("/")
     async with Redis.from_url(redis_url) as redis:
-        deadline = time.monotonic() + GENEROUS_S
-        while await redis.exists(f"fxrates:rate:{source}:{destination}"):
-            assert time.monotonic() < deadline, "the cached rate never expired"
-            await asyncio.sleep(0.1)
+        await eventually(
+            lambda: redis.exists(f"fxrates:rate:{source}:{destination}"),
+            until=lambda held: not held,
+            what=f"Redis's copy of {pair} to expire",
+            timeout_s=GENEROUS_S,
+            interval_s=0.1,
+        )
 
 
 FAULTS: dict[str, Callable[[TcpProxy], None]] = {
@@ -232,7 +237,6 @@ FAULTS: dict[str, Callable[[TcpProxy], None]] = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 async def test_postgresql_going_away(
     fault: str, fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
@@ -260,7 +264,6 @@ async def test_postgresql_going_away(
             await said_once_and_counted(http, replica)
 
 
-@pytest.mark.slow
 async def test_redis_and_postgresql_away_together(
     fake: FakeFlutterwave, postgres_url: str, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -320,7 +323,6 @@ def sqlite_file(tmp_path: Path) -> Path:
     return tmp_path / "rates.db"
 
 
-@pytest.mark.slow
 async def test_sqlite_locked_by_another_process(fake: FakeFlutterwave, sqlite_file: Path, tmp_path: Path) -> None:
     env = service_env(fake, f"sqlite+aiosqlite:///{sqlite_file}", None)
     with started(Replica(tmp_path, "sqlite", **env)) as replica:

@@ -203,7 +203,7 @@ def test_the_image_gives_requests_in_flight_the_grace_the_manifests_allow_for() 
 
 
 def test_the_image_runs_the_websocket_protocol_that_drops_clients_gone_silent() -> None:
-    # What the tests' replicas run (tests/replicas.py), so what they show holds for the image.
+    # What the tests' replicas run (tests/support/replicas.py), so what they show holds for the image.
     command = image_command()
     assert command[command.index("--ws") + 1] == UVICORN_WS
     assert command[command.index("--ws-per-message-deflate") + 1] == "true"

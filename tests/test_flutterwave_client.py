@@ -12,7 +12,7 @@ from app.currencies import Pair
 from app.kit.metrics import Metrics
 from app.upstream.errors import MalformedQuote, RateLimited, UpstreamRejected, UpstreamUnavailable
 from app.upstream.flutterwave import FlutterwaveClient, create_http_client, parse_retry_after
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 USD_NGN = Pair("USD", "NGN")
 AMOUNT = Decimal(1000)

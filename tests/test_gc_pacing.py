@@ -1,12 +1,12 @@
 """Full garbage collections come due during a poll cycle but run after it, by CPython's own rule, timed."""
 
-import asyncio
 import gc
 
 from prometheus_client import CollectorRegistry, Histogram
 
 from app.kit.tasks import running
 from app.live.gc_pacing import CollectionPacer
+from tests.support.waiting import eventually
 
 
 def collections(histogram: Histogram) -> float:
@@ -14,9 +14,9 @@ def collections(histogram: Histogram) -> float:
 
 
 async def thresholds_put_back(before: tuple[int, int, int]) -> None:
-    async with asyncio.timeout(10):
-        while gc.get_threshold() != before:  # noqa: ASYNC110 - the pacer's task runs in this loop
-            await asyncio.sleep(0.01)
+    await eventually(
+        gc.get_threshold, until=lambda now: now == before, what=f"gc thresholds put back to {before}", interval_s=0.01
+    )
 
 
 def outlive_younger_collections(threshold: int) -> list[list[int]]:

@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.openapi_service import LiveService, live_service_on
+from tests.support.openapi_service import LiveService, live_service_on
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 GENERATOR = Path(sys.executable).parent / "openapi-python-client"
 PACKAGE = "fxrates_client"

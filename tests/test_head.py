@@ -9,8 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 PATHS = [
     "/",

@@ -21,8 +21,10 @@ import pytest
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, service_env, wait_for_rates
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.replicas import Replica, service_env, wait_for_rates
+
+pytestmark = pytest.mark.slow  # real servers
 
 KEY = re.compile(r"fxr_[A-Za-z0-9_-]{43}")
 USD_NGN, USD_KES, GBP_GHS = Pair("USD", "NGN"), Pair("USD", "KES"), Pair("GBP", "GHS")

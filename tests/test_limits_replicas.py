@@ -4,8 +4,6 @@ Clients of a test bind their own loopback addresses (127.0.0.2, 127.0.0.3, ...)
 so that each is a distinct client address to the service, as on a network.
 """
 
-import asyncio
-import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -17,10 +15,14 @@ from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.waiting import eventually
+from tests.support.ws_client import WsClient, is_update_for
 from tests.test_limits import metric, rate_url, unpolled_pairs
-from tests.ws_client import WsClient, is_update_for
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 
 def client_from(address: str) -> httpx.AsyncClient:
@@ -104,14 +106,18 @@ async def test_two_replicas_share_the_pair_cap_and_the_per_client_limit(
 async def hits_in_redis(redis_url: str, address: str, hits: int, timeout_s: float = 10) -> None:
     """Until the per-client window for `address` holds `hits` in Redis (replicas push theirs in the background)."""
     redis = Redis.from_url(redis_url)
+
+    async def held() -> int:
+        keys = [key async for key in redis.scan_iter(match=f"*{address}*")]
+        return int(await redis.llen(keys[0])) if keys else 0
+
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            keys = [key async for key in redis.scan_iter(match=f"*{address}*")]
-            if keys and await redis.llen(keys[0]) >= hits:
-                return
-            assert time.monotonic() < deadline, f"Redis never held {hits} hits for {address}: {keys}"
-            await asyncio.sleep(0.02)
+        await eventually(
+            held,
+            until=lambda count: count >= hits,
+            what=f"Redis to hold {hits} hits for {address}",
+            timeout_s=timeout_s,
+        )
     finally:
         await redis.aclose()
 

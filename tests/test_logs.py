@@ -13,7 +13,7 @@ import pytest
 
 from app.settings import Settings, load_settings
 from tests.conftest import running_app
-from tests.replicas import Replica
+from tests.support.replicas import Replica
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
@@ -23,6 +23,7 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
         return response.status, response.headers["X-Request-ID"]
 
 
+@pytest.mark.slow  # a real uvicorn process
 def test_json_logs_one_object_a_line_with_every_request(tmp_path: Path) -> None:
     replica = Replica(
         tmp_path,

@@ -4,7 +4,6 @@ pair, the poller's role, the dependencies' state; and Prometheus's own linter fi
 import asyncio
 import shutil
 import subprocess
-import time
 from collections.abc import Callable
 
 import httpx
@@ -13,8 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.currencies import Pair
 from app.settings import Settings
 from tests.conftest import running_app
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -81,10 +81,16 @@ async def test_age_of_each_polled_pair_poller_role_and_dependencies(
     )
     async with running_app(settings) as (client, _):
         # The first cycle starts at once; wait for it to be stored.
-        deadline = time.monotonic() + 20
-        while value(found := samples(await scrape(client)), "fxrates_rate_age_seconds", pair="USD/KES") is None:
-            assert time.monotonic() < deadline, "no age for USD/KES after the first poll cycle"
-            await asyncio.sleep(0.05)
+
+        async def usd_kes_age() -> float | None:
+            return value(samples(await scrape(client)), "fxrates_rate_age_seconds", pair="USD/KES")
+
+        await eventually(
+            usd_kes_age,
+            until=lambda age: age is not None,
+            what="an age for USD/KES after the first poll cycle",
+            timeout_s=20,
+        )
         # A pair fetched on demand is not polled, so it has no age to watch.
         await client.get("/api/rates", params={"source_currency": "GBP", "destination_currency": "JPY"})
         text = await scrape(client)

@@ -21,6 +21,7 @@ def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # alembic as a process of its own, on both databases
 def test_alembic_upgrade_then_check_is_clean(database_url: str) -> None:
     upgrade = alembic(database_url, "upgrade", "head")
     assert upgrade.returncode == 0, upgrade.stderr

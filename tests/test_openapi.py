@@ -14,7 +14,10 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from tests.openapi_service import LiveService, live_service_on
+from tests.support.openapi_service import LiveService, live_service_on
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 HISTORY = "/api/rates/history?source_currency=USD&destination_currency=NGN"
 

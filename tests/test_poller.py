@@ -4,10 +4,11 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+
+import pytest
 
 from app.currencies import Pair
 from app.kit.metrics import Metrics
@@ -15,7 +16,8 @@ from app.services import open_services
 from app.settings import Settings
 from app.storage import repository
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.waiting import eventually
 
 
 async def current_values(settings: Settings) -> dict[Pair, Decimal]:
@@ -79,10 +81,9 @@ async def test_the_running_poller_cycles_and_stops_cleanly(
     settings = make_settings(poll_interval_seconds=0.2)
     pair = Pair("USD", "KES")
     async with open_services(settings, Metrics(), start_poller=True):
-        deadline = time.monotonic() + 10
-        while fake.calls[pair] < 3:
-            assert time.monotonic() < deadline, "the poller did not cycle three times"
-            await asyncio.sleep(0.02)
+        await eventually(
+            lambda: fake.calls[pair], until=lambda calls: calls >= 3, what="the poller to cycle three times"
+        )
     calls_at_stop = sum(fake.calls.values())
     await asyncio.sleep(0.3)
     assert sum(fake.calls.values()) == calls_at_stop, "the poller kept running after shutdown"
@@ -93,10 +94,12 @@ async def test_stopping_mid_cycle_loses_no_write(fake: FakeFlutterwave, make_set
     settings = make_settings()
     fake.latency_s = 0.05
     async with open_services(settings, Metrics(), start_poller=True):
-        deadline = time.monotonic() + 10
-        while sum(fake.calls.values()) < 10:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
+        await eventually(
+            lambda: sum(fake.calls.values()),
+            until=lambda calls: calls >= 10,
+            what="ten upstream calls",
+            interval_s=0.005,
+        )
     # Whatever was written before the stop was written whole: current row and its history point together.
     async with open_services(settings, Metrics(), start_poller=False) as services:
         stored = await services.store.all()
@@ -127,6 +130,7 @@ def run_once(fake: FakeFlutterwave, database: Path) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow  # starts a Python process of its own
 def test_once_exits_0_when_every_pair_succeeds_and_1_otherwise(fake: FakeFlutterwave, tmp_path: Path) -> None:
     ok = run_once(fake, tmp_path / "rates.db")
     assert ok.returncode == 0, ok.stderr

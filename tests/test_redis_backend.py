@@ -1,13 +1,14 @@
 """The fan-out backend on a real (throw-away) Redis: delivery across processes, outages, resync."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from broadcaster import Broadcast
 
 from app.live.redis_backend import ResilientRedisBackend
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 RESYNC = "resync!"
 
@@ -19,12 +20,6 @@ async def broadcast(url: str) -> AsyncIterator[tuple[Broadcast, ResilientRedisBa
         yield hub, backend
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():  # noqa: ASYNC110 - the flag belongs to the backend under test
-            await asyncio.sleep(0.02)
-
-
 async def test_a_process_whose_own_subscription_is_down_still_reaches_the_others(
     throwaway_redis: RedisServer,
 ) -> None:
@@ -32,7 +27,7 @@ async def test_a_process_whose_own_subscription_is_down_still_reaches_the_others
     async with broadcast(throwaway_redis.url) as (listener, listener_backend):
         async with broadcast(throwaway_redis.url) as (publisher, publisher_backend):
             async with listener.subscribe("rates") as subscriber:
-                await until(lambda: listener_backend.connected)
+                await eventually(lambda: listener_backend.connected, what="the listener to reconnect")
                 assert not publisher_backend.connected  # it subscribes to nothing, so it never connects
                 await publisher.publish("rates", "USD/NGN moved")
                 event = await asyncio.wait_for(subscriber.get(), 5)
@@ -41,9 +36,9 @@ async def test_a_process_whose_own_subscription_is_down_still_reaches_the_others
 
 async def test_an_outage_keeps_local_delivery_and_ends_in_a_resync(throwaway_redis: RedisServer) -> None:
     async with broadcast(throwaway_redis.url) as (hub, backend), hub.subscribe("rates") as subscriber:
-        await until(lambda: backend.connected)
+        await eventually(lambda: backend.connected, what="the backend to connect")
         throwaway_redis.stop()
-        await until(lambda: not backend.connected)
+        await eventually(lambda: not backend.connected, what="the backend to notice Redis is gone")
         await hub.publish("rates", "local change")
         assert (await asyncio.wait_for(subscriber.get(), 5)).message == "local change"
         throwaway_redis.start()

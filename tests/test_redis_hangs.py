@@ -21,6 +21,9 @@ from app.live.redis_backend import ResilientRedisBackend
 from app.rates.cache import RedisCache
 from app.storage.rate import StoredRate
 
+# Each test waits out the real Redis timeouts it proves bounded: seconds by design.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def black_hole() -> AsyncIterator[str]:

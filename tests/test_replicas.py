@@ -1,18 +1,21 @@
 """Several uvicorn replicas sharing PostgreSQL and Redis: fan-out across them, one poller among them."""
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from app.currencies import Pair
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
-from tests.ws_client import WsClient, is_update_for
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
+from tests.support.waiting import eventually
+from tests.support.ws_client import WsClient, is_update_for
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 INTERVAL_S = 0.5
 LOCK_TTL_S = 2.0
@@ -53,14 +56,6 @@ async def cluster(
         cluster.stop()
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
-
-
 def leader_and_standby(replicas: list[Replica]) -> tuple[Replica, Replica]:
     roles = {replica: replica.poller_role() for replica in replicas}
     leading = [replica for replica, role in roles.items() if "leading" in role]
@@ -96,49 +91,42 @@ async def test_a_change_stored_by_one_replica_reaches_clients_of_the_other(
 async def test_two_polling_replicas_make_one_replicas_worth_of_calls(cluster: Cluster, fake: FakeFlutterwave) -> None:
     replicas = [cluster.start("a"), cluster.start("b")]
     wait_for_rates(replicas[0])
-    leader_and_standby(replicas)
+    leader, standby = leader_and_standby(replicas)
     fake.reset_counters()
     async with WsClient(replicas[0].ws_url) as client:
         await client.recv()
-        cycles = 0
-        started = time.monotonic()
-        while cycles < 6:
+        cycles = 6
+        for _ in range(cycles):
             await client.recv_until(lambda m: m["type"] == "all_rates_update", timeout_s=5)
-            cycles += 1
-        elapsed_s = time.monotonic() - started
     calls = fake.calls[Pair("USD", "NGN")]
-    # One replica's worth: about one call per interval, never one per replica.
+    # One replica's worth: one call per cycle the clients saw, never one per replica...
     assert cycles - 1 <= calls <= cycles + 1, (calls, cycles)
-    assert elapsed_s <= (cycles + 1) * INTERVAL_S * 2
+    # ...and the same replica led throughout, so those cycles were all its own, none skipped by a handover.
+    assert leader_and_standby(replicas) == (leader, standby)
 
 
-async def test_a_killed_poller_is_replaced_within_one_lock_ttl(cluster: Cluster, fake: FakeFlutterwave) -> None:
+async def test_a_killed_poller_is_replaced_by_the_standby(cluster: Cluster, fake: FakeFlutterwave) -> None:
     replicas = [cluster.start("a"), cluster.start("b")]
     wait_for_rates(replicas[0])
     leader, standby = leader_and_standby(replicas)
     pair = Pair("GBP", "UGX")
     leader.kill()
-    killed_at = time.monotonic()
     calls_at_kill = fake.calls[pair]
-    # Within one lock TTL (plus the time it takes to ask /readyz).
-    await wait_for(lambda: "leading" in standby.poller_role(), LOCK_TTL_S + 0.5, "the standby to lead")
-    await wait_for(lambda: fake.calls[pair] > calls_at_kill + 1, LOCK_TTL_S + 3 * INTERVAL_S + 1, "polling to resume")
-    handover_s = time.monotonic() - killed_at
-    assert handover_s <= LOCK_TTL_S + 3 * INTERVAL_S + 1
+    # The dead leader never hands its lease back: the standby takes it once it runs out (how soon is
+    # bench/soak.py's to measure; the deadlines here only bound a hang).
+    await eventually(lambda: "leading" in standby.poller_role(), what="the standby to lead", timeout_s=30)
+    await eventually(lambda: fake.calls[pair], until=lambda calls: calls > calls_at_kill + 1, what="polling to resume")
     moved = fake.bump(pair, Decimal("1.05"))
-    await wait_for(
-        lambda: (
-            Decimal(
-                str(
-                    standby.get("/api/rates?source_currency=GBP&destination_currency=UGX")[1]["meta"][
-                        "destination_per_source"
-                    ]
-                )
+    await eventually(
+        lambda: Decimal(
+            str(
+                standby.get("/api/rates?source_currency=GBP&destination_currency=UGX")[1]["meta"][
+                    "destination_per_source"
+                ]
             )
-            == moved
         ),
-        5,
-        "the new poller's rate to be served",
+        until=lambda served: served == moved,
+        what=f"the new poller's rate {moved} to be served",
     )
 
 
@@ -151,7 +139,7 @@ async def test_fan_out_resumes_after_redis_restarts_with_a_fresh_snapshot(
     async with WsClient(b.ws_url) as client:
         await client.recv()
         throwaway_redis.stop()
-        await wait_for(lambda: b.get("/readyz")[0] == 503, 10, "readyz to report Redis down")
+        await eventually(lambda: b.get("/readyz")[0] == 503, what="readyz to report Redis down")
         assert "redis" in b.get("/readyz")[1]["message"]
         # Meanwhile B's own changes still reach B's clients.
         status, _ = b.get("/api/rates?source_currency=EUR&destination_currency=JPY")
@@ -174,4 +162,4 @@ async def test_fan_out_resumes_after_redis_restarts_with_a_fresh_snapshot(
             reached = True
             break
         assert reached, f"A's changes did not reach B's client within {time.monotonic() - started:.0f}s"
-        await wait_for(lambda: b.get("/readyz")[0] == 200, 10, "readyz to recover")
+        await eventually(lambda: b.get("/readyz")[0] == 200, what="readyz to recover")

@@ -13,8 +13,9 @@ from app.rates.lookup import RateLookup
 from app.settings import Settings
 from app.state import State
 from tests.conftest import running_app
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 USD_NGN = Pair("USD", "NGN")
 USD_JPY = Pair("USD", "JPY")  # not among the polled 44
@@ -28,10 +29,7 @@ async def poll(state: State) -> None:
 async def wait_until_stale(state: State, pair: Pair) -> None:
     lookup: RateLookup = state["services"].lookup
     (rate,) = [rate for rate in await state["services"].store.all() if rate.pair == pair]
-    deadline = time.monotonic() + 10
-    while not lookup.is_stale(rate):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
+    await eventually(lambda: lookup.is_stale(rate), what=f"the stored {pair} to turn stale", interval_s=0.02)
 
 
 def rate_url(pair: Pair, **params: str) -> str:
@@ -171,7 +169,8 @@ async def test_fifty_requests_for_a_stale_pair_make_one_upstream_call(
 async def test_a_stale_pair_is_served_stale_when_the_upstream_fails(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings], fault: str
 ) -> None:
-    settings = make_settings(rate_stale_after_seconds=0.3, upstream_timeout_seconds=0.3)
+    # One attempt: the retries' backoff (tests/test_flutterwave_client.py) would only add seconds here.
+    settings = make_settings(rate_stale_after_seconds=0.3, upstream_timeout_seconds=0.3, upstream_max_attempts=1)
     async with running_app(settings) as (client, state):
         await poll(state)
         await wait_until_stale(state, USD_NGN)
@@ -186,6 +185,7 @@ async def test_a_stale_pair_is_served_stale_when_the_upstream_fails(
         assert response.headers["cache-control"] == "max-age=0"
 
 
+@pytest.mark.slow  # it waits out the lookup's 5 s cool-down, as a client honouring Retry-After does
 async def test_nothing_stored_and_a_failing_upstream_is_a_503_that_heals(
     fake: FakeFlutterwave, make_settings: Callable[..., Settings]
 ) -> None:

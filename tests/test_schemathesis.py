@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.openapi_service import LiveService, live_service_on
+from tests.support.openapi_service import LiveService, live_service_on
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # Many more for a long fuzzing run: FXRATES_FUZZ_EXAMPLES=2000.

@@ -2,7 +2,6 @@
 `REDIS_URL` appear in no repr of the settings, no error about them, no answer and no log line, on a real uvicorn
 whose database cannot be reached and whose Redis asks for a password."""
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +10,12 @@ import pytest
 from pydantic import ValidationError
 
 from app.settings import Settings, describe_error
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, free_port
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, free_port
+from tests.support.waiting import eventually_sync
+
+pytestmark = pytest.mark.slow  # real servers
 
 DATABASE_PASSWORD = "db-pass-5f3a9c"
 REDIS_PASSWORD = "redis-pass-8e21d7"
@@ -64,13 +66,12 @@ def redis_with_password() -> Iterator[RedisServer]:
 
 def readyz_once_settled(replica: Replica) -> httpx.Response:
     """/readyz once the database has been found away (the probe's first look takes a moment)."""
-    deadline = time.monotonic() + 30
-    while True:
-        response = httpx.get(f"{replica.url}/readyz", timeout=10)
-        if "unreachable" in response.json()["data"].get("database", ""):
-            return response
-        assert time.monotonic() < deadline, response.text
-        time.sleep(0.1)
+    return eventually_sync(
+        lambda: httpx.get(f"{replica.url}/readyz", timeout=10),
+        what="/readyz to find the database away",
+        timeout_s=30,
+        until=lambda response: "unreachable" in response.json()["data"].get("database", ""),
+    )
 
 
 @pytest.mark.parametrize("redis_password", [REDIS_PASSWORD, "wrong-" + REDIS_PASSWORD], ids=["right", "wrong"])

@@ -6,8 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,20 +15,17 @@ from websockets.exceptions import ConnectionClosed
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, service_env, wait_for_rates
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, service_env, wait_for_rates
+from tests.support.waiting import eventually
+from tests.support.ws_client import WsClient
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 LEASE_KEY = "fxrates:poller:lock"
 SERVICE_RESTART = 1012
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def refuses_connections(port: int) -> bool:
@@ -84,7 +79,7 @@ async def test_sigterm_stops_new_work_then_lets_requests_in_flight_finish(
             in_flight = asyncio.create_task(
                 http.get("/api/rates", params={"source_currency": "USD", "destination_currency": "JPY"})
             )
-            await wait_for(lambda: fake.calls[on_demand] >= 1, "the on-demand request to reach the upstream")
+            await eventually(lambda: fake.calls[on_demand] >= 1, what="the on-demand request to reach the upstream")
 
             assert replica.process is not None
             replica.process.send_signal(signal.SIGTERM)
@@ -94,10 +89,9 @@ async def test_sigterm_stops_new_work_then_lets_requests_in_flight_finish(
             assert ready.status_code == 503
             assert ready.json()["message"] == "Not ready: shutting down."
             # Another replica may poll at once: the lease is back, not left to run out its TTL.
-            deadline = time.monotonic() + 10
-            while await redis.get(LEASE_KEY) is not None:
-                assert time.monotonic() < deadline, "the lease was not handed back"
-                await asyncio.sleep(0.02)
+            await eventually(
+                lambda: redis.get(LEASE_KEY), until=lambda holder: holder is None, what="the lease to be handed back"
+            )
             # While draining, requests are still served, and a new WebSocket client is sent on its way.
             still = await http.get("/api/rates", params={"source_currency": "USD", "destination_currency": "NGN"})
             assert still.status_code == 200
@@ -106,7 +100,7 @@ async def test_sigterm_stops_new_work_then_lets_requests_in_flight_finish(
 
             # The end of the drain (here: a second SIGTERM): the server stops taking connections...
             replica.process.send_signal(signal.SIGTERM)
-            await wait_for(lambda: refuses_connections(replica.port), "the server to stop accepting connections")
+            await eventually(lambda: refuses_connections(replica.port), what="the server to stop accepting connections")
             # ...and the request in flight, still held upstream, is answered before the process exits.
             assert not in_flight.done()
             fake.release_held()
@@ -139,10 +133,13 @@ async def test_sigterm_to_the_poller_command_hands_its_lease_back(
             [sys.executable, "-m", "app.poller", "--interval", "60"], cwd=PROJECT_ROOT, env=env, stdout=log, stderr=log
         )
     try:
-        deadline = time.monotonic() + 30
-        while await redis.get(LEASE_KEY) is None:
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            await asyncio.sleep(0.05)
+
+        async def leased() -> bytes | None:
+            assert process.poll() is None, log_path.read_text()
+            holder: bytes | None = await redis.get(LEASE_KEY)
+            return holder
+
+        await eventually(leased, what="the poller to take the lease", timeout_s=30, detail=log_path.read_text)
         process.send_signal(signal.SIGTERM)
         try:
             exit_code = await asyncio.to_thread(process.wait, 30)

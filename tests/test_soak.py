@@ -3,8 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 from app.storage.engine import PROJECT_ROOT
-from tests.replicas import service_env
+from tests.support.replicas import service_env
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 
 def test_a_short_soak_loses_nothing() -> None:

@@ -17,9 +17,13 @@ from websockets.asyncio.client import connect
 
 from app.currencies import Pair
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
-from tests.redis_server import RedisServer
-from tests.replicas import Replica, wait_for_rates
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.redis_server import RedisServer
+from tests.support.replicas import Replica, wait_for_rates
+from tests.support.waiting import eventually
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 INTERVAL_S = 0.5
 GENEROUS_S = 15.0  # fails only what hangs; measures nothing
@@ -45,10 +49,13 @@ def workers_started(replica: Replica) -> int:
 
 async def serves(replica: Replica) -> None:
     """Both workers up, and whichever worker answers: every request answered, none an error."""
-    deadline = time.monotonic() + GENEROUS_S
-    while workers_started(replica) < 2:
-        assert time.monotonic() < deadline, replica.log()
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: workers_started(replica),
+        until=lambda started: started >= 2,
+        what="both workers to start",
+        timeout_s=GENEROUS_S,
+        detail=replica.log,
+    )
     wait_for_rates(replica)
     async with httpx.AsyncClient(base_url=replica.url, timeout=GENEROUS_S) as http:
         # New connections each time, so the kernel spreads them over both workers.
@@ -64,7 +71,6 @@ async def serves(replica: Replica) -> None:
         assert sign not in log, log
 
 
-@pytest.mark.slow
 async def test_two_workers_on_sqlite_without_redis(fake: FakeFlutterwave, tmp_path: Path) -> None:
     replica = two_workers(tmp_path, fake).start()
     try:
@@ -76,7 +82,6 @@ async def test_two_workers_on_sqlite_without_redis(fake: FakeFlutterwave, tmp_pa
         replica.stop()
 
 
-@pytest.mark.slow
 async def test_two_workers_on_sqlite_with_redis_poll_once_per_cycle(
     fake: FakeFlutterwave, throwaway_redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -116,7 +121,6 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(3))
 def test_processes_migrating_one_sqlite_file_at_once_take_turns(tmp_path: Path, attempt: int) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}"

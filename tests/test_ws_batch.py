@@ -2,9 +2,8 @@
 
 import asyncio
 import json
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -15,10 +14,14 @@ import pytest
 
 from app.currencies import Pair
 from app.rates.wire import RatesUpdate
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
-from tests.stalled_ws import StalledClient
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.stalled_ws import StalledClient
+from tests.support.waiting import eventually
+from tests.support.ws_client import WsClient
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 POLL_INTERVAL_S = 0.3
 CONFLATED = "fxrates_websocket_updates_conflated_total"
@@ -91,16 +94,8 @@ def metric(replica: Replica, name: str) -> float:
     return total
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what if isinstance(what, str) else what()}")
-        await asyncio.sleep(0.05)
-
-
 async def stalled_client(replica: Replica) -> StalledClient:
-    """A client connected to `/ws/rates` that will stop reading (tests.stalled_ws)."""
+    """A client connected to `/ws/rates` that will stop reading (tests.support.stalled_ws)."""
     client = StalledClient("127.0.0.1", replica.port)
     await client.connect()
     return client
@@ -108,7 +103,9 @@ async def stalled_client(replica: Replica) -> StalledClient:
 
 async def no_clients_left(replica: Replica) -> None:
     """Wait until the clients of earlier tests are gone, so none of them is counted in this test's metrics."""
-    await wait_for(lambda: metric(replica, CLIENTS) == 0, 30, "the clients of earlier tests to be gone")
+    await eventually(
+        lambda: metric(replica, CLIENTS) == 0, timeout_s=30, what="the clients of earlier tests to be gone"
+    )
 
 
 def pair_of(item: dict[str, Any]) -> str:
@@ -195,7 +192,7 @@ async def test_a_paused_client_gets_each_pair_in_time_order_conflated_ending_at_
         try:
             paused = await pause_then_read(service, fake, pairs, batch)
             final = latest_values(paused)
-            await wait_for(lambda: latest_values(read) == final, 10, "the reading client to see the last values")
+            await eventually(lambda: latest_values(read) == final, what="the reading client to see the last values")
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
@@ -240,10 +237,10 @@ async def pause_then_read(
                 rounds += 1
             return False
 
-        await wait_for(
+        await eventually(
             stored_and_bumped,
-            PAUSE_STALL_TIMEOUT_S / 4,
-            lambda: (
+            timeout_s=PAUSE_STALL_TIMEOUT_S / 4,
+            what=lambda: (
                 f"updates to wait, conflated ({metric(service, CONFLATED) - conflated_before:.0f} "
                 f"of {3 * len(pairs)} after {rounds} rounds of bumps stored)"
             ),
@@ -283,10 +280,10 @@ async def test_a_client_that_takes_nothing_while_frames_wait_is_closed_with_1013
         reading = asyncio.create_task(read_into(reader, read))
         try:
             await fill(client, cutting)
-            await wait_for(
+            await eventually(
                 lambda: metric(cutting, CUT_OFF) > closed_before,
-                STALL_TIMEOUT_S + 15,
-                "the stalled client to be cut off",
+                timeout_s=STALL_TIMEOUT_S + 15,
+                what="the stalled client to be cut off",
             )
             # It reads again at once, as a client woken up would, so the 1013 queued behind the frames it left
             # unread reaches it before the server's own wait for the closing handshake runs out.
@@ -310,7 +307,9 @@ async def test_a_client_cut_off_that_never_reads_again_is_dropped_not_held(cutti
         await fill(client, cutting)
         # Its 1013 waits behind megabytes it left unread. Once cut off (STALL_TIMEOUT_S), the endpoint waits 5 s
         # for the close frame to go out, and the protocol 10 s more for the client to take it: then it is reset.
-        await wait_for(client.was_reset, STALL_TIMEOUT_S + 5 + 10 + 15, "the server to reset the connection")
+        await eventually(
+            client.was_reset, timeout_s=STALL_TIMEOUT_S + 5 + 10 + 15, what="the server to reset the connection"
+        )
         assert metric(cutting, DROPPED) == dropped_before + 1
     finally:
         await client.outcome(timeout_s=0.1)
@@ -344,13 +343,15 @@ async def fill(client: StalledClient, service: Replica) -> float:
         lookups = metric(service, LOOKUPS)
         await client.send(GET_ALL_RATES, times=times)
         await client.send(GET_RATE)
-        await wait_for(lambda seen=lookups: metric(service, LOOKUPS) > seen, 60, "the server to take the round")
+        await eventually(
+            lambda seen=lookups: metric(service, LOOKUPS) > seen, timeout_s=60, what="the server to take the round"
+        )
         cycles_ended = metric(service, CYCLES) + 3
 
         def waited(ended: float = cycles_ended) -> bool:
             return metric(service, CONFLATED) > conflated_before or metric(service, CYCLES) >= ended
 
-        await wait_for(waited, 30, "three poll cycles to end")
+        await eventually(waited, timeout_s=30, what="three poll cycles to end")
         assert metric(service, CUT_OFF) == cut_off_before, "the client was cut off while its buffers filled"
         if metric(service, CONFLATED) > conflated_before:
             return metric(service, CONFLATED)

@@ -16,10 +16,13 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame as WireFrame
 from websockets.frames import Opcode
 
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
-from tests.stalled_ws import Frame, StalledClient
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.stalled_ws import Frame, StalledClient
+from tests.support.ws_client import WsClient
+
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
 
 POLL_INTERVAL_S = 0.3
 # The snapshot, the reply to a subscribe, then updates and ends of polls: a few polls' worth.

@@ -24,9 +24,11 @@ import pytest
 from websockets.utils import apply_mask
 
 from app.live.protocol import UVICORN_WS
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite
-from tests.ws_client import WsClient
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.ws_client import WsClient
+
+pytestmark = pytest.mark.slow  # real servers
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009

@@ -18,6 +18,9 @@ from websockets.asyncio.client import connect
 from app.live.frames import Outgoing
 from app.live.protocol import WebSocketProtocol, prepared_frames
 
+# Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
+pytestmark = pytest.mark.slow
+
 Scope = dict[str, Any]
 Receive = Any
 Send = Any

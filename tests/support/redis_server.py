@@ -2,7 +2,8 @@
 
 import socket
 import subprocess
-import time
+
+from tests.support.waiting import eventually_sync
 
 
 class RedisServer:
@@ -22,21 +23,19 @@ class RedisServer:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         if self.password is not None:
             command += ["--requirepass", self.password]
-        # Without the password PING is refused (-NOAUTH), which still says the server is up.
-        ready = (b"+PONG", b"-NOAUTH")
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
-                    connection.sendall(b"PING\r\n")
-                    if connection.recv(16).startswith(ready):
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self._process.poll() is not None:
-                raise RuntimeError("the throw-away redis-server did not start")
-            time.sleep(0.02)
+        eventually_sync(
+            self._pong, what="the throw-away redis-server to answer PING", interval_s=0.02, ignoring=(OSError,)
+        )
+
+    def _pong(self) -> bool:
+        assert self._process is not None
+        if self._process.poll() is not None:
+            raise RuntimeError(f"the throw-away redis-server exited with {self._process.returncode}")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as connection:
+            connection.sendall(b"PING\r\n")
+            # Without the password PING is refused (-NOAUTH), which still says the server is up.
+            return connection.recv(16).startswith((b"+PONG", b"-NOAUTH"))
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:

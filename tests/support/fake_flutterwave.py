@@ -16,6 +16,7 @@ Tests use it as a context manager; it stops its own server thread.
 """
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.currencies import Pair
+from tests.support.waiting import eventually_sync
 
 SECRET_KEY = "FLWSECK_TEST-fake-0123456789abcdef-X"
 
@@ -93,6 +95,42 @@ def _number(value: Decimal) -> str:
     return format(value, "f")
 
 
+class _PromptServer(uvicorn.Server):
+    """uvicorn's server, stopped at once: the fake starts and stops around most tests, and uvicorn's own exit
+    (a 0.1 s tick to notice, 0.1 s more before waiting for connections) cost a fifth of a second each time."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _wake: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):  # on_tick's cadence (its date header), unless woken to exit
+                    await self._wake.wait()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # No grace: a test double's in-flight answers (a hang, a slow answer) are abandoned, never awaited.
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        for task in self.server_state.tasks:
+            task.cancel()
+        for server in self.servers:
+            await server.wait_closed()
+
+    def exit_now(self) -> None:
+        self.should_exit = True
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
+                loop.call_soon_threadsafe(wake.set)
+
+
 class FakeFlutterwave:
     def __init__(self, *, slow_s: float = 5.0) -> None:
         self.latency_s = 0.0
@@ -110,7 +148,7 @@ class FakeFlutterwave:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._released = threading.Event()
-        self._server: uvicorn.Server | None = None
+        self._server: _PromptServer | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
 
@@ -316,23 +354,25 @@ class FakeFlutterwave:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
+        self._server = _PromptServer(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [sock]}, daemon=True, name="fake-flutterwave"
         )
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the fake Flutterwave did not start")
-            time.sleep(0.01)
+        eventually_sync(self._started, what="the fake Flutterwave to start", interval_s=0.01)
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    def _started(self) -> bool:
+        assert self._server is not None and self._thread is not None
+        if not self._thread.is_alive():
+            raise RuntimeError("the fake Flutterwave's server thread ended before it started")
+        return self._server.started
 
     def stop(self) -> None:
         self._stopping.set()
         if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
+            self._server.exit_now()
             self._thread.join(timeout=10)
             if self._thread.is_alive():
                 raise RuntimeError("the fake Flutterwave did not stop")

@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,8 @@ from app.limits.websocket import MAX_MESSAGE_BYTES
 from app.live.protocol import UVICORN_WS
 from app.settings import Settings
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.waiting import eventually_sync
 
 
 def free_port() -> int:
@@ -57,13 +57,14 @@ class Replica:
         workers: int = 1,
         uvicorn_args: tuple[str, ...] = ("--no-access-log",),
         per_message_deflate: bool = True,
-        ws_protocol: str = UVICORN_WS,
+        ws_protocol: str | None = UVICORN_WS,
         **env: str,
     ) -> None:
         """`ws_protocol`: what `--ws` names; the image's protocol unless a test wants uvicorn's own."""
         self.workers = workers
         self.ws_protocol = ws_protocol
         self.per_message_deflate = per_message_deflate
+        self.ws_protocol = ws_protocol
         self.uvicorn_args = uvicorn_args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -82,9 +83,9 @@ class Replica:
             "127.0.0.1",
             "--port",
             str(self.port),
-            # As the image runs it (compression negotiated with clients that offer it), unless the test says not.
-            "--ws",
-            self.ws_protocol,
+            # As the image runs it (compression negotiated with clients that offer it), unless the test says not;
+            # ws_protocol=None leaves uvicorn to choose its own, as a bare `uvicorn app.main:app` does.
+            *(("--ws", self.ws_protocol) if self.ws_protocol is not None else ()),
             "--ws-per-message-deflate",
             str(self.per_message_deflate).lower(),
             "--ws-max-size",
@@ -96,17 +97,21 @@ class Replica:
             command += ["--workers", str(self.workers)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"replica did not start:\n{self.log()}")
-            time.sleep(0.05)
+        eventually_sync(
+            self._healthy,
+            what=f"replica {self.url} to answer /healthz",
+            timeout_s=timeout_s,
+            detail=self.log,
+            ignoring=(OSError,),
+        )
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"replica exited with {self.process.returncode} before it answered:\n{self.log()}")
+        with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
 
     def get(self, path: str) -> tuple[int, Any]:
         try:
@@ -143,27 +148,37 @@ class Replica:
 
 def wait_for_rates(replica: Replica, count: int = 44, timeout_s: float = 20) -> None:
     """Until the replica serves `count` stored pairs across the four default bases."""
-    deadline = time.monotonic() + timeout_s
-    while (
-        sum(
-            replica.get(f"/api/rates/all?base_currency={base}")[1]["meta"]["count"]
-            for base in ("USD", "CAD", "GBP", "EUR")
-        )
-        < count
-    ):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the replica has not stored {count} rates:\n{replica.log()}")
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: stored_rates(replica),
+        until=lambda stored: stored >= count,
+        what=f"the replica to store {count} rates",
+        timeout_s=timeout_s,
+        detail=replica.log,
+    )
+
+
+def stored_rates(replica: Replica) -> int:
+    """How many pairs the replica serves across the four default bases."""
+    return sum(
+        int(replica.get(f"/api/rates/all?base_currency={base}")[1]["meta"]["count"])
+        for base in ("USD", "CAD", "GBP", "EUR")
+    )
 
 
 @contextmanager
 def replica_on_sqlite(
-    folder: Path, fake: FakeFlutterwave, *, per_message_deflate: bool = True, **env: str
+    folder: Path,
+    fake: FakeFlutterwave,
+    *,
+    per_message_deflate: bool = True,
+    ws_protocol: str | None = UVICORN_WS,
+    **env: str,
 ) -> Iterator[Replica]:
     """One replica with its own SQLite file, polling the fake; yielded once all 44 pairs are stored."""
     replica = Replica(
         folder,
         per_message_deflate=per_message_deflate,
+        ws_protocol=ws_protocol,
         DATABASE_URL=f"sqlite+aiosqlite:///{folder / 'rates.db'}",
         FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
         FLUTTERWAVE_BASE_URL=fake.url,

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.storage.engine import PROJECT_ROOT
-from tests.fake_flutterwave import FakeFlutterwave
-from tests.replicas import Replica, replica_on_sqlite, service_env
+from tests.support.fake_flutterwave import FakeFlutterwave
+from tests.support.replicas import Replica, replica_on_sqlite, service_env
 
 
 @dataclass(frozen=True)
