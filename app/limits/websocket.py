@@ -12,6 +12,8 @@
   frames the application never sees, pings, pongs and every fragment but a
   message's last, take from the same bucket, and a flood of them is closed
   with 1008 there; `message_bucket` hands the application that bucket.
+- A client may follow `WS_MAX_PAIRS_PER_CLIENT` pairs (`MAX_PAIRS_PER_CLIENT`,
+  256, by default); app.live.client's `subscribe` holds it.
 - A message may be `MAX_MESSAGE_BYTES` (64 KiB) long, counted as it arrives by
   the server (the protocol, or uvicorn's `--ws-max-size`), which closes a
   longer one with 1009.
