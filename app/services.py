@@ -193,6 +193,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             stale_after_s=settings.rate_stale_after_seconds,
             metrics=metrics,
             stall_timeout_s=settings.ws_stall_timeout_seconds,
+            max_pairs_per_client=settings.ws_max_pairs_per_client,
             on_rates=pacer.rates_moving,
             on_cycle_end=pacer.cycle_ended,
         )

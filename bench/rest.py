@@ -20,6 +20,7 @@ Run from the repository root:
     python -m bench.rest --threads 2 --connections 128 --duration 15
     python -m bench.rest --profile                # then py-spy on the worker while wrk loads each endpoint
     python -m bench.rest --limit-only             # only the cost of the per-client limit (below)
+    python -m bench.rest --address-rules          # only the cost of the address rules (below)
 
 With `--redis` (or `--limit-only`) it also measures the cost of the per-client
 limit (RATE_LIMIT_PER_MINUTE, docs/limits.md): two replicas of the service on
@@ -28,8 +29,18 @@ one SQLite file and one Redis, one with the limit off and one with it on
 Redis), cached GET /api/rates alternating between them; the ratio on / off
 should be at least 0.8.
 
+With `--address-rules` it measures what the client address rules cost a
+cached GET /api/rates (docs/limits.md, "Who a client is"): one replica with
+the limit on (sized above the load, counted in process memory) and uvicorn's
+`--proxy-headers --forwarded-allow-ips 127.0.0.1`, against a baseline
+replica with the limit off and `--no-proxy-headers`, wrk alternating between
+them with one Lua script (bench/xff.lua) that sends each request from another
+IPv6 address in X-Forwarded-For (65,536 addresses in 4,096 /64 networks), so
+the forwarded address is parsed and keyed by its /64 on every request; the
+ratio rules / baseline should be at least 0.8.
+
 It exits 1 when a median ratio real / bare throughput is below 0.2, the limit's
-ratio is below 0.8, or a run saw non-2xx answers or socket errors.
+or the address rules' ratio is below 0.8, or a run saw non-2xx answers or socket errors.
 """
 
 import argparse
@@ -140,6 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=2, help="runs per server and endpoint (default 2)")
     parser.add_argument("--redis", action="store_true", help="also run the service with Redis, and the limit's cost")
     parser.add_argument("--limit-only", action="store_true", help="only the per-client limit's cost (needs Redis)")
+    parser.add_argument(
+        "--address-rules", action="store_true", help="only the address rules' cost (/64 keys, proxy headers)"
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11", help="for --redis; flushed before/after")
     parser.add_argument("--profile", action="store_true", help="after the runs, py-spy the worker under wrk load")
     parser.add_argument("--profile-seconds", type=int, default=15, help="py-spy seconds per endpoint (default 15)")
@@ -176,11 +190,18 @@ def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_server(
-    name: str, target: str, env: Mapping[str, str], log_path: Path, *, factory: bool, cwd: Path = ROOT
+    name: str,
+    target: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    factory: bool,
+    cwd: Path = ROOT,
+    uvicorn_args: tuple[str, ...] = (),
 ) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--workers", "1", "--log-level", "warning", "--no-access-log"]
+    command += ["--workers", "1", "--log-level", "warning", "--no-access-log", *uvicorn_args]
     if factory:
         command.append("--factory")
     with log_path.open("wb") as log:
@@ -200,9 +221,16 @@ def stop_server(server: Server) -> None:
 
 @contextmanager
 def serving(
-    name: str, target: str, env: Mapping[str, str], log_path: Path, *, factory: bool, cwd: Path = ROOT
+    name: str,
+    target: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    *,
+    factory: bool,
+    cwd: Path = ROOT,
+    uvicorn_args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    server = start_server(name, target, env, log_path, factory=factory, cwd=cwd)
+    server = start_server(name, target, env, log_path, factory=factory, cwd=cwd, uvicorn_args=uvicorn_args)
     try:
         yield server
     finally:
@@ -267,13 +295,14 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def wrk_command(url: str, threads: int, connections: int, duration_s: int) -> list[str]:
-    return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", url]
+def wrk_command(url: str, threads: int, connections: int, duration_s: int, script: Path | None = None) -> list[str]:
+    scripted = ["-s", str(script)] if script is not None else []
+    return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--latency", *scripted, url]
 
 
-def run_wrk(url: str, threads: int, connections: int, duration_s: int) -> WrkResult:
+def run_wrk(url: str, threads: int, connections: int, duration_s: int, script: Path | None = None) -> WrkResult:
     done = subprocess.run(
-        wrk_command(url, threads, connections, duration_s), capture_output=True, text=True, check=True
+        wrk_command(url, threads, connections, duration_s, script), capture_output=True, text=True, check=True
     )
     return parse_wrk(done.stdout)
 
@@ -498,6 +527,60 @@ def bench_limit(redis_url: str, args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def bench_address_rules(args: argparse.Namespace) -> list[str]:
+    """Cached /api/rates: the limit keyed by forwarded IPv6 /64 networks, against no limit and no proxy headers."""
+    path = ENDPOINTS["/api/rates"]
+    script = ROOT / "bench" / "xff.lua"
+    with tempfile.TemporaryDirectory(prefix="bench-rest-addresses-") as tmp:
+        directory = Path(tmp)
+        servers: dict[str, Server] = {}
+        with contextlib.ExitStack() as stack:
+            for kind, limit, flags in (
+                ("baseline", "0", ("--no-proxy-headers",)),
+                ("rules", LIMIT_ON, ("--proxy-headers", "--forwarded-allow-ips", "127.0.0.1")),
+            ):
+                env = service_environment(
+                    f"sqlite+aiosqlite:///{directory / f'{kind}.db'}", None, RATE_LIMIT_PER_MINUTE=limit
+                )
+                log_path = directory / f"{kind}.log"
+                server = stack.enter_context(
+                    serving(
+                        kind, "app.main:app", env, log_path, factory=False, cwd=args.service_dir, uvicorn_args=flags
+                    )
+                )
+                wait_until(server, log_path, args.ready_timeout, service_ready)
+                servers[kind] = server
+            print(
+                f"address rules: {path}, X-Forwarded-For IPv6 from {script.name}; baseline: limit off, no proxy headers"
+            )
+            for server in servers.values():
+                if args.warmup:
+                    run_wrk(server.url + path, args.threads, args.connections, args.warmup, script)
+            results: dict[str, list[WrkResult]] = {"baseline": [], "rules": []}
+            for number in range(1, args.runs + 1):
+                for kind, server in servers.items():
+                    result = run_wrk(server.url + path, args.threads, args.connections, args.duration, script)
+                    results[kind].append(result)
+                    print(
+                        f"  run {number} {kind}: {result.requests_s:10.1f} req/s, p50 {result.p50_ms:.2f} ms, "
+                        f"p99 {result.p99_ms:.2f} ms ({result.requests} requests, {result.non_2xx} non-2xx, "
+                        f"{result.socket_errors} socket errors)"
+                    )
+    ratio = statistics.median(r.requests_s for r in results["rules"]) / statistics.median(
+        r.requests_s for r in results["baseline"]
+    )
+    print(f"  ratio address rules / baseline throughput: {ratio:.3f} (at least {MIN_LIMIT_RATIO})")
+    problems = [
+        f"address rules {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"
+        for kind, runs in results.items()
+        for number, r in enumerate(runs, 1)
+        if r.non_2xx or r.socket_errors
+    ]
+    if ratio < MIN_LIMIT_RATIO:
+        problems.append(f"address rules: ratio {ratio:.3f} below {MIN_LIMIT_RATIO}")
+    return problems
+
+
 def flush(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
@@ -515,6 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         profile_dir = args.profile_dir or Path(tempfile.mkdtemp(prefix="bench-rest-profile-"))
         profile_dir.mkdir(parents=True, exist_ok=True)
+    if args.address_rules:
+        problems = bench_address_rules(args)
+        for problem in problems:
+            print(f"problem: {problem}")
+        print("FAIL" if problems else "PASS")
+        return 1 if problems else 0
     problems = [] if args.limit_only else bench_service("no redis", None, args, profile_dir)
     if args.redis and not args.limit_only:
         flush(args.redis_url)

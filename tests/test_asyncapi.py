@@ -42,6 +42,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
         POLL_INTERVAL_SECONDS="0.5",
         WS_MESSAGES_PER_SECOND="0.01",
         WS_MESSAGE_BURST="30",
+        # The examples subscribe two pairs at most; three are enough to go past.
+        WS_MAX_PAIRS_PER_CLIENT="2",
     ) as service:
         yield service
 
@@ -156,6 +158,11 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
         async with WsClient(live.ws_url) as client:
             await client.send({"type": "subscribe", "pairs": ["*"], "batch": True})
             await frames_until(client, {"rates_update"}, seen)
+    if "too_many_pairs" in codes_documented:
+        async with WsClient(live.ws_url) as client:
+            await client.send({"type": "subscribe", "pairs": ["USD/NGN", "USD/KES", "USD/GHS"]})
+            too_many, _ = await client.recv_until(lambda frame: frame.get("code") == "too_many_pairs")
+            seen.append(too_many)
     if "rate_limited" in codes_documented:
         async with WsClient(live.ws_url) as client:
             # Past the burst of 30, short of what gets a client closed: the excess is refused.

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from broadcaster import Broadcast
 
-from app.currencies import Pair
+from app.currencies import Pair, known_currencies
 from app.errors import DatabaseUnavailable
 from app.kit.metrics import Metrics
-from app.live.client import MAX_QUEUED_REPLIES, HubClient
+from app.live.client import MAX_QUEUED_REPLIES, HubClient, TooManyPairs
 from app.live.fanout import CycleEnded, Resynced, Stored, read_event
 from app.live.hub import Hub
 from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate
@@ -367,6 +367,52 @@ async def test_unsubscribing_from_everything_leaves_every_stored_pair_but_those(
     assert client.pairs == frozenset()
     client.subscribe({GBP_NGN}, None, None)  # not the first: it adds
     assert client.pairs == {GBP_NGN}
+
+
+def usd_to(count: int) -> set[Pair]:
+    """`count` distinct pairs from USD (each a valid ISO 4217 code: what the cap counts is pairs, not validity)."""
+    codes = sorted(code for code in known_currencies() if code != "USD")
+    return {Pair("USD", code) for code in codes[:count]}
+
+
+async def test_a_subscribe_past_the_pair_cap_is_refused_and_changes_nothing() -> None:
+    world = World(stored_rate(USD_NGN, "1500"), stored_rate(USD_KES, "130"), stored_rate(GBP_NGN, "1900"))
+    world.hub = Hub(
+        Broadcast("memory://"), world.store, stale_after_s=3600 * 24, metrics=world.metrics, max_pairs_per_client=3
+    )
+    client, writer = await world.connect()
+    with pytest.raises(TooManyPairs) as refused:
+        client.subscribe(usd_to(4), Decimal(5), True)  # the first subscribe, past the cap at once
+    assert refused.value.following == 4 and refused.value.limit == 3
+    assert client.pairs is None and client.min_change_bps == 0
+    client.subscribe({USD_NGN, USD_KES}, Decimal(10), None)
+    client.subscribe({USD_NGN, GBP_NGN}, None, None)  # one already followed: three in all, at the cap
+    assert client.pairs == {USD_NGN, USD_KES, GBP_NGN}
+    with pytest.raises(TooManyPairs):
+        client.subscribe({Pair("EUR", "NGN")}, Decimal(50), True)
+    assert client.pairs == {USD_NGN, USD_KES, GBP_NGN} and client.min_change_bps == 10
+    world.hub.fan_out(stored((USD_NGN, "1600")))
+    assert kinds(writer.messages()) == ["rate_update"]  # not batched: the refused subscribe's `batch` not taken
+    client.subscribe({USD_NGN}, None, None)  # naming what it follows adds nothing: allowed
+    client.subscribe(None, Decimal(0), None)  # "*" counts as one
+    assert client.pairs is None
+    client.subscribe(usd_to(10), None, None)  # following every pair already: naming some adds nothing
+    assert client.pairs is None
+
+
+async def test_a_client_left_above_the_cap_by_unsubscribing_from_everything_may_not_grow() -> None:
+    world = World(*(stored_rate(pair, "2") for pair in usd_to(5)))
+    world.hub = Hub(
+        Broadcast("memory://"), world.store, stale_after_s=3600 * 24, metrics=world.metrics, max_pairs_per_client=3
+    )
+    client, _ = await world.connect()
+    first, *others = sorted(usd_to(5))
+    await client.unsubscribe({first}, world.hub.stored_pairs)
+    assert client.pairs == set(others)  # four: every stored pair but one, above the cap of three
+    client.subscribe({others[0]}, None, None)
+    with pytest.raises(TooManyPairs):
+        client.subscribe({first}, None, None)
+    assert client.pairs == set(others)
 
 
 async def test_unsubscribing_forgets_the_updates_waiting_for_those_pairs(world: World) -> None:

@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.api.board import WEB_DIR
+from app.api.ws import MAX_PAIRS_PER_MESSAGE
 from app.currencies import Pair
 from app.errors import NotFound
 from app.kit.metrics import Metrics
@@ -286,6 +287,7 @@ async def test_a_redis_outage_leaves_the_limits_working_per_process(
         ("ws_max_clients_per_address", "lots"),
         ("ws_messages_per_second", "0"),
         ("ws_message_burst", "-1"),
+        ("ws_max_pairs_per_client", "0"),
     ],
 )
 def test_a_bad_limit_stops_start_up_in_one_line_naming_it(
@@ -305,6 +307,8 @@ def test_the_defaults_are_production_defaults() -> None:
     assert settings.rate_limit_per_minute == 1200
     assert (settings.ws_max_clients, settings.ws_max_clients_per_address) == (20000, 100)
     assert (settings.ws_messages_per_second, settings.ws_message_burst) == (10, 50)
+    # What one message may name is the default cap (app.api.ws): a client reaches it in one subscribe.
+    assert settings.ws_max_pairs_per_client == MAX_PAIRS_PER_MESSAGE == 256
 
 
 # Headers

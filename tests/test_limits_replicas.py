@@ -4,6 +4,8 @@ Clients of a test bind their own loopback addresses (127.0.0.2, 127.0.0.3, ...)
 so that each is a distinct client address to the service, as on a network.
 """
 
+import json
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -13,13 +15,14 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from app.currencies import Pair
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.support.replicas import Replica, replica_on_sqlite
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient, is_update_for
-from tests.test_limits import metric, rate_url, unpolled_pairs
+from tests.test_limits import USD_NGN, metric, rate_url, unpolled_pairs
 
 # Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
 pytestmark = pytest.mark.slow
@@ -211,3 +214,79 @@ async def test_websocket_caps_and_the_message_limit_leave_a_good_client_served(
         metrics = (await client.get(ws_capped.url + "/metrics")).text
     assert metric(metrics, "ws_per_address") == 1 and metric(metrics, "ws_clients") == 1
     assert metric(metrics, "ws_messages") > 50
+
+
+@pytest.fixture
+def ws_budgeted(fake: FakeFlutterwave, tmp_path: Path) -> Iterator[Replica]:
+    replica = Replica(
+        tmp_path,
+        DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'rates.db'}",
+        FLUTTERWAVE_SECRET_KEY=SECRET_KEY,
+        FLUTTERWAVE_BASE_URL=fake.url,
+        POLL_INTERVAL_SECONDS="0.3",
+        WS_MAX_PAIRS_PER_CLIENT="3",
+        RATE_LIMIT_PER_MINUTE="6",
+    ).start()
+    try:
+        # Waited for over the WebSocket: REST requests would spend the budget the tests measure.
+        deadline = time.monotonic() + 20
+        while True:
+            with connect(replica.ws_url) as snapshot:
+                if len(json.loads(snapshot.recv(10))["rates"]) >= 44:
+                    break
+            assert time.monotonic() < deadline, replica.log()
+            time.sleep(0.05)
+        yield replica
+    finally:
+        replica.stop()
+
+
+async def test_a_subscribe_past_the_pair_cap_is_refused_and_changes_nothing(
+    ws_budgeted: Replica, fake: FakeFlutterwave
+) -> None:
+    async with WsClient(ws_budgeted.ws_url, local_addr=("127.0.0.2", 0)) as client:
+        await client.recv()  # the snapshot
+        subscribed = await client.ask(
+            {"type": "subscribe", "pairs": ["USD/NGN", "GBP/KES"], "min_change_bps": 0}, "subscribed"
+        )
+        assert subscribed["pairs"] == ["GBP/KES", "USD/NGN"]
+        refused = await client.ask(
+            {"type": "subscribe", "pairs": ["EUR/GHS", "CAD/ZAR"], "min_change_bps": 99, "batch": True},
+            ("subscribed", "error"),
+        )
+        assert refused["type"] == "error" and refused["code"] == "too_many_pairs"
+        assert "at most 3 pairs" in refused["message"]
+        # Too many in one message, whatever the cap: a bad request.
+        many = await client.ask({"type": "subscribe", "pairs": ["USD/NGN"] * 257}, ("subscribed", "error"))
+        assert many["code"] == "bad_request" and many["message"].startswith("pairs:")
+        # Its pairs, its threshold and its frames are as they were: single updates of what it followed.
+        fake.bump(Pair("USD", "NGN"), Decimal("1.01"))
+        update = await client.recv_until(lambda message: message["type"] in ("rate_update", "rates_update"))
+        assert update[0]["type"] == "rate_update"
+        same = await client.ask({"type": "subscribe", "pairs": ["USD/NGN", "EUR/GHS"]}, "subscribed")
+        assert same == {"type": "subscribed", "pairs": ["EUR/GHS", "GBP/KES", "USD/NGN"], "min_change_bps": 0}
+        everything = await client.ask({"type": "subscribe", "pairs": ["*"]}, "subscribed")
+        assert everything["pairs"] == ["*"]
+
+
+async def test_get_rate_and_rest_requests_spend_one_budget_per_address(ws_budgeted: Replica) -> None:
+    get_rate = {"type": "get_rate", "source_currency": "USD", "destination_currency": "NGN"}
+    async with (
+        client_from("127.0.0.3") as rest,
+        WsClient(ws_budgeted.ws_url, local_addr=("127.0.0.3", 0)) as client,
+        WsClient(ws_budgeted.ws_url, local_addr=("127.0.0.4", 0)) as other,
+    ):
+        await client.recv()
+        await other.recv()
+        assert [(await rest.get(ws_budgeted.url + rate_url(USD_NGN))).status_code for _ in range(3)] == [200] * 3
+        answers = [await client.ask(get_rate, ("rate", "error")) for _ in range(4)]
+        assert [answer["type"] for answer in answers] == ["rate", "rate", "rate", "error"]
+        assert answers[3]["code"] == "rate_limited" and "a minute" in answers[3]["message"]
+        # Spent for REST too; the connection stays open; another address has its own budget.
+        refused = await rest.get(ws_budgeted.url + rate_url(USD_NGN))
+        assert refused.status_code == 429 and refused.headers["ratelimit-remaining"] == "0"
+        assert await client.ask({"type": "ping"}, "pong") == {"type": "pong"}
+        assert (await other.ask(get_rate, ("rate", "error")))["type"] == "rate"
+    async with client_from("127.0.0.1") as local:
+        metrics = (await local.get(ws_budgeted.url + "/metrics")).text
+    assert metric(metrics, "per_client") == 2

@@ -480,7 +480,8 @@ HOSTILE_FRAMES: list[tuple[str, Frame]] = [
     ("-Infinity threshold", '{"type": "subscribe", "pairs": ["USD/NGN"], "min_change_bps": -Infinity}'),
     ("10**400 threshold", '{"type": "subscribe", "pairs": ["USD/NGN"], "min_change_bps": 1' + "0" * 400 + "}"),
     ("5,000-digit integer", '{"type": "subscribe", "pairs": ["USD/NGN"], "min_change_bps": ' + "9" * 5000 + "}"),
-    ("1001 pairs", json.dumps({"type": "subscribe", "pairs": ["USD/NGN"] * 1001})),
+    ("257 pairs", json.dumps({"type": "subscribe", "pairs": ["USD/NGN"] * 257})),
+    ("257 pairs gone", json.dumps({"type": "unsubscribe", "pairs": ["USD/NGN"] * 257})),
     ("unknown pairs", json.dumps({"type": "unsubscribe", "pairs": ["XYZ/NGN", "usd/ngn"]})),
     ("same currency twice", json.dumps({"type": "get_rate", "source_currency": "usd", "destination_currency": "USD"})),
     (

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from decimal import Decimal
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -19,19 +20,23 @@ from starlette.websockets import WebSocketState
 
 from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
-from app.errors import NotFound, RateUnavailable, TooManyRequests
+from app.errors import NotFound, RateUnavailable, TooManyRequests, retry_after
+from app.limits.addresses import limit_key
+from app.limits.per_client import ClientLimiter
 from app.limits.websocket import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     MAX_MESSAGE_BYTES,
+    MAX_PAIRS_PER_CLIENT,
     admitted,
     message_bucket,
 )
-from app.live.client import HubClient
+from app.live.client import HubClient, TooManyPairs
 from app.live.hub import ALL, Hub
 from app.live.protocol import PreparedFrames, prepared_frames
 from app.rates.lookup import RateLookup
 from app.rates.wire import ErrorFrame, Pong, RateItem, RateReply, Subscribed
+from app.state import services_of
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,12 @@ router = APIRouter()
 
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES  # the server closes a longer one first (app.live.protocol, --ws-max-size)
 CLOSE_TOO_BIG = 1009
+# The most pairs one message may name: what a client may follow by default (WS_MAX_PAIRS_PER_CLIENT). Where the
+# cap is raised, a client subscribes in several messages; where it is lowered, the cap answers `too_many_pairs`.
+MAX_PAIRS_PER_MESSAGE = MAX_PAIRS_PER_CLIENT
+# Parsed pairs shared by every client that names them (a client following 256 pairs then holds 256 references,
+# not 256 pairs of its own); at most this many kept, least recently named forgotten.
+INTERNED_PAIRS = 4096
 
 
 class _Message(BaseModel):
@@ -57,7 +68,7 @@ class GetRate(_Message):
 
 class Subscribe(_Message):
     type: Literal["subscribe"]
-    pairs: list[str] = Field(min_length=1, max_length=1000)
+    pairs: list[str] = Field(min_length=1, max_length=MAX_PAIRS_PER_MESSAGE)
     min_change_bps: Annotated[Decimal, Field(ge=0, le=1_000_000, allow_inf_nan=False, strict=False)] | None = None
     # true: `rates_update` frames (every update due since the last frame) instead of one `rate_update` each.
     batch: bool | None = None
@@ -65,7 +76,7 @@ class Subscribe(_Message):
 
 class Unsubscribe(_Message):
     type: Literal["unsubscribe"]
-    pairs: list[str] = Field(min_length=1, max_length=1000)
+    pairs: list[str] = Field(min_length=1, max_length=MAX_PAIRS_PER_MESSAGE)
 
 
 class Ping(_Message):
@@ -105,9 +116,14 @@ def _pair(text: str) -> Pair:
     if not slash:
         raise BadRequest(f"{text!r} is not a pair like 'USD/NGN'")
     try:
-        return Pair.parse(source, destination)
+        return _interned(Pair.parse(source, destination))
     except ValueError as error:
         raise BadRequest(f"{text!r}: {error}") from None
+
+
+@lru_cache(maxsize=INTERNED_PAIRS)
+def _interned(pair: Pair) -> Pair:
+    return pair
 
 
 def _pairs(texts: list[str]) -> set[Pair] | None:
@@ -122,13 +138,17 @@ def _subscribed(client: HubClient) -> str:
     return Subscribed(pairs=pairs, min_change_bps=client.min_change_bps).model_dump_json()
 
 
-async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
+async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup, limit: "_RequestLimit") -> None:
     message = _parse(text)
     if isinstance(message, Ping):
         client.send(Pong().model_dump_json())
     elif isinstance(message, GetAllRates):
         client.send_snapshot(await hub.snapshot())
     elif isinstance(message, GetRate):
+        refusal = await limit.refusal()
+        if refusal is not None:
+            client.send(refusal)
+            return
         pair = _pair(f"{message.source_currency}/{message.destination_currency}")
         try:
             found = await lookup.get(pair)
@@ -145,15 +165,42 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup) ->
         frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
         client.send(frame, pair, found.rate.destination_per_source)
     elif isinstance(message, Subscribe):
-        client.subscribe(_pairs(message.pairs), message.min_change_bps, message.batch)
+        try:
+            client.subscribe(_pairs(message.pairs), message.min_change_bps, message.batch)
+        except TooManyPairs as error:
+            client.send(ErrorFrame(code="too_many_pairs", message=str(error)).model_dump_json())
+            return
         client.send(_subscribed(client))
     elif isinstance(message, Unsubscribe):
         await client.unsubscribe(_pairs(message.pairs), hub.stored_pairs)
         client.send(_subscribed(client))
 
 
+class _RequestLimit:
+    """`get_rate` counts toward the client address's `RATE_LIMIT_PER_MINUTE` as a REST request does
+    (docs/limits.md): the same limiter, under the same key, so REST and WebSocket spend one budget."""
+
+    def __init__(self, limiter: ClientLimiter, key: str) -> None:
+        self._limiter, self._key = limiter, key
+
+    async def refusal(self) -> str | None:
+        """The error frame for a request past the limit (the request counted if not); None: go ahead."""
+        limiter = self._limiter
+        if not limiter.limit:
+            return None
+        verdict = await limiter.check(self._key)
+        if verdict.allowed:
+            return None
+        message = (
+            f"Too many requests from this address (at most {limiter.limit} a minute, REST and get_rate together); "
+            f"try again in {retry_after(verdict.reset_s)} s."
+        )
+        return ErrorFrame(code="rate_limited", message=message).model_dump_json()
+
+
 async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: RateLookup) -> None:
     bucket = message_bucket(websocket)
+    limit = _RequestLimit(services_of(websocket.scope).client_limiter, limit_key(websocket.scope))
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -172,7 +219,7 @@ async def _receive(websocket: WebSocket, client: HubClient, hub: Hub, lookup: Ra
         try:
             if text is None:
                 raise BadRequest("binary frames are not understood; send JSON text")
-            await _answer(text, client, hub, lookup)
+            await _answer(text, client, hub, lookup, limit)
         except BadRequest as error:
             client.send(ErrorFrame(code="bad_request", message=str(error)).model_dump_json())
 

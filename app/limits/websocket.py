@@ -6,13 +6,14 @@
   again later), so the client sees a reason, not a failed handshake.
 - Each connection may send `WS_MESSAGES_PER_SECOND` messages a second (10),
   in bursts of up to `WS_MESSAGE_BURST` (50): a token bucket. A message over
-  that is answered with a `rate_limited` error and not acted on. Refusals are
-  strikes that fade at one a second; a client holding more than `MAX_STRIKES`
-  (one that keeps on sending well over the limit) is closed with 1008 (policy
-  violation). Under the image's protocol (app.live.protocol) the connection's
+  that is answered with a `rate_limited` error and not acted on, and the
+  client is closed with 1008 (policy violation) if it keeps on (`MessageBucket`
+  says when, and why that is within 10 s). Under the image's protocol (app.live.protocol) the connection's
   frames the application never sees, pings, pongs and every fragment but a
   message's last, take from the same bucket, and a flood of them is closed
   with 1008 there; `message_bucket` hands the application that bucket.
+- A client may follow `WS_MAX_PAIRS_PER_CLIENT` pairs (`MAX_PAIRS_PER_CLIENT`,
+  256, by default); app.live.client's `subscribe` holds it.
 - A message may be `MAX_MESSAGE_BYTES` (64 KiB) long, counted as it arrives by
   the server (the protocol, or uvicorn's `--ws-max-size`), which closes a
   longer one with 1009.
@@ -21,7 +22,7 @@
 import logging
 import time
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from enum import Enum
 from typing import Any
@@ -45,6 +46,12 @@ MESSAGES_PER_S = 10.0
 BURST = 50
 MAX_STRIKES = 50
 STRIKES_FADE_PER_S = 1.0
+# How long a client refused may go on without slowing down before it is closed; and how far it must slow down:
+# until its bucket holds this many seconds' worth of messages (at least 2) at a message's arrival.
+FLOOD_GRACE_S = 4.0
+SLOWED_DOWN_S = 0.5
+# Pairs one client may follow at once (`WS_MAX_PAIRS_PER_CLIENT`'s default), and so the most one message may name.
+MAX_PAIRS_PER_CLIENT = 256
 
 
 class Refusal(Enum):
@@ -97,34 +104,79 @@ class Admission:
 
 
 class MessageBucket:
-    """A token bucket for one connection's messages, and the strikes of a client that keeps on past it."""
+    """A token bucket for one connection's messages, and when a client that keeps on past it is to be closed.
 
-    def __init__(self, refused: Counter, rate_s: float = MESSAGES_PER_S, burst: int = BURST) -> None:
+    A message finding a token is acted on; one finding none is refused (`take` is False). A client is closed
+    (`exhausted`) by either of two rules, both counting only refusals, so a client whose messages fit the bucket
+    (never more than `burst` + `rate_s` x T in any T seconds: at or below the rate) is never closed:
+
+    - strikes: each refusal is one, and they fade at `STRIKES_FADE_PER_S`; past `MAX_STRIKES` it is closed. This
+      ends a flood far above the rate within about `MAX_STRIKES / (rate sent - rate_s)` seconds of its first
+      refusal (0.05 s at 1,000 a second), and a client alternating quiet spells and bursts of refusals.
+    - no slowing down: from its first refusal (the flood's start: before it the client was within its burst),
+      a client has `FLOOD_GRACE_S` to let its bucket refill to `slowed_down` tokens (the worth of `SLOWED_DOWN_S`
+      at the rate, at least 2, at most the burst), seen at one of its messages' arrival; otherwise its first
+      message after that is refused and it is closed. A sender at any steady rate s above `rate_s`, however
+      close, never gets there: after a refusal the bucket holds under 1 token, and each later message finds at
+      most what the one before left (under 1) plus `rate_s / s` (under 1): under 2. So it is closed within
+      `FLOOD_GRACE_S + 1/s` (4.1 s at 10 a second) of its first refusal, where strikes alone would take
+      `MAX_STRIKES / (s - rate_s - STRIKES_FADE_PER_S)` (for ever for s up to 11 a second). A client that
+      pauses for `SLOWED_DOWN_S`, or goes on at 8 a second for 2 s, has slowed down and is forgiven.
+
+    From a flood's first frame, with the bucket full, the first refusal comes `burst / (s - rate_s)` seconds in:
+    a flood at 20 a second (or more) is closed within 10 s of its first frame (5 s + 4.05 s at 20 a second).
+    """
+
+    def __init__(
+        self,
+        refused: Counter,
+        rate_s: float = MESSAGES_PER_S,
+        burst: int = BURST,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._refused = refused
         self._rate_s = rate_s
         self._burst = burst
+        self._clock = clock
+        self._slowed_down = min(float(burst), max(2.0, rate_s * SLOWED_DOWN_S))
         self._tokens = float(burst)
-        self._at = time.monotonic()
+        self._at = clock()
         self._strikes = 0.0
+        self._refused_since: float | None = None  # the first refusal not yet forgiven
+        self._exhausted = False
 
     def take(self) -> bool:
         """Whether a message just received may be acted on."""
-        now = time.monotonic()
+        if self._exhausted:
+            return False
+        now = self._clock()
         elapsed_s = now - self._at
         self._at = now
         self._tokens = min(self._burst, self._tokens + elapsed_s * self._rate_s)
         self._strikes = max(0.0, self._strikes - elapsed_s * STRIKES_FADE_PER_S)
+        if self._refused_since is not None:
+            if self._tokens >= self._slowed_down:
+                self._refused_since = None
+            elif now - self._refused_since >= FLOOD_GRACE_S:
+                return self._refuse(now, closing=True)
         if self._tokens >= 1:
             self._tokens -= 1
             return True
         self._strikes += 1
+        return self._refuse(now, closing=self._strikes > MAX_STRIKES)
+
+    def _refuse(self, now: float, *, closing: bool) -> bool:
+        if self._refused_since is None:
+            self._refused_since = now
+        self._exhausted = closing
         self._refused.labels(limit="ws_messages").inc()
         return False
 
     @property
     def exhausted(self) -> bool:
         """The client kept sending past its limit: it is to be closed."""
-        return self._strikes > MAX_STRIKES
+        return self._exhausted
 
 
 @asynccontextmanager

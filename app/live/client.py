@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from app.currencies import Pair
+from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.frames import Deflate, Outgoing
 from app.live.snapshots import Snapshot
 from app.rates.wire import RatesUpdateItem, RateUpdate, rates_update_frame
@@ -65,10 +66,27 @@ class _Reply:
         self.frame, self.pair, self.value = frame, pair, value
 
 
+class TooManyPairs(Exception):
+    """A subscribe that would have a client follow more pairs than it may (docs/limits.md); nothing changed."""
+
+    def __init__(self, following: int, limit: int) -> None:
+        super().__init__(
+            f"A client may be subscribed to at most {limit} pairs at once; this would make {following}. "
+            'Unsubscribe from some first, or subscribe to "*" (every pair).'
+        )
+        self.following, self.limit = following, limit
+
+
 class HubClient:
     """One connected client: what it subscribed to, what it was last sent, and what waits for it."""
 
-    def __init__(self, batches: Batches | None = None, max_replies: int = MAX_QUEUED_REPLIES) -> None:
+    def __init__(
+        self,
+        batches: Batches | None = None,
+        max_replies: int = MAX_QUEUED_REPLIES,
+        max_pairs: int = MAX_PAIRS_PER_CLIENT,
+    ) -> None:
+        self._max_pairs = max_pairs
         self._pairs: set[Pair] | None = None  # None: every pair
         self._min_change_bps = Decimal(0)
         self._subscribed_once = False
@@ -112,11 +130,18 @@ class HubClient:
         """Follow `pairs` (None: every pair), and take the settings given (None: as they were).
 
         The first subscribe narrows the default "everything" to `pairs`; later ones add to what it follows.
+        Raises `TooManyPairs`, changing nothing, when it would then follow more than its `max_pairs` ("*" is one).
         """
         if pairs is None or (self._pairs is None and not self._subscribed_once):
-            self._pairs = None if pairs is None else set(pairs)
+            following = None if pairs is None else set(pairs)
         elif self._pairs is not None:
-            self._pairs.update(pairs)
+            following = self._pairs | set(pairs)
+        else:
+            following = None  # every pair already: naming some adds nothing
+        # Past the cap only by growing: one left above it by unsubscribing from "*" may still name pairs it follows.
+        if following is not None and len(following) > max(self._max_pairs, len(self._pairs or ())):
+            raise TooManyPairs(len(following), self._max_pairs)
+        self._pairs = following
         self._subscribed_once = True
         if min_change_bps is not None:
             self._min_change_bps = min_change_bps

@@ -24,6 +24,7 @@ from broadcaster import Broadcast
 
 from app.currencies import Pair
 from app.kit.metrics import Metrics
+from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.client import Batches, HubClient, Update
 from app.live.fanout import RATES_CHANNEL, CycleEnded, Delivered, Resynced, Stored, read_event
 from app.live.frames import Outgoing
@@ -43,6 +44,7 @@ class Hub:
         stale_after_s: float,
         metrics: Metrics,
         stall_timeout_s: float = 30.0,
+        max_pairs_per_client: int = MAX_PAIRS_PER_CLIENT,
         clock: Callable[[], float] = time.monotonic,
         on_rates: Callable[[], None] = lambda: None,
         on_cycle_end: Callable[[], None] = lambda: None,
@@ -50,6 +52,7 @@ class Hub:
         self._broadcast = broadcast
         self._metrics = metrics
         self._stall_timeout_s = stall_timeout_s
+        self._max_pairs_per_client = max_pairs_per_client
         self._clients: set[HubClient] = set()
         self._clock = clock
         # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
@@ -70,7 +73,7 @@ class Hub:
 
     def join(self) -> HubClient:
         """A new client; whatever arrives before its first snapshot waits behind that snapshot."""
-        client = HubClient(self._batches)
+        client = HubClient(self._batches, max_pairs=self._max_pairs_per_client)
         self._clients.add(client)
         self._metrics.websocket_clients.set(len(self._clients))
         if self._closing_code is not None:

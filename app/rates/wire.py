@@ -121,7 +121,7 @@ class Pong(BaseModel):
 
 class ErrorFrame(BaseModel):
     type: Literal["error"] = "error"
-    code: Literal["bad_request", "not_found", "too_large", "rate_limited", "try_again_later"]
+    code: Literal["bad_request", "not_found", "too_large", "rate_limited", "try_again_later", "too_many_pairs"]
     message: str
 
 

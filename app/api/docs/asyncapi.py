@@ -103,6 +103,10 @@ ERROR_MESSAGES: dict[str, str] = {
     "too_large": "The frame is larger than 64 KiB.",
     "rate_limited": "Too many messages; slow down.",
     "try_again_later": "Too many pairs outside the polled set were asked for; try again in 30 seconds.",
+    "too_many_pairs": (
+        "A client may be subscribed to at most 256 pairs at once; this would make 300. "
+        'Unsubscribe from some first, or subscribe to "*" (every pair).'
+    ),
 }
 # What each client message is answered with (the service's `reply` in AsyncAPI terms).
 REPLIES: dict[str, list[str]] = {
