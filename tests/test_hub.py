@@ -8,6 +8,7 @@ end on the real parts.
 """
 
 import asyncio
+import itertools
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -30,9 +31,11 @@ USD_NGN, USD_KES, GBP_NGN = Pair("USD", "NGN"), Pair("USD", "KES"), Pair("GBP", 
 T0 = datetime(2025, 1, 1, 12, tzinfo=UTC)
 STALL_TIMEOUT_S = 30.0
 TWELVE_DIGITS = Context(prec=12)  # as stored: a JSON number carries it digit for digit
+EPOCH = "e0e0"
+_seqs = itertools.count(1)  # every rate made here is a store of its own, numbered in the order made
 
 
-def stored_rate(pair: Pair, value: str, at: datetime = T0) -> StoredRate:
+def stored_rate(pair: Pair, value: str, at: datetime = T0, seq: int | None = None) -> StoredRate:
     per_source = Decimal(value)
     return StoredRate(
         pair=pair,
@@ -42,7 +45,12 @@ def stored_rate(pair: Pair, value: str, at: datetime = T0) -> StoredRate:
         destination_amount=per_source,
         provider="test",
         last_updated=at,
+        seq=next(_seqs) if seq is None else seq,
     )
+
+
+def update_of(rate: StoredRate, previous_rate: Decimal | None = None) -> RateUpdate:
+    return RateUpdate(rate=RateItem.of(rate, stale=False), previous_rate=previous_rate, seq=rate.seq)
 
 
 class Clock:
@@ -58,6 +66,7 @@ class Store:
 
     def __init__(self, *rates: StoredRate) -> None:
         self.version = 0
+        self.epoch = EPOCH
         self.rates = list(rates)
         self.down = False
         self.gate: asyncio.Event | None = None  # set: a read waits for it
@@ -108,7 +117,7 @@ def frames(data: bytes) -> list[dict[str, Any]]:
 
 def stored(*rates: tuple[Pair, str] | tuple[Pair, str, datetime]) -> Stored:
     """A store batch as every hub reads it off the channel."""
-    updates = [RateUpdate(rate=RateItem.of(stored_rate(*rate), stale=False), previous_rate=None) for rate in rates]
+    updates = [update_of(stored_rate(*rate)) for rate in rates]
     event = read_event(RatesStored(updates=updates).model_dump_json())
     assert isinstance(event, Stored)
     return event
@@ -510,7 +519,7 @@ async def test_events_on_the_channel_are_read_by_their_kind() -> None:
     cycle = AllRatesUpdate(as_of=T0, count=44, changed=3).model_dump_json()
     assert read_event(cycle) == CycleEnded(cycle)  # sent to clients as it is
     assert read_event(RESYNC) == Resynced()
-    update = RateUpdate(rate=RateItem.of(stored_rate(USD_NGN, "1500"), stale=False), previous_rate=Decimal("0.5"))
+    update = update_of(stored_rate(USD_NGN, "1500"), Decimal("0.5"))
     event = read_event(RatesStored(updates=[update]).model_dump_json())
     assert event == Stored([update])
     assert read_event('{"type":"rate_update"}') is None
@@ -519,7 +528,7 @@ async def test_events_on_the_channel_are_read_by_their_kind() -> None:
 
 async def test_an_event_this_process_published_is_fanned_out_at_the_next_step(world: World) -> None:
     _, writer = await world.connect()
-    update = RateUpdate(rate=RateItem.of(stored_rate(USD_NGN, "1501"), stale=False), previous_rate=None)
+    update = update_of(stored_rate(USD_NGN, "1501"))
     world.hub.deliver(RatesStored(updates=[update]).model_dump_json())
     assert writer.writes == []  # not inside the publisher's step
     await asyncio.sleep(0)

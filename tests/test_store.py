@@ -60,6 +60,7 @@ def make_store(engine: AsyncEngine, broadcast: Broadcast, writer: Writer) -> Rat
         Fanout(broadcast, metrics.publish_errors),
         database=health(engine, metrics),
         writer=writer,
+        epoch="test",
     )
 
 
@@ -160,6 +161,7 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
             Fanout(broadcast, metrics.publish_errors),
             database=health(engine, metrics),
             writer=writers(),
+            epoch="test",
         )
         saved = await store.save(quote("1530.251234567891"))
         assert await cache.get(USD_NGN) == saved.rate
@@ -174,7 +176,9 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
 
     from app.storage.rate import StoredRate
 
-    newer = StoredRate(USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC))
+    newer = StoredRate(
+        USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC), seq=2
+    )
     older = StoredRate(
         USD_NGN,
         Decimal("0.0007"),
@@ -183,6 +187,7 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
         Decimal(1400),
         "x",
         newer.last_updated - timedelta(seconds=5),
+        seq=1,
     )
     metrics = Metrics()
     async with Redis.from_url(redis_url) as redis:
@@ -368,6 +373,7 @@ async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_
             fanout,
             database=health(engine, metrics),
             writer=writers(),
+            epoch="test",
         )
         first = store.save(quote("1530.25"))
         await asyncio.wait_for(asked.wait(), timeout=10)  # the first batch is stored and on its way to Redis

@@ -54,7 +54,9 @@ class Hub:
         self._clock = clock
         # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
         self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
+        self._store = store
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
+        self._latest_seq = 0
         self._delivered = Delivered()
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
         # Shared by every client; emptied at each stored event, after which few clients are due the same as before.
@@ -64,6 +66,20 @@ class Hub:
     def version(self) -> int:
         """Bumped by every change any process announces (with the store's, what derived views depend on)."""
         return self._snapshots.version
+
+    @property
+    def epoch(self) -> str:
+        """The deployment's epoch (docs/design.md, "Sequence numbers")."""
+        return self._store.epoch
+
+    @property
+    def latest_seq(self) -> int:
+        """The highest sequence number this process has seen stored, in an event or a snapshot read.
+
+        Not a promise that every lower one has reached its clients: events from two processes may arrive out of
+        their order (docs/design.md, "Sequence numbers").
+        """
+        return self._latest_seq
 
     def count_slow_closed(self) -> None:
         self._metrics.websocket_slow_closed.inc()
@@ -90,7 +106,9 @@ class Hub:
 
     async def snapshot(self) -> Snapshot:
         """Every stored rate, read from the database at most once a second while nothing changes."""
-        return await self._snapshots.get()
+        snapshot = await self._snapshots.get()
+        self._latest_seq = max(self._latest_seq, snapshot.seq)
+        return snapshot
 
     async def stored_pairs(self) -> Collection[Pair]:
         """Every pair stored now, as the snapshot tells."""
@@ -159,7 +177,7 @@ class Hub:
     async def resync(self) -> None:
         """The channel was away: whatever changed meanwhile reaches every client as a fresh snapshot."""
         self._snapshots.resync()
-        snapshot = await self._snapshots.get()
+        snapshot = await self.snapshot()
         for client in list(self._clients):
             client.send_snapshot(snapshot)
 
@@ -173,6 +191,7 @@ class Hub:
 
     def _fan_out_updates(self, updates: list[Update]) -> None:
         self._snapshots.announce(update.stored for update in updates)
+        self._latest_seq = max(self._latest_seq, max((update.seq for update in updates), default=0))
         self._batches.clear()
         conflated = 0
         failed: list[tuple[HubClient, Exception]] = []
