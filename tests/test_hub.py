@@ -115,7 +115,7 @@ def frames(data: bytes) -> list[dict[str, Any]]:
     return messages
 
 
-def stored(*rates: tuple[Pair, str] | tuple[Pair, str, datetime]) -> Stored:
+def stored(*rates: tuple[Pair, str] | tuple[Pair, str, datetime] | tuple[Pair, str, datetime, int]) -> Stored:
     """A store batch as every hub reads it off the channel."""
     updates = [update_of(stored_rate(*rate)) for rate in rates]
     event = read_event(RatesStored(updates=updates).model_dump_json())
@@ -541,3 +541,42 @@ async def test_frames_sent_are_counted_whichever_way_they_went(world: World) -> 
     world.hub.leave(client)
     assert world.metric("fxrates_websocket_frames_sent_total") == 3
     assert world.metric("fxrates_websocket_clients") == 0
+
+
+@pytest.fixture
+def numbered() -> World:
+    """A world whose stored rates are numbered 1 to 3, for tests that number the stores after them."""
+    return World(
+        stored_rate(USD_NGN, "1500", seq=1), stored_rate(USD_KES, "130", seq=2), stored_rate(GBP_NGN, "1900", seq=3)
+    )
+
+
+async def test_frames_carry_the_seq_of_each_store_and_the_snapshot_its_epoch_and_seq(numbered: World) -> None:
+    world = numbered
+    client, writer = await world.connect()
+    snapshot = (await world.hub.snapshot()).frame.text
+    assert json.loads(snapshot)["epoch"] == EPOCH == world.hub.epoch
+    assert json.loads(snapshot)["seq"] == max(rate.seq for rate in world.store.rates) == world.hub.latest_seq
+    world.hub.fan_out(stored((USD_NGN, "1501", T0, 101), (USD_KES, "131", T0, 102)))
+    assert [message["seq"] for message in writer.messages()] == [101, 102]
+    assert world.hub.latest_seq == 102
+    client.subscribe(None, None, batch=True)
+    world.hub.fan_out(stored((USD_NGN, "1502", T0, 103), (GBP_NGN, "1901", T0, 104)))
+    (frame,) = writer.messages()[2:]
+    assert frame["seq"] == 104 and [item["seq"] for item in frame["rates"]] == [103, 104]
+
+
+async def test_an_update_older_than_what_was_seen_of_its_pair_is_not_sent(numbered: World) -> None:
+    world = numbered
+    # Two replicas' events may arrive out of the order stored: B's seq 11 before A's seq 10, for the same pair.
+    _, writer = await world.connect()
+    world.hub.fan_out(stored((USD_NGN, "1502", T0, 11)))
+    world.hub.fan_out(stored((USD_NGN, "1501", T0, 10), (USD_KES, "131", T0, 12)))
+    assert values(writer.messages()) == [("USD/NGN", Decimal(1502)), ("USD/KES", Decimal(131))]
+    # ...nor one older than a snapshot read already showed.
+    world.store.rates = [stored_rate(GBP_NGN, "1950", seq=50)]
+    world.store.version += 1
+    await world.hub.snapshot()
+    world.hub.fan_out(stored((GBP_NGN, "1920", T0, 40)))
+    assert values(writer.messages())[2:] == []
+    assert world.hub.latest_seq == 50

@@ -57,6 +57,9 @@ class Hub:
         self._store = store
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
         self._latest_seq = 0
+        # The highest seq of each pair seen (in an event or a snapshot): an update below it is old news.
+        self._pair_seqs: dict[Pair, int] = {}
+        self._seen_snapshot: Snapshot | None = None
         self._delivered = Delivered()
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
         # Shared by every client; emptied at each stored event, after which few clients are due the same as before.
@@ -107,7 +110,13 @@ class Hub:
     async def snapshot(self) -> Snapshot:
         """Every stored rate, read from the database at most once a second while nothing changes."""
         snapshot = await self._snapshots.get()
-        self._latest_seq = max(self._latest_seq, snapshot.seq)
+        if snapshot is not self._seen_snapshot:
+            self._seen_snapshot = snapshot
+            self._latest_seq = max(self._latest_seq, snapshot.seq)
+            seqs = self._pair_seqs
+            for rate in snapshot.rates:
+                if rate.seq > seqs.get(rate.pair, 0):
+                    seqs[rate.pair] = rate.seq
         return snapshot
 
     async def stored_pairs(self) -> Collection[Pair]:
@@ -191,7 +200,9 @@ class Hub:
 
     def _fan_out_updates(self, updates: list[Update]) -> None:
         self._snapshots.announce(update.stored for update in updates)
-        self._latest_seq = max(self._latest_seq, max((update.seq for update in updates), default=0))
+        updates = self._newer(updates)
+        if not updates:
+            return
         self._batches.clear()
         conflated = 0
         failed: list[tuple[HubClient, Exception]] = []
@@ -204,6 +215,18 @@ class Hub:
             self._metrics.websocket_updates_conflated.inc(conflated)
         if failed:
             self._drop(failed)
+
+    def _newer(self, updates: list[Update]) -> list[Update]:
+        """Those of `updates` newer than anything seen of their pair. Two replicas' events may arrive out of the
+        order stored (docs/design.md, "Sequence numbers"): a client never goes back to an older value."""
+        seqs, newer = self._pair_seqs, []
+        for update in updates:
+            if update.seq > seqs.get(update.pair, 0):
+                seqs[update.pair] = update.seq
+                newer.append(update)
+        if newer:
+            self._latest_seq = max(self._latest_seq, max(update.seq for update in newer))
+        return newer
 
     def _fan_out_cycle_end(self, frame: Outgoing) -> None:
         failed: list[tuple[HubClient, Exception]] = []
