@@ -32,7 +32,7 @@ from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.lookup import RateLookup
-from app.rates.store import RateStore, utc_now
+from app.rates.store import RateStore, read_epoch, utc_now
 from app.rates.wire import RateUpdate
 from app.settings import Settings
 from app.storage import repository
@@ -139,7 +139,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
 
             def supersede(update: RateUpdate) -> None:
                 # Kept as the last known rate too, so this replica holds every pair should the database go away.
-                cache.memory.supersede(update.rate.stored())
+                cache.memory.supersede(update.stored())
 
             follower = follow_rate_updates(broadcast, supersede, on_resync=cache.memory.clear)
             await stack.enter_async_context(running(follower, "cache-follower"))
@@ -152,7 +152,9 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         else:
             writer = PostgresWriter(database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(writer.aclose)
-        store = RateStore(sessions, cache, fanout, database=database, writer=writer)
+        # Read once: it changes only with the database (docs/design.md, "Sequence numbers").
+        epoch = await read_epoch(sessions, database)
+        store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, redis_url, errors=metrics.limit_errors)

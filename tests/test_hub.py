@@ -8,6 +8,7 @@ end on the real parts.
 """
 
 import asyncio
+import itertools
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -30,9 +31,11 @@ USD_NGN, USD_KES, GBP_NGN = Pair("USD", "NGN"), Pair("USD", "KES"), Pair("GBP", 
 T0 = datetime(2025, 1, 1, 12, tzinfo=UTC)
 STALL_TIMEOUT_S = 30.0
 TWELVE_DIGITS = Context(prec=12)  # as stored: a JSON number carries it digit for digit
+EPOCH = "e0e0"
+_seqs = itertools.count(1)  # every rate made here is a store of its own, numbered in the order made
 
 
-def stored_rate(pair: Pair, value: str, at: datetime = T0) -> StoredRate:
+def stored_rate(pair: Pair, value: str, at: datetime = T0, seq: int | None = None) -> StoredRate:
     per_source = Decimal(value)
     return StoredRate(
         pair=pair,
@@ -42,7 +45,12 @@ def stored_rate(pair: Pair, value: str, at: datetime = T0) -> StoredRate:
         destination_amount=per_source,
         provider="test",
         last_updated=at,
+        seq=next(_seqs) if seq is None else seq,
     )
+
+
+def update_of(rate: StoredRate, previous_rate: Decimal | None = None) -> RateUpdate:
+    return RateUpdate(rate=RateItem.of(rate, stale=False), previous_rate=previous_rate, seq=rate.seq)
 
 
 class Clock:
@@ -58,6 +66,7 @@ class Store:
 
     def __init__(self, *rates: StoredRate) -> None:
         self.version = 0
+        self.epoch = EPOCH
         self.rates = list(rates)
         self.down = False
         self.gate: asyncio.Event | None = None  # set: a read waits for it
@@ -106,9 +115,9 @@ def frames(data: bytes) -> list[dict[str, Any]]:
     return messages
 
 
-def stored(*rates: tuple[Pair, str] | tuple[Pair, str, datetime]) -> Stored:
+def stored(*rates: tuple[Pair, str] | tuple[Pair, str, datetime] | tuple[Pair, str, datetime, int]) -> Stored:
     """A store batch as every hub reads it off the channel."""
-    updates = [RateUpdate(rate=RateItem.of(stored_rate(*rate), stale=False), previous_rate=None) for rate in rates]
+    updates = [update_of(stored_rate(*rate)) for rate in rates]
     event = read_event(RatesStored(updates=updates).model_dump_json())
     assert isinstance(event, Stored)
     return event
@@ -556,7 +565,7 @@ async def test_events_on_the_channel_are_read_by_their_kind() -> None:
     cycle = AllRatesUpdate(as_of=T0, count=44, changed=3).model_dump_json()
     assert read_event(cycle) == CycleEnded(cycle)  # sent to clients as it is
     assert read_event(RESYNC) == Resynced()
-    update = RateUpdate(rate=RateItem.of(stored_rate(USD_NGN, "1500"), stale=False), previous_rate=Decimal("0.5"))
+    update = update_of(stored_rate(USD_NGN, "1500"), Decimal("0.5"))
     event = read_event(RatesStored(updates=[update]).model_dump_json())
     assert event == Stored([update])
     assert read_event('{"type":"rate_update"}') is None
@@ -565,7 +574,7 @@ async def test_events_on_the_channel_are_read_by_their_kind() -> None:
 
 async def test_an_event_this_process_published_is_fanned_out_at_the_next_step(world: World) -> None:
     _, writer = await world.connect()
-    update = RateUpdate(rate=RateItem.of(stored_rate(USD_NGN, "1501"), stale=False), previous_rate=None)
+    update = update_of(stored_rate(USD_NGN, "1501"))
     world.hub.deliver(RatesStored(updates=[update]).model_dump_json())
     assert writer.writes == []  # not inside the publisher's step
     await asyncio.sleep(0)
@@ -578,3 +587,42 @@ async def test_frames_sent_are_counted_whichever_way_they_went(world: World) -> 
     world.hub.leave(client)
     assert world.metric("fxrates_websocket_frames_sent_total") == 3
     assert world.metric("fxrates_websocket_clients") == 0
+
+
+@pytest.fixture
+def numbered() -> World:
+    """A world whose stored rates are numbered 1 to 3, for tests that number the stores after them."""
+    return World(
+        stored_rate(USD_NGN, "1500", seq=1), stored_rate(USD_KES, "130", seq=2), stored_rate(GBP_NGN, "1900", seq=3)
+    )
+
+
+async def test_frames_carry_the_seq_of_each_store_and_the_snapshot_its_epoch_and_seq(numbered: World) -> None:
+    world = numbered
+    client, writer = await world.connect()
+    snapshot = (await world.hub.snapshot()).frame.text
+    assert json.loads(snapshot)["epoch"] == EPOCH == world.hub.epoch
+    assert json.loads(snapshot)["seq"] == max(rate.seq for rate in world.store.rates) == world.hub.latest_seq
+    world.hub.fan_out(stored((USD_NGN, "1501", T0, 101), (USD_KES, "131", T0, 102)))
+    assert [message["seq"] for message in writer.messages()] == [101, 102]
+    assert world.hub.latest_seq == 102
+    client.subscribe(None, None, batch=True)
+    world.hub.fan_out(stored((USD_NGN, "1502", T0, 103), (GBP_NGN, "1901", T0, 104)))
+    (frame,) = writer.messages()[2:]
+    assert frame["seq"] == 104 and [item["seq"] for item in frame["rates"]] == [103, 104]
+
+
+async def test_an_update_older_than_what_was_seen_of_its_pair_is_not_sent(numbered: World) -> None:
+    world = numbered
+    # Two replicas' events may arrive out of the order stored: B's seq 11 before A's seq 10, for the same pair.
+    _, writer = await world.connect()
+    world.hub.fan_out(stored((USD_NGN, "1502", T0, 11)))
+    world.hub.fan_out(stored((USD_NGN, "1501", T0, 10), (USD_KES, "131", T0, 12)))
+    assert values(writer.messages()) == [("USD/NGN", Decimal(1502)), ("USD/KES", Decimal(131))]
+    # ...nor one older than a snapshot read already showed.
+    world.store.rates = [stored_rate(GBP_NGN, "1950", seq=50)]
+    world.store.version += 1
+    await world.hub.snapshot()
+    world.hub.fan_out(stored((GBP_NGN, "1920", T0, 40)))
+    assert values(writer.messages())[2:] == []
+    assert world.hub.latest_seq == 50

@@ -78,3 +78,48 @@ async def test_the_audit_log_refuses_update_and_delete(database_url: str) -> Non
             assert (await connection.execute(text("SELECT reason FROM audit_log"))).scalars().all() == ["a test"]
     finally:
         await engine.dispose()
+
+
+async def test_rows_stored_before_numbering_get_numbers_and_the_counter_starts_above_them(database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import bindparam, text
+
+    from app.storage.engine import UTCDateTime
+
+    assert alembic(database_url, "upgrade", "0001").returncode == 0
+    columns = "source_currency, destination_currency, rate, destination_per_source, source_amount, destination_amount"
+    values = "'USD', :destination, '0.001', '1000', '1', '1000', 'flutterwave'"
+    at_utc = bindparam("at", type_=UTCDateTime())
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            for destination, at in (("NGN", 10), ("KES", 9)):
+                moment = {"destination": destination, "at": datetime(2026, 1, 1, at, tzinfo=UTC)}
+                await connection.execute(
+                    text(
+                        f"INSERT INTO exchange_rate_history ({columns}, provider, observed_at) VALUES ({values}, :at)"
+                    ),
+                    moment,
+                )
+                await connection.execute(
+                    text(
+                        f"INSERT INTO exchange_rates ({columns}, provider, last_updated, created_at) "
+                        f"VALUES ({values}, :at, :at)"
+                    ).bindparams(at_utc),
+                    moment,
+                )
+        upgrade = alembic(database_url, "upgrade", "head")
+        assert upgrade.returncode == 0, upgrade.stderr
+        async with engine.connect() as connection:
+            history = (
+                await connection.execute(text("SELECT destination_currency, seq FROM exchange_rate_history"))
+            ).all()
+            current = (await connection.execute(text("SELECT destination_currency, seq FROM exchange_rates"))).all()
+            counter = (await connection.execute(text("SELECT seq FROM rate_sequence"))).scalar_one()
+    finally:
+        await engine.dispose()
+    # In the order stored: history first, then each pair's current row, above its own history.
+    assert sorted(history, key=lambda row: row[1]) == [("KES", 1), ("NGN", 2)]
+    assert sorted(current, key=lambda row: row[1]) == [("KES", 3), ("NGN", 4)]
+    assert counter == 4

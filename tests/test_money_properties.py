@@ -65,7 +65,7 @@ def test_a_rate_that_fits_neither_orientation_is_refused(value: Decimal, amount:
 
 
 def stored(value: Decimal) -> StoredRate:
-    return StoredRate(PAIR, significant(exact("/", Decimal(1), value)), value, Decimal(1), value, "test", utc_now())
+    return StoredRate(PAIR, significant(exact("/", Decimal(1), value)), value, Decimal(1), value, "test", utc_now(), 1)
 
 
 @given(market_values, decimals("0.0001", "99999999999", 4))

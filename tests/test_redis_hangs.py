@@ -63,7 +63,7 @@ async def test_the_schedule_falls_back_to_its_own_beat(black_hole: str) -> None:
 
 async def test_the_cache_gives_up_quickly(black_hole: str) -> None:
     rate = StoredRate(
-        Pair("USD", "NGN"), Decimal("0.0006"), Decimal("1530"), Decimal(1), Decimal(1530), "x", datetime.now(UTC)
+        Pair("USD", "NGN"), Decimal("0.0006"), Decimal("1530"), Decimal(1), Decimal(1530), "x", datetime.now(UTC), 1
     )
     metrics = Metrics()
     async with Redis.from_url(black_hole) as redis:

@@ -326,6 +326,31 @@ async def test_history_ranges_and_the_rate_at_a_moment(
     assert too_early.status_code == 404 and too_early.json()["status"] == "error"
 
 
+async def test_answers_and_history_points_carry_the_seq_of_their_store(
+    fake: FakeFlutterwave, make_settings: Callable[..., Settings]
+) -> None:
+    async with running_app(make_settings()) as (client, state):
+        await poll(state)
+        first = await client.get(rate_url(USD_NGN))
+        await poll(state)  # the same value answered again: a store of its own, no new history point
+        same = await client.get(rate_url(USD_NGN), headers={"If-None-Match": first.headers["etag"]})
+        fake.bump(USD_NGN, Decimal("1.01"))
+        await poll(state)
+        moved = (await client.get(rate_url(USD_NGN))).json()["meta"]
+        base = "/api/rates/history?source_currency=USD&destination_currency=NGN"
+        points = (await client.get(base)).json()["data"]["points"]
+        csv_lines = (await client.get(base, headers={"Accept": "text/csv"})).text.splitlines()
+    seqs = [first.json()["meta"]["seq"], same.json()["meta"]["seq"], moved["seq"]]
+    assert seqs == sorted(set(seqs)), seqs
+    assert same.status_code == 200, "a new store is a new answer: its ETag changed"
+    assert same.json()["meta"]["last_updated"] > first.json()["meta"]["last_updated"]
+    assert [point["seq"] for point in points] == [seqs[0], seqs[2]]
+    assert csv_lines[0].endswith(",seq") and [line.rsplit(",", 1)[1] for line in csv_lines[1:]] == [
+        str(seqs[0]),
+        str(seqs[2]),
+    ]
+
+
 async def test_a_redis_outage_serves_rates_and_readyz_names_redis(
     throwaway_redis: RedisServer, make_settings: Callable[..., Settings]
 ) -> None:
@@ -354,12 +379,15 @@ async def test_a_restart_serves_every_stored_rate_at_once_from_the_database(
     settings = make_settings(redis_url=redis_url)
     async with running_app(settings) as (_, state):
         await poll(state)
+        epoch, seq = state["services"].hub.epoch, state["services"].hub.latest_seq
     async with Redis.from_url(redis_url) as redis:
         await redis.flushdb()
     fake.fail("hang")
     fake.reset_counters()
-    async with running_app(make_settings(redis_url=redis_url, poller_enabled=True)) as (client, _):
+    async with running_app(make_settings(redis_url=redis_url, poller_enabled=True)) as (client, state):
         served = await asyncio.gather(*(client.get(rate_url(pair)) for pair in settings.pairs))
+        # The same history, Redis emptied or not: the same epoch, and the numbers go on from where they were.
+        assert state["services"].hub.epoch == epoch and state["services"].hub.latest_seq == seq
     assert [response.status_code for response in served] == [200] * 44
     assert {response.json()["meta"]["served_from"] for response in served} == {"database"}
     assert {response.json()["meta"]["stale"] for response in served} == {False}

@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from broadcaster import Broadcast
@@ -20,6 +21,7 @@ from app.storage.health import DatabaseHealth
 from app.storage.postgres_writer import PostgresWriter
 from app.storage.sqlite_writer import SqliteWriter
 from app.upstream.quote import Quote
+from tests.conftest import postgres_database
 
 USD_NGN = Pair("USD", "NGN")
 
@@ -60,6 +62,7 @@ def make_store(engine: AsyncEngine, broadcast: Broadcast, writer: Writer) -> Rat
         Fanout(broadcast, metrics.publish_errors),
         database=health(engine, metrics),
         writer=writer,
+        epoch="test",
     )
 
 
@@ -160,6 +163,7 @@ async def test_redis_cache_holds_the_rate_with_its_ttl(
             Fanout(broadcast, metrics.publish_errors),
             database=health(engine, metrics),
             writer=writers(),
+            epoch="test",
         )
         saved = await store.save(quote("1530.251234567891"))
         assert await cache.get(USD_NGN) == saved.rate
@@ -174,7 +178,9 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
 
     from app.storage.rate import StoredRate
 
-    newer = StoredRate(USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC))
+    newer = StoredRate(
+        USD_NGN, Decimal("0.0006"), Decimal("1531"), Decimal(1), Decimal(1531), "x", datetime.now(UTC), seq=2
+    )
     older = StoredRate(
         USD_NGN,
         Decimal("0.0007"),
@@ -183,6 +189,7 @@ async def test_redis_never_takes_an_older_rate_over_a_newer_one(redis_url: str) 
         Decimal(1400),
         "x",
         newer.last_updated - timedelta(seconds=5),
+        seq=1,
     )
     metrics = Metrics()
     async with Redis.from_url(redis_url) as redis:
@@ -368,6 +375,7 @@ async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_
             fanout,
             database=health(engine, metrics),
             writer=writers(),
+            epoch="test",
         )
         first = store.save(quote("1530.25"))
         await asyncio.wait_for(asked.wait(), timeout=10)  # the first batch is stored and on its way to Redis
@@ -386,3 +394,99 @@ async def test_a_redis_that_answers_nothing_holds_up_neither_the_next_write_nor_
     assert [result.rate.destination_per_source for result in saved] == [Decimal("1530.25"), Decimal("1531.5")]
     assert "1530.25" in told[0] and "1531.5" in told[1], "other processes are told in the order stored"
     assert metrics.registry.get_sample_value("fxrates_cache_errors_total") == 2, "both round trips failed, counted"
+
+
+async def test_every_store_takes_a_seq_above_every_store_before_it(
+    store: RateStore, engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], SqliteWriter | PostgresWriter]
+) -> None:
+    usd_kes = Pair("USD", "KES")
+    first = await store.save(quote("1530.25"))  # on demand: one alone
+    cycle = await store.save_many([quote("1531.5"), quote("130.5", pair=usd_kes)])  # the poller: a batch
+    again = await store.save(quote("1531.5"))  # the same value answered again
+    other = make_store(engine, broadcast, writers())  # another process
+    elsewhere = await other.save(quote("131", pair=usd_kes))
+    seqs = [result.rate.seq for result in (first, *cycle, again, elsewhere)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs
+    assert not again.changed and again.rate.seq > cycle[0].rate.seq
+    async with create_sessionmaker(engine)() as session:
+        points = await repository.list_history(session, USD_NGN)
+        current = {rate.pair: rate for rate in await repository.list_current(session)}
+    # History keeps a point only for a new value, with the seq of the store that recorded it.
+    assert [(point.destination_per_source, point.seq) for point in points] == [
+        (Decimal("1530.25"), first.rate.seq),
+        (Decimal("1531.5"), cycle[0].rate.seq),
+    ]
+    assert current[USD_NGN].seq == again.rate.seq and current[usd_kes].seq == elsewhere.rate.seq
+
+
+async def test_the_event_tells_each_stores_seq(store: RateStore, broadcast: Broadcast) -> None:
+    async with broadcast.subscribe(RATES_CHANNEL) as subscriber:
+        results = await store.save_many([quote("1530.25"), quote("1531.5")])
+        event = await asyncio.wait_for(subscriber.get(), timeout=5)
+    for result in results:
+        assert f'"seq":{result.rate.seq}' in event.message
+
+
+async def test_concurrent_writers_never_commit_out_of_seq_order(
+    engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], SqliteWriter | PostgresWriter]
+) -> None:
+    """Two processes storing disjoint pairs at once (nothing but the numbering makes them take turns), and a
+    reader: whenever it sees seq N committed, it sees every seq below N too."""
+    from sqlalchemy import func, select
+
+    from app.storage.models import ExchangeRateHistory
+
+    rounds = 40
+    stores = [make_store(engine, broadcast, writers()) for _ in range(2)]
+    pairs = [[Pair(source, destination) for destination in ("NGN", "KES", "GHS")] for source in ("USD", "GBP")]
+    done = asyncio.Event()
+
+    async def write(store: RateStore, pairs: list[Pair]) -> list[int]:
+        seqs = []
+        for round_ in range(rounds):
+            # Every value new, so every store is a history point: history holds every seq committed.
+            batch = [quote(f"{1000 + round_}.{n}", pair=pair) for n, pair in enumerate(pairs)]
+            seqs += [result.rate.seq for result in await store.save_many(batch)]
+        return seqs
+
+    async def read() -> int:
+        seen = 0
+        statement = select(func.max(ExchangeRateHistory.seq), func.count())
+        while not done.is_set():
+            async with engine.connect() as connection:
+                highest, count = (await connection.execute(statement)).one()
+            assert count == (highest or 0), f"seq {highest} committed while only {count} stores are"
+            seen += 0 < count < 2 * 3 * rounds
+            await asyncio.sleep(0)
+        return seen
+
+    reader = asyncio.create_task(read())
+    try:
+        written = await asyncio.gather(*(write(store, mine) for store, mine in zip(stores, pairs, strict=True)))
+    finally:
+        done.set()
+    seen_midway = await reader
+    assert sorted(written[0] + written[1]) == list(range(1, 2 * 3 * rounds + 1))
+    assert seen_midway > 0, "the reader must have looked while the writers wrote"
+
+
+async def test_the_epoch_is_the_databases_own(migrated_url: str, tmp_path: Path) -> None:
+    from app.rates.store import read_epoch
+    from app.storage.engine import migrate
+
+    async def epoch_of(url: str) -> str:
+        engine = create_engine(url)
+        try:
+            await migrate(engine)  # a start-up: nothing to do on a database already migrated
+            return await read_epoch(create_sessionmaker(engine), health(engine, Metrics()))
+        finally:
+            await engine.dispose()
+
+    epoch = await epoch_of(migrated_url)
+    assert epoch and ":" not in epoch
+    assert await epoch_of(migrated_url) == epoch, "a restart keeps it"
+    if is_sqlite(migrated_url):
+        assert await epoch_of(f"sqlite+aiosqlite:///{tmp_path / 'another.db'}") != epoch
+    else:
+        async with postgres_database() as another:
+            assert await epoch_of(another) != epoch

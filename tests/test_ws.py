@@ -56,6 +56,20 @@ async def test_the_snapshot_comes_first_with_every_pair(ws_service: Replica) -> 
         assert {item["provider"] for item in snapshot["rates"]} == {"flutterwave"}
 
 
+async def test_frames_carry_the_epoch_and_the_seq_of_each_store(ws_service: Replica) -> None:
+    async with WsClient(ws_service.ws_url) as client:
+        snapshot = await client.recv()
+        epoch, seq = snapshot["epoch"], snapshot["seq"]
+        assert isinstance(epoch, str) and epoch and ":" not in epoch
+        assert isinstance(seq, int) and seq >= 44, "every pair was stored at least once"
+        updates = [update for _, update in await updates_over_cycles(client, cycles=1)]
+        seqs = [update["seq"] for update in updates]
+        # One replica stores in one order and pushes in it: each a store after the snapshot's, in order.
+        assert seqs and seqs == sorted(set(seqs)) and seqs[0] > seq
+        again = await client.ask({"type": "get_all_rates"}, "all_rates")
+    assert again["epoch"] == epoch and again["seq"] >= seqs[-1]
+
+
 async def test_ping_get_all_rates_and_get_rate(ws_service: Replica, ws_fake: FakeFlutterwave) -> None:
     async with WsClient(ws_service.ws_url) as client:
         await client.recv()

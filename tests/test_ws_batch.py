@@ -49,6 +49,7 @@ ITEM_FIELDS = {
     "stale",
     "provider",
     "previous_rate",
+    "seq",
 }
 
 
@@ -140,6 +141,7 @@ async def test_batch_frames_hold_the_newest_update_of_each_pair_in_the_documente
         assert len(pairs) == len(set(pairs)), "a pair twice in one frame"
         assert all(set(item) == ITEM_FIELDS for item in frame["rates"])
         assert frame["as_of"] == max(item["last_updated"] for item in frame["rates"])
+        assert frame["seq"] == max(item["seq"] for item in frame["rates"])
     assert len({pair_of(item) for frame in frames for item in frame["rates"]}) == 44
     # A poll cycle's stores reach a batch client in a few frames of many, not one frame per pair.
     assert max(len(frame["rates"]) for frame in frames) > 1

@@ -86,9 +86,9 @@ CACHED = {
     "ETag": {"description": "Weak validator of this answer", "schema": {"type": "string"}},
     "Cache-Control": {"description": "`max-age` = seconds until the rate turns stale", "schema": {"type": "string"}},
 }
-CSV_COLUMNS = ("at", "rate", "destination_per_source", "source_amount", "destination_amount")
-CSV_EXAMPLE = "at,rate,destination_per_source,source_amount,destination_amount\r\n"
-CSV_EXAMPLE += "2026-11-24T10:00:00Z,0.00065348,1530.25,0.65348,1000\r\n"
+CSV_COLUMNS = ("at", "rate", "destination_per_source", "source_amount", "destination_amount", "seq")
+CSV_EXAMPLE = "at,rate,destination_per_source,source_amount,destination_amount,seq\r\n"
+CSV_EXAMPLE += "2026-11-24T10:00:00Z,0.00065348,1530.25,0.65348,1000,4182\r\n"
 
 
 def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
@@ -129,7 +129,9 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
         destination_amount = query.amount if query.amount is not None else Decimal(1)
         source_amount = source_for(rate, destination_amount)
     age_s = rate.age_s(utc_now())
-    tag = etag(rate.pair, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount)
+    tag = etag(
+        rate.pair, rate.seq, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount
+    )
     headers = _caching_headers(tag, 0 if found.stale else lookup.stale_after_s - age_s)
     if matches(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers=headers)
@@ -146,6 +148,7 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
             stale=found.stale,
             served_from=found.served_from,
             provider=rate.provider,
+            seq=rate.seq,
         ),
     )
     # Serialised here, once: the declared response_model documents it, and validating it again would cost time.
@@ -290,6 +293,7 @@ async def get_history(
             destination_per_source=row.destination_per_source,
             source_amount=row.source_amount,
             destination_amount=row.destination_amount,
+            seq=row.seq,
         )
         for row in rows[: query.limit]
     ]
@@ -350,7 +354,7 @@ def _csv(source: str, destination: str, points: list[HistoryPoint], truncated: b
     writer.writerow(CSV_COLUMNS)
     for point in points:
         amounts = (point.rate, point.destination_per_source, point.source_amount, point.destination_amount)
-        writer.writerow([_utc(point.at), *(_plain(amount) for amount in amounts)])
+        writer.writerow([_utc(point.at), *(_plain(amount) for amount in amounts), point.seq])
     headers = {
         "Content-Disposition": f'attachment; filename="{source}-{destination}-history.csv"',
         "X-Truncated": "true" if truncated else "false",

@@ -251,6 +251,10 @@ class RateMeta(BaseModel):
     stale: bool
     served_from: Layer
     provider: Provider
+    seq: int = Field(
+        description="Sequence number of the store that set this rate: it grows with every store in the deployment "
+        "(docs/websocket.md, Sequence numbers)"
+    )
 
 
 class RateResponse(BaseModel):
@@ -290,6 +294,7 @@ class HistoryPoint(BaseModel):
     destination_per_source: Number
     source_amount: Number
     destination_amount: Number
+    seq: int = Field(description="Sequence number of the store that recorded this value")
 
 
 class HistoryData(BaseModel):

@@ -43,18 +43,19 @@ Batches = dict[tuple["Update", ...], Outgoing]
 class Update:
     """One stored rate, serialised once for every client in both shapes."""
 
-    __slots__ = ("as_of", "frame", "item", "pair", "stamp", "stored", "value")
+    __slots__ = ("as_of", "frame", "item", "pair", "seq", "stamp", "stored", "value")
 
     def __init__(self, update: RateUpdate) -> None:
         rate = update.rate
         self.pair = Pair(rate.source_currency, rate.destination_currency)
         self.value = rate.destination_per_source
         self.stamp: datetime = rate.last_updated
+        self.seq = update.seq
         self.frame = Outgoing(update.model_dump_json())
         self.item = RatesUpdateItem.of_update(update).model_dump_json()
         self.as_of = '"' + rate.model_dump(mode="json", include={"last_updated"})["last_updated"] + '"'
         # As a stored rate (it was published once stored): what a snapshot holds while the database is away.
-        self.stored = rate.stored()
+        self.stored = update.stored()
 
 
 class _Reply:
@@ -359,5 +360,6 @@ class HubClient:
         if frame is None:
             newest = max(updates, key=lambda update: update.stamp)
             items = [update.item for update in updates]
-            frame = self._batches[updates] = Outgoing(rates_update_frame(items, newest.as_of))
+            seq = max(update.seq for update in updates)
+            frame = self._batches[updates] = Outgoing(rates_update_frame(items, newest.as_of, seq))
         return frame

@@ -77,6 +77,7 @@ class Fanout:
             RateUpdate(
                 rate=RateItem.of(result.rate, stale=False),
                 previous_rate=result.previous.rate if result.previous else None,
+                seq=result.rate.seq,
             )
             for result in results
         ]

@@ -57,7 +57,12 @@ class Hub:
         self._clock = clock
         # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
         self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
+        self._store = store
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
+        self._latest_seq = 0
+        # The highest seq of each pair seen (in an event or a snapshot): an update below it is old news.
+        self._pair_seqs: dict[Pair, int] = {}
+        self._seen_snapshot: Snapshot | None = None
         self._delivered = Delivered()
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
         # Shared by every client; emptied at each stored event, after which few clients are due the same as before.
@@ -67,6 +72,20 @@ class Hub:
     def version(self) -> int:
         """Bumped by every change any process announces (with the store's, what derived views depend on)."""
         return self._snapshots.version
+
+    @property
+    def epoch(self) -> str:
+        """The deployment's epoch (docs/design.md, "Sequence numbers")."""
+        return self._store.epoch
+
+    @property
+    def latest_seq(self) -> int:
+        """The highest sequence number this process has seen stored, in an event or a snapshot read.
+
+        Not a promise that every lower one has reached its clients: events from two processes may arrive out of
+        their order (docs/design.md, "Sequence numbers").
+        """
+        return self._latest_seq
 
     def count_slow_closed(self) -> None:
         self._metrics.websocket_slow_closed.inc()
@@ -93,7 +112,15 @@ class Hub:
 
     async def snapshot(self) -> Snapshot:
         """Every stored rate, read from the database at most once a second while nothing changes."""
-        return await self._snapshots.get()
+        snapshot = await self._snapshots.get()
+        if snapshot is not self._seen_snapshot:
+            self._seen_snapshot = snapshot
+            self._latest_seq = max(self._latest_seq, snapshot.seq)
+            seqs = self._pair_seqs
+            for rate in snapshot.rates:
+                if rate.seq > seqs.get(rate.pair, 0):
+                    seqs[rate.pair] = rate.seq
+        return snapshot
 
     async def stored_pairs(self) -> Collection[Pair]:
         """Every pair stored now, as the snapshot tells."""
@@ -162,7 +189,7 @@ class Hub:
     async def resync(self) -> None:
         """The channel was away: whatever changed meanwhile reaches every client as a fresh snapshot."""
         self._snapshots.resync()
-        snapshot = await self._snapshots.get()
+        snapshot = await self.snapshot()
         for client in list(self._clients):
             client.send_snapshot(snapshot)
 
@@ -176,6 +203,9 @@ class Hub:
 
     def _fan_out_updates(self, updates: list[Update]) -> None:
         self._snapshots.announce(update.stored for update in updates)
+        updates = self._newer(updates)
+        if not updates:
+            return
         self._batches.clear()
         conflated = 0
         failed: list[tuple[HubClient, Exception]] = []
@@ -188,6 +218,18 @@ class Hub:
             self._metrics.websocket_updates_conflated.inc(conflated)
         if failed:
             self._drop(failed)
+
+    def _newer(self, updates: list[Update]) -> list[Update]:
+        """Those of `updates` newer than anything seen of their pair. Two replicas' events may arrive out of the
+        order stored (docs/design.md, "Sequence numbers"): a client never goes back to an older value."""
+        seqs, newer = self._pair_seqs, []
+        for update in updates:
+            if update.seq > seqs.get(update.pair, 0):
+                seqs[update.pair] = update.seq
+                newer.append(update)
+        if newer:
+            self._latest_seq = max(self._latest_seq, max(update.seq for update in newer))
+        return newer
 
     def _fan_out_cycle_end(self, frame: Outgoing) -> None:
         failed: list[tuple[HubClient, Exception]] = []

@@ -8,6 +8,12 @@ read at a time: whoever waits takes the snapshot the reader just built.
 While the database cannot be reached, snapshots come from the last one read,
 brought up to date with every stored change announced since, each item's
 `stale` by its age now (docs/outages.md): new clients still get one.
+
+A snapshot's `seq` is the highest among the rates read: they were read in one
+statement, and batches commit in the order of their numbers, so every store
+numbered up to it is in them (docs/design.md, "Sequence numbers"). A held one
+tells the `seq` of the last one read: announcements from several processes may
+arrive out of their order, so the changes announced since may have gaps.
 """
 
 import asyncio
@@ -36,6 +42,11 @@ class StoredRates(Protocol):
         """Bumped by every save in this process."""
         ...
 
+    @property
+    def epoch(self) -> str:
+        """The deployment's epoch."""
+        ...
+
     async def all(self) -> list[StoredRate]:
         """Every stored rate; raises `DatabaseUnavailable` while the database is away."""
         ...
@@ -45,9 +56,17 @@ class Snapshot:
     """Every stored rate, as read at one moment and as one `all_rates` frame, with the values it tells."""
 
     def __init__(
-        self, rates: list[StoredRate], frame: str, built_at: float, versions: tuple[int, int], *, held: bool = False
+        self,
+        rates: list[StoredRate],
+        frame: str,
+        built_at: float,
+        versions: tuple[int, int],
+        *,
+        seq: int,
+        held: bool = False,
     ) -> None:
         self.rates = rates
+        self.seq = seq  # every store numbered up to it is in `rates`
         self.frame = Outgoing(frame)
         self.values: dict[Pair, Decimal] = {rate.pair: rate.destination_per_source for rate in rates}
         self.built_at = built_at
@@ -65,7 +84,7 @@ class Snapshots:
         self._stale_after_s = stale_after_s
         self._clock = clock
         self._snapshot: Snapshot | None = None
-        self._last_read: tuple[list[StoredRate], datetime] | None = None  # what the database last gave, and when
+        self._last_read: tuple[list[StoredRate], datetime, int] | None = None  # the database's last answer, when, seq
         self._announced: dict[Pair, StoredRate] = {}  # the newest stored rate of each pair announced on the channel
         self._lock = asyncio.Lock()
         self.version = 0  # bumped by every change any process announces
@@ -114,23 +133,24 @@ class Snapshots:
                 rates = await self._store.all()
             except DatabaseUnavailable:
                 # Served again for up to a second, then the database is asked again (at once, while it is down).
-                rates, read_at = self._held(now)
-                frame = self._frame(rates, read_at, now)
-                self._snapshot = Snapshot(rates, frame, built_at, versions, held=True)
+                rates, read_at, seq = self._held(now)
+                frame = self._frame(rates, read_at, now, seq)
+                self._snapshot = Snapshot(rates, frame, built_at, versions, seq=seq, held=True)
                 return self._snapshot
-            self._last_read = (rates, now)
-            self._snapshot = Snapshot(rates, self._frame(rates, now, now), built_at, versions)
+            seq = max((rate.seq for rate in rates), default=0)
+            self._last_read = (rates, now, seq)
+            self._snapshot = Snapshot(rates, self._frame(rates, now, now, seq), built_at, versions, seq=seq)
             return self._snapshot
 
-    def _held(self, now: datetime) -> tuple[list[StoredRate], datetime]:
+    def _held(self, now: datetime) -> tuple[list[StoredRate], datetime, int]:
         """The last snapshot read, with every change announced since: all of it was stored."""
-        last_rates, read_at = self._last_read or ([], now)
+        last_rates, read_at, seq = self._last_read or ([], now, 0)
         held = {rate.pair: rate for rate in last_rates}
         for pair, rate in self._announced.items():
-            if pair not in held or held[pair].last_updated < rate.last_updated:
+            if pair not in held or held[pair].seq < rate.seq:
                 held[pair] = rate
-        return sorted(held.values(), key=lambda rate: (rate.pair.source, rate.pair.destination)), read_at
+        return sorted(held.values(), key=lambda rate: (rate.pair.source, rate.pair.destination)), read_at, seq
 
-    def _frame(self, rates: list[StoredRate], read_at: datetime, now: datetime) -> str:
+    def _frame(self, rates: list[StoredRate], read_at: datetime, now: datetime, seq: int) -> str:
         items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
-        return AllRates(rates=items, as_of=read_at).model_dump_json()
+        return AllRates(rates=items, as_of=read_at, epoch=self._store.epoch, seq=seq).model_dump_json()

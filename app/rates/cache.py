@@ -23,12 +23,20 @@ log = logging.getLogger(__name__)
 # A cache that hangs must cost a reader or the poller this much at most, never the whole request or cycle.
 REDIS_OP_TIMEOUT_S = 1.0
 
+# Newer by sequence number (docs/design.md, "Sequence numbers"); an entry without one (left by an earlier version)
+# by its time.
 SET_IF_NEWER = """
 local current = redis.call('get', KEYS[1])
 if current then
   local ok, held = pcall(cjson.decode, current)
-  if ok and type(held) == 'table' and tonumber(held['ts']) and tonumber(held['ts']) > tonumber(ARGV[2]) then
-    return 0
+  if ok and type(held) == 'table' then
+    if tonumber(held['seq']) then
+      if tonumber(held['seq']) > tonumber(ARGV[4]) then
+        return 0
+      end
+    elseif tonumber(held['ts']) and tonumber(held['ts']) > tonumber(ARGV[2]) then
+      return 0
+    end
   end
 end
 redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3])
@@ -63,7 +71,7 @@ class MemoryCache:
     def put(self, rate: StoredRate) -> None:
         current = self._entries.get(rate.pair)
         # Writers may finish out of order; an older rate never replaces a newer one.
-        if current is None or current[1].last_updated <= rate.last_updated:
+        if current is None or current[1].seq <= rate.seq:
             self._entries[rate.pair] = (time.monotonic() + self._ttl_s, rate)
 
     def clear(self) -> None:
@@ -76,7 +84,7 @@ class MemoryCache:
         Not served fresh from here: Redis holds it, and reads go there while memory has nothing fresh.
         """
         current = self._entries.get(rate.pair)
-        if current is None or current[1].last_updated < rate.last_updated:
+        if current is None or current[1].seq < rate.seq:
             self._entries[rate.pair] = (-math.inf, rate)
 
 
@@ -126,6 +134,7 @@ class RedisCache:
                         json.dumps(rate.to_cache()),
                         repr(rate.last_updated.timestamp()),
                         self._ttl_s,
+                        rate.seq,
                     )
                 await pipe.execute()
         except (RedisError, OSError) as error:

@@ -161,7 +161,7 @@ class RateLookup:
         best: tuple[StoredRate, Layer] | None = None
         for layer, read in layers:
             rate = await read(pair)
-            if rate is not None and (best is None or rate.last_updated > best[0].last_updated):
+            if rate is not None and (best is None or rate.seq > best[0].seq):
                 best = (rate, layer)
             if best is not None and not self.is_stale(best[0]):
                 break
@@ -171,7 +171,7 @@ class RateLookup:
                 rate = await self._store.current(pair, within_s=deadline - asyncio.get_running_loop().time())
             except DatabaseUnavailable:
                 return self._held(pair, best), False
-            if rate is not None and (best is None or rate.last_updated > best[0].last_updated):
+            if rate is not None and (best is None or rate.seq > best[0].seq):
                 best = (rate, "database")
         if best is not None and best[1] != "memory":
             if best[1] == "database":
@@ -183,7 +183,7 @@ class RateLookup:
     def _held(self, pair: Pair, best: tuple[StoredRate, Layer] | None) -> tuple[StoredRate, Layer] | None:
         """With the database away: the newest of what Redis gave and what this process last held."""
         held = self._cache.memory.last_known(pair)
-        if held is not None and (best is None or held.last_updated > best[0].last_updated):
+        if held is not None and (best is None or held.seq > best[0].seq):
             best = (held, "memory")
         if best is not None:
             self._metrics.stale_answers.labels(reason="database").inc()

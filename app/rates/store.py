@@ -103,8 +103,12 @@ class RateStore:
         *,
         database: DatabaseHealth,
         writer: Writer,
+        epoch: str,
     ) -> None:
         self._sessions = sessions
+        # The deployment's epoch (docs/design.md, "Sequence numbers"): read once at start-up (`read_epoch`); it
+        # changes only with the database, which a running process never swaps.
+        self.epoch = epoch
         self._writer = writer
         self.database = database
         self._cache = cache
@@ -211,6 +215,9 @@ class RateStore:
         self._writer.checkpoint()
 
     async def all(self, source: str | None = None) -> list[StoredRate]:
+        """Every stored rate, read in one statement: the rates stored up to the highest `seq` among them, and no
+        other (batches commit in the order of their numbers)."""
+
         async def read() -> list[StoredRate]:
             async with self._sessions() as session:
                 return await repository.list_current(session, source)
@@ -227,26 +234,38 @@ class RateStore:
         return await self.database.call(read, within_s=within_s)
 
 
+async def read_epoch(sessions: async_sessionmaker[AsyncSession], database: DatabaseHealth) -> str:
+    """The deployment's epoch, as the database holds it (raises `DatabaseUnavailable`)."""
+
+    async def read() -> str:
+        async with sessions() as session:
+            return await repository.read_epoch(session)
+
+    return await database.call(read)
+
+
 def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveResult]:
     """Store each quote as its pair's current rate, appending to history when the value changed; no commit.
 
-    Worked out in memory over the rows read (and locked) at the start, then written in two statements: every
-    current row updated, every history point appended. A pair twice in one batch is two changes in a row.
+    Each quote is a store with a sequence number of its own, in the batch's order, taken first (docs/design.md,
+    "Sequence numbers"). Worked out in memory over the rows read (and locked) at the start, then written in two
+    statements: every current row updated, every history point appended. A pair twice in one batch is two changes
+    in a row.
     """
-    current = repository.lock_current_many(connection, {quote.pair for quote in quotes})
+    last, current = repository.lock_current_many(connection, {quote.pair for quote in quotes}, taking=len(quotes))
     results: list[SaveResult] = []
-    updates: dict[int, tuple[Quote, datetime]] = {}
-    history: list[tuple[Quote, datetime]] = []
-    for quote in quotes:
+    updates: dict[int, repository.Stamped] = {}
+    history: list[repository.Stamped] = []
+    for seq, quote in enumerate(quotes, start=last - len(quotes) + 1):
         now, previous = quote.received_at, None
         found = current.get(quote.pair)
-        row_id = repository.insert_if_absent(connection, quote, now) if found is None else None
+        row_id = repository.insert_if_absent(connection, quote, now, seq) if found is None else None
         if row_id is None:
             # Stored before, by an earlier batch, earlier in this one, or another writer just now.
             row_id, previous = found or repository.lock_current(connection, quote.pair)
             # Two writers of one pair take turns on the row lock; the second never goes back in time.
             now = max(now, previous.last_updated)
-            updates[row_id] = (quote, now)
+            updates[row_id] = (quote, now, seq)
         rate = StoredRate(
             pair=quote.pair,
             rate=quote.rate,
@@ -255,11 +274,12 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
             destination_amount=quote.destination_amount,
             provider=quote.provider,
             last_updated=now,
+            seq=seq,
         )
         current[quote.pair] = (row_id, rate)
         result = SaveResult(rate=rate, previous=previous)
         if result.changed:
-            history.append((quote, now))
+            history.append((quote, now, seq))
         results.append(result)
     repository.update_current_many(connection, updates)
     repository.append_history_many(connection, history)

@@ -47,8 +47,8 @@ class RateItem(BaseModel):
             provider=rate.provider,
         )
 
-    def stored(self) -> StoredRate:
-        """The stored rate this item announced (items go out only once their rate is stored)."""
+    def stored(self, seq: int) -> StoredRate:
+        """The stored rate this item announced, stored as `seq` (items go out only once their rate is stored)."""
         return StoredRate(
             pair=Pair(self.source_currency, self.destination_currency),
             rate=self.rate,
@@ -57,25 +57,32 @@ class RateItem(BaseModel):
             destination_amount=self.destination_amount,
             provider=self.provider,
             last_updated=self.last_updated,
+            seq=seq,
         )
 
 
 class RateUpdate(BaseModel):
-    """Pushed to a per-pair client each time a rate is stored."""
+    """Pushed to a per-pair client each time a rate is stored; `seq` is that store's (docs/websocket.md)."""
 
     type: Literal["rate_update"] = "rate_update"
     rate: RateItem
     previous_rate: Number | None
+    seq: int
+
+    def stored(self) -> StoredRate:
+        """The stored rate this update announced."""
+        return self.rate.stored(self.seq)
 
 
 class RatesUpdateItem(RateItem):
-    """A rate item in a `rates_update`, with the value stored before it."""
+    """A rate item in a `rates_update`, with the value stored before it and the sequence number of its store."""
 
     previous_rate: Number | None
+    seq: int
 
     @classmethod
     def of_update(cls, update: RateUpdate) -> "RatesUpdateItem":
-        return cls(**dict(update.rate), previous_rate=update.previous_rate)
+        return cls(**dict(update.rate), previous_rate=update.previous_rate, seq=update.seq)
 
 
 class RatesUpdate(BaseModel):
@@ -89,6 +96,7 @@ class RatesUpdate(BaseModel):
     type: Literal["rates_update"] = "rates_update"
     rates: list[RatesUpdateItem]
     as_of: datetime
+    seq: int  # the highest of its items'
 
 
 class AllRatesUpdate(BaseModel):
@@ -99,9 +107,13 @@ class AllRatesUpdate(BaseModel):
 
 
 class AllRates(BaseModel):
+    """Every stored rate; every store numbered up to `seq` is in it, and none above (docs/websocket.md)."""
+
     type: Literal["all_rates"] = "all_rates"
     rates: list[RateItem]
     as_of: datetime
+    epoch: str
+    seq: int
 
 
 class RateReply(BaseModel):
@@ -132,9 +144,9 @@ class RatesStored(BaseModel):
     updates: list[RateUpdate]
 
 
-def rates_update_frame(items: list[str], as_of: str) -> str:
+def rates_update_frame(items: list[str], as_of: str, seq: int) -> str:
     """A `RatesUpdate` frame from items already serialised as `RatesUpdateItem` JSON, and `as_of` as JSON."""
-    return '{"type":"rates_update","rates":[' + ",".join(items) + '],"as_of":' + as_of + "}"
+    return '{"type":"rates_update","rates":[' + ",".join(items) + '],"as_of":' + as_of + ',"seq":' + str(seq) + "}"
 
 
 # Every frame the server sends a WebSocket client (docs/websocket.md), for schema generators.

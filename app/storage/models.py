@@ -32,6 +32,8 @@ class ExchangeRate(Base):
     provider: Mapped[str] = mapped_column(String(32))
     last_updated: Mapped[datetime] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The sequence number of the pair's latest store (docs/design.md, "Sequence numbers").
+    seq: Mapped[int] = mapped_column(BigInteger())
 
 
 class ExchangeRateHistory(Base):
@@ -51,6 +53,23 @@ class ExchangeRateHistory(Base):
     destination_amount: Mapped[Decimal] = mapped_column(ExactDecimal())
     provider: Mapped[str] = mapped_column(String(32))
     observed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The sequence number of the store that recorded this value.
+    seq: Mapped[int] = mapped_column(BigInteger())
+
+
+class RateSequence(Base):
+    """One row: the deployment's epoch, and the last sequence number handed out (docs/design.md, "Sequence numbers").
+
+    Every store batch takes its numbers by updating the row, which holds the row's lock until the batch commits:
+    writers commit in the order of their numbers.
+    """
+
+    __tablename__ = "rate_sequence"
+
+    id: Mapped[int] = mapped_column(Integer(), primary_key=True, autoincrement=False)
+    # Random, made when the database was: it names this history, so a client never resumes across databases.
+    epoch: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(BigInteger())
 
 
 class ApiKey(Base):

@@ -17,6 +17,7 @@ class StoredRate:
     destination_amount: Decimal
     provider: str
     last_updated: datetime
+    seq: int  # of the store that set it (docs/design.md, "Sequence numbers")
 
     def age_s(self, now: datetime) -> float:
         return max(0.0, (now - self.last_updated).total_seconds())
@@ -33,6 +34,7 @@ class StoredRate:
             "provider": self.provider,
             "last_updated": self.last_updated.isoformat(),
             "ts": self.last_updated.timestamp(),  # for comparing ages inside Redis
+            "seq": self.seq,
         }
 
     @classmethod
@@ -45,4 +47,5 @@ class StoredRate:
             destination_amount=Decimal(data["destination_amount"]),
             provider=data["provider"],
             last_updated=datetime.fromisoformat(data["last_updated"]),
+            seq=int(data["seq"]),
         )

@@ -2,19 +2,20 @@
 
 The writes take a plain (synchronous) `Connection`: the store runs them in
 one go, on SQLite in a thread of its own, on PostgreSQL through `run_sync`
-(app.rates.store).
+(app.rates.store). A batch takes its sequence numbers first, in the statement
+that locks its rows (docs/design.md, "Sequence numbers").
 """
 
 from collections.abc import Collection
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Row, Select, Table, bindparam, insert, select, tuple_, update
+from sqlalchemy import Connection, Row, Select, Table, bindparam, insert, select, true, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.currencies import Pair
-from app.storage.models import ExchangeRate, ExchangeRateHistory
+from app.storage.models import ExchangeRate, ExchangeRateHistory, RateSequence
 from app.storage.rate import StoredRate
 from app.upstream.quote import Quote
 
@@ -28,6 +29,7 @@ def to_stored(row: ExchangeRate | Row[Any]) -> StoredRate:
         destination_amount=row.destination_amount,
         provider=row.provider,
         last_updated=row.last_updated,
+        seq=row.seq,
     )
 
 
@@ -66,19 +68,43 @@ _LOCK_ONE = (
 _UPDATE = update(_CURRENT).where(_CURRENT.c.id == bindparam("row_id"))
 _APPEND = insert(_HISTORY)
 
+# The sequence's one row (made by the migration). Taking numbers updates it: its lock is held until the batch
+# commits, so batches commit in the order of their numbers, whichever process wrote them.
+SEQUENCE_ROW = 1
+_SEQUENCE = cast(Table, RateSequence.__table__)
+_TAKE = (
+    update(_SEQUENCE)
+    .where(_SEQUENCE.c.id == SEQUENCE_ROW)
+    .values(seq=_SEQUENCE.c.seq + bindparam("count"))
+    .returning(_SEQUENCE.c.seq)
+)
+_LAST_TAKEN = select(_SEQUENCE.c.seq).where(_SEQUENCE.c.id == SEQUENCE_ROW)
+# PostgreSQL: the numbers taken in the locking read itself, no round trip of their own. A row is locked only once
+# it is joined with the counter's updated row, so the counter is locked first, before any rate row: every writer
+# takes the counter before anything else, and two writers never hold one each of what the other waits for.
+_TAKEN = _TAKE.cte("taken")
+_LOCK_MANY_TAKING = (
+    select(_CURRENT, _TAKEN.c.seq.label("taken"))
+    .select_from(_CURRENT.join(_TAKEN, true()))
+    .where(_BY_PAIR.in_(bindparam("pairs", expanding=True)))
+    .order_by(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
+    .with_for_update(of=_CURRENT)
+)
+
 Current = tuple[int, StoredRate]  # a stored row's id, and its rate
+Stamped = tuple[Quote, datetime, int]  # a quote as stored: with its `last_updated` and its sequence number
 
 
 def _current(row: Row[Any]) -> Current:
     return row.id, to_stored(row)
 
 
-def insert_if_absent(connection: Connection, quote: Quote, now: datetime) -> int | None:
+def insert_if_absent(connection: Connection, quote: Quote, now: datetime, seq: int) -> int | None:
     """Insert the pair's first row and return its id; None when a row is already there (then lock and update it)."""
     insert_ = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
     statement = (
         insert_(_CURRENT)
-        .values(**_quote_values(quote), last_updated=now, created_at=now)
+        .values(**_quote_values(quote), last_updated=now, created_at=now, seq=seq)
         .on_conflict_do_nothing(index_elements=["source_currency", "destination_currency"])
         .returning(_CURRENT.c.id)
     )
@@ -91,30 +117,52 @@ def lock_current(connection: Connection, pair: Pair) -> Current:
     return _current(connection.execute(_LOCK_ONE, {"source": pair.source, "destination": pair.destination}).one())
 
 
-def lock_current_many(connection: Connection, pairs: Collection[Pair]) -> dict[Pair, Current]:
-    """The rows of those of `pairs` already stored, locked until the transaction ends, in one statement."""
-    rows = connection.execute(_LOCK_MANY, {"pairs": [(pair.source, pair.destination) for pair in pairs]})
+def lock_current_many(
+    connection: Connection, pairs: Collection[Pair], *, taking: int
+) -> tuple[int, dict[Pair, Current]]:
+    """Take `taking` sequence numbers, then lock the rows of those of `pairs` already stored until the
+    transaction ends; the last number taken, and the rows.
+
+    The numbers come first: from then on no other writer can commit until this transaction has (docs/design.md,
+    "Sequence numbers"). On PostgreSQL in the same statement as the rows, a second one only when none of `pairs`
+    is stored yet; on SQLite (one writer at a time already, and no round trips) a statement of its own.
+    """
+    parameters = {"pairs": [(pair.source, pair.destination) for pair in pairs], "count": taking}
+    if connection.dialect.name == "postgresql":
+        rows = connection.execute(_LOCK_MANY_TAKING, parameters).all()
+        # The counter row is ours until commit: read again, it holds what this transaction made it.
+        last: int = rows[0].taken if rows else connection.execute(_LAST_TAKEN).scalar_one()
+    else:
+        last = connection.execute(_TAKE, parameters).scalar_one()
+        rows = connection.execute(_LOCK_MANY, parameters).all()
     found = (_current(row) for row in rows)
-    return {rate.pair: (row_id, rate) for row_id, rate in found}
+    return last, {rate.pair: (row_id, rate) for row_id, rate in found}
 
 
-def update_current_many(connection: Connection, updates: dict[int, tuple[Quote, datetime]]) -> None:
-    """Each row (by id) takes its quote's values and `last_updated`, in one statement."""
+def update_current_many(connection: Connection, updates: dict[int, Stamped]) -> None:
+    """Each row (by id) takes its quote's values, `last_updated` and sequence number, in one statement."""
     if updates:
         connection.execute(
             _UPDATE,
             [
-                {"row_id": row_id, **_quote_values(quote), "last_updated": now}
-                for row_id, (quote, now) in updates.items()
+                {"row_id": row_id, **_quote_values(quote), "last_updated": now, "seq": seq}
+                for row_id, (quote, now, seq) in updates.items()
             ],
         )
 
 
-def append_history_many(connection: Connection, points: list[tuple[Quote, datetime]]) -> None:
+def append_history_many(connection: Connection, points: list[Stamped]) -> None:
     if points:
         connection.execute(
-            _APPEND, [{**_quote_values(quote), "observed_at": observed_at} for quote, observed_at in points]
+            _APPEND,
+            [{**_quote_values(quote), "observed_at": observed_at, "seq": seq} for quote, observed_at, seq in points],
         )
+
+
+async def read_epoch(session: AsyncSession) -> str:
+    """The deployment's epoch: made with the database, the same for as long as its history lasts."""
+    epoch: str = (await session.execute(select(_SEQUENCE.c.epoch).where(_SEQUENCE.c.id == SEQUENCE_ROW))).scalar_one()
+    return epoch
 
 
 async def get_current(session: AsyncSession, pair: Pair) -> StoredRate | None:

@@ -28,6 +28,7 @@ _RATE_ITEM = {
     "provider": "flutterwave",
 }
 _AS_OF = "2026-11-24T10:00:01Z"
+_EPOCH = "3f9c2b7e51d04a6c8e2f1a9b7c5d3e10"
 
 # Examples by message type: (name, summary, payload). Each is checked against its model by the tests.
 EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
@@ -63,7 +64,7 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
         (
             "snapshot",
             "Sent at once on connect, and in answer to get_all_rates",
-            {"type": "all_rates", "rates": [_RATE_ITEM], "as_of": _AS_OF},
+            {"type": "all_rates", "rates": [_RATE_ITEM], "as_of": _AS_OF, "epoch": _EPOCH, "seq": 4181},
         )
     ],
     "rate": [("rate", "The answer to get_rate", {"type": "rate", "rate": _RATE_ITEM})],
@@ -79,14 +80,19 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
         (
             "rate_update",
             "A rate was stored (by the poller or on demand), on any replica",
-            {"type": "rate_update", "rate": _RATE_ITEM, "previous_rate": 0.00065412},
+            {"type": "rate_update", "rate": _RATE_ITEM, "previous_rate": 0.00065412, "seq": 4182},
         )
     ],
     "rates_update": [
         (
             "rates_update",
             "Batch mode: every update this client was due since its last frame, the newest per pair",
-            {"type": "rates_update", "rates": [{**_RATE_ITEM, "previous_rate": 0.00065412}], "as_of": _AS_OF},
+            {
+                "type": "rates_update",
+                "rates": [{**_RATE_ITEM, "previous_rate": 0.00065412, "seq": 4182}],
+                "as_of": _AS_OF,
+                "seq": 4182,
+            },
         )
     ],
     "all_rates_update": [
@@ -146,6 +152,11 @@ FIELDS: dict[str, str] = {
     "as_of": "When the service made this frame",
     "count": "Pairs stored after the poll cycle",
     "changed": "Pairs whose value changed in the poll cycle",
+    "seq": "Sequence number: every store of a rate in the deployment gets one, higher than every store's before "
+    "it. On rate_update and an item of rates_update: that store's; on rates_update: the highest of its items; "
+    "on all_rates: every store up to it is in the snapshot",
+    "epoch": "Names the deployment's history (changes only when it is lost, e.g. a new database); sequence numbers "
+    "are compared only within one epoch. Never contains ':'",
     "code": "What went wrong, for programs",
     "message": "What went wrong, for people",
 }

@@ -1,7 +1,7 @@
 """api keys and the audit trail: api_keys, audit_log (append-only)
 
-Revision ID: 0002_keys_audit
-Revises: 0001
+Revision ID: 0003_keys_audit
+Revises: 0002_sequence_numbers
 Create Date: 2026-12-01 09:00:00.000000+00:00
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 import app.storage.engine
 
-revision: str = "0002_keys_audit"
-down_revision: str | None = "0001"
+revision: str = "0003_keys_audit"
+down_revision: str | None = "0002_sequence_numbers"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
