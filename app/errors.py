@@ -78,6 +78,12 @@ class RateUnavailable(_RetryLater):
     status_code = 503
 
 
+class Withheld(ServiceError):
+    """An operator withheld the pair: it is not served until it is resumed (docs/operations.md, "Corridors")."""
+
+    status_code = 503
+
+
 def retry_after(seconds: float) -> str:
     """A `Retry-After` value: whole seconds, at least 1 (0 would invite an immediate retry)."""
     return str(max(1, math.ceil(seconds)))

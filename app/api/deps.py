@@ -19,6 +19,7 @@ from app.ingest.poller import Poller
 from app.kit.metrics import Metrics
 from app.live.hub import Hub
 from app.rates.lookup import RateLookup
+from app.rates.store import RateStore
 from app.settings import Settings
 from app.shutdown import GracefulShutdown
 from app.state import services_of, state_of
@@ -37,6 +38,10 @@ async def get_lookup(connection: HTTPConnection) -> RateLookup:
 
 async def get_hub(connection: HTTPConnection) -> Hub:
     return services_of(connection.scope).hub
+
+
+async def get_store(connection: HTTPConnection) -> RateStore:
+    return services_of(connection.scope).store
 
 
 async def get_database(connection: HTTPConnection) -> DatabaseHealth:
@@ -70,6 +75,7 @@ async def get_history_answers(connection: HTTPConnection) -> HistoryAnswers:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 HubDep = Annotated[Hub, Depends(get_hub)]
+StoreDep = Annotated[RateStore, Depends(get_store)]
 DatabaseDep = Annotated[DatabaseHealth, Depends(get_database)]
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

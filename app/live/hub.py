@@ -18,7 +18,8 @@ endpoint closes it with 1013).
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from datetime import datetime
 
 from broadcaster import Broadcast
 
@@ -26,9 +27,14 @@ from app.currencies import Pair
 from app.kit.metrics import Metrics
 from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.client import Batches, HubClient, Update
-from app.live.fanout import RATES_CHANNEL, CycleEnded, Delivered, Resynced, Stored, read_event
+from app.live.fanout import RATES_CHANNEL, CorridorEvent, CycleEnded, Delivered, Resynced, Stored, read_event
 from app.live.frames import Outgoing
 from app.live.snapshots import Snapshot, Snapshots, StoredRates
+from app.rates.corridors import Corridor, Corridors, State
+from app.rates.wire import CorridorChanged
+
+# What the database holds of every corridor and override (a replica that starts or resyncs reads them).
+CorridorLoader = Callable[[], Awaitable[tuple[dict[Pair, Corridor], dict[Pair, datetime]]]]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ class Hub:
         clock: Callable[[], float] = time.monotonic,
         on_rates: Callable[[], None] = lambda: None,
         on_cycle_end: Callable[[], None] = lambda: None,
+        corridors: Corridors | None = None,
+        load_corridors: CorridorLoader | None = None,
     ) -> None:
         self._broadcast = broadcast
         self._metrics = metrics
@@ -58,7 +66,9 @@ class Hub:
         # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
         self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
         self._store = store
-        self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
+        self.corridors = corridors if corridors is not None else Corridors()
+        self._load_corridors = load_corridors
+        self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock, corridors=self.corridors)
         self._latest_seq = 0
         # The highest seq of each pair seen (in an event or a snapshot): an update below it is old news.
         self._pair_seqs: dict[Pair, int] = {}
@@ -122,6 +132,49 @@ class Hub:
                     seqs[rate.pair] = rate.seq
         return snapshot
 
+    async def load_corridors(self) -> None:
+        """Every corridor and override, as the database holds them (start-up, and after a resync)."""
+        if self._load_corridors is not None:
+            corridors, overrides = await self._load_corridors()
+            self.corridors.load(corridors, overrides)
+            self._snapshots.invalidate()
+
+    def corridor_changed(self, message: str) -> None:
+        """A corridor event this process published: applied now, before the operator's answer goes out, so no
+        answer of this process shows the state before it (its copy from the channel is skipped)."""
+        self._delivered.add(message)
+        event = read_event(message)
+        if isinstance(event, CorridorEvent):
+            self._apply_corridor(event.change)
+
+    async def publish(self, message: str) -> None:
+        """A corridor event, to every other process (this one applied it already: `corridor_changed`)."""
+        try:
+            await self._broadcast.publish(RATES_CHANNEL, message)
+        except Exception as error:
+            # Stored already: the others read it from the database when they next start or resync.
+            self._metrics.publish_errors.inc()
+            log.warning("could not publish a corridor event: %s", error)
+
+    def _apply_corridor(self, change: CorridorChanged) -> None:
+        source, _, destination = change.pair.partition("/")
+        pair = Pair(source, destination)
+        corridor = Corridor(State(change.state), change.reason, change.since, change.by)
+        self.corridors.set(pair, corridor, change.override_until)
+        # Every answer and snapshot derived before is out of date (the answer cache reads `version`).
+        self._snapshots.invalidate()
+        if not change.notify:
+            return
+        frame = Outgoing(change.frame().model_dump_json())
+        failed: list[tuple[HubClient, Exception]] = []
+        for client in list(self._clients):
+            try:
+                client.tell(pair, frame)
+            except Exception as error:
+                failed.append((client, error))
+        if failed:
+            self._drop(failed)
+
     async def stored_pairs(self) -> Collection[Pair]:
         """Every pair stored now, as the snapshot tells."""
         return (await self._snapshots.get()).values.keys()
@@ -159,6 +212,8 @@ class Hub:
                     event = read_event(message)
                     if isinstance(event, Resynced):
                         await self.resync()
+                    elif isinstance(event, CorridorEvent):
+                        self._apply_corridor(event.change)
                     elif event is not None:
                         self.fan_out(event)
                 except Exception:
@@ -188,6 +243,11 @@ class Hub:
 
     async def resync(self) -> None:
         """The channel was away: whatever changed meanwhile reaches every client as a fresh snapshot."""
+        try:
+            await self.load_corridors()
+        except Exception:
+            # The database is away too: the corridors stay as this process last knew them.
+            log.warning("could not read the corridors again after a resync", exc_info=True)
         self._snapshots.resync()
         snapshot = await self.snapshot()
         for client in list(self._clients):

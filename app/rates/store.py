@@ -47,6 +47,18 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class Overridden(Exception):
+    """A fetched value for a pair whose manual override is in force: not stored (docs/operations.md, "Corridors").
+
+    The fetchers ask `Corridors.may_fetch` first; this is the database's word on it, for a replica that had not
+    heard of the override yet.
+    """
+
+    def __init__(self, pair: Pair) -> None:
+        super().__init__(f"{pair} has a manual override in force; the fetched value is not stored")
+        self.pair = pair
+
+
 @dataclass(frozen=True, slots=True)
 class SaveResult:
     rate: StoredRate
@@ -252,7 +264,10 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
     statements: every current row updated, every history point appended. A pair twice in one batch is two changes
     in a row.
     """
-    last, current = repository.lock_current_many(connection, {quote.pair for quote in quotes}, taking=len(quotes))
+    pairs = {quote.pair for quote in quotes}
+    last, current = repository.lock_current_many(connection, pairs, taking=len(quotes))
+    # Read after the rate rows are locked: an override is written only under its rate row's lock.
+    overrides = repository.overrides_of(connection, pairs)
     results: list[SaveResult] = []
     updates: dict[int, repository.Stamped] = {}
     history: list[repository.Stamped] = []
@@ -266,6 +281,7 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
             # Two writers of one pair take turns on the row lock; the second never goes back in time.
             now = max(now, previous.last_updated)
             updates[row_id] = (quote, now, seq)
+        _override_terms(connection, quote, overrides, previous)
         rate = StoredRate(
             pair=quote.pair,
             rate=quote.rate,
@@ -284,6 +300,41 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
     repository.update_current_many(connection, updates)
     repository.append_history_many(connection, history)
     return results
+
+
+def _override_terms(
+    connection: Connection,
+    quote: Quote,
+    overrides: dict[Pair, repository.OverrideRow],
+    previous: StoredRate | None,
+) -> None:
+    """An override's terms go with its manual value; a fetched value is refused while one is in force, and once
+    stored over an expired (or ended) one, its terms go (the row exists exactly while the manual value is stored).
+    """
+    pair, override = quote.pair, overrides.get(quote.pair)
+    if isinstance(quote, repository.ManualQuote):
+        if override is not None:
+            fetched = (override.fetched_destination_per_source, override.fetched_at)
+        elif previous is not None and previous.provider != repository.MANUAL:
+            fetched = (previous.destination_per_source, previous.last_updated)
+        else:
+            fetched = (None, None)
+        overrides[pair] = terms = repository.OverrideRow(
+            pair=pair,
+            destination_per_source=quote.destination_per_source,
+            reason=quote.reason,
+            actor=quote.actor,
+            set_at=quote.received_at,
+            expires_at=quote.expires_at,
+            fetched_destination_per_source=fetched[0],
+            fetched_at=fetched[1],
+        )
+        repository.put_override(connection, terms)
+    elif override is not None:
+        if quote.received_at < override.expires_at:
+            raise Overridden(pair)
+        del overrides[pair]
+        repository.delete_overrides(connection, [pair])
 
 
 def _settle(
