@@ -294,7 +294,8 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
         )
         current[quote.pair] = (row_id, rate)
         result = SaveResult(rate=rate, previous=previous)
-        if result.changed:
+        # A manual value is always a point, even one equal to the value before: history records who set it.
+        if result.changed or isinstance(quote, repository.ManualQuote):
             history.append((quote, now, seq))
         results.append(result)
     repository.update_current_many(connection, updates)
