@@ -1,6 +1,7 @@
 """The AsyncAPI document of `/ws/rates`: valid for the official parser, and true to what the endpoint
 accepts and sends, checked on a live service."""
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ NPM_TOOLS = ROOT / "tools" / "npm"
 CODES_NOT_PROVOKED = {
     "too_large": "declared, but a frame over 64 KiB closes the connection with 1009 instead of an error frame",
     "try_again_later": "needs the deployment's on-demand budget spent; tests/test_limits_replicas.py provokes it",
+    "withheld": "needs a pair withheld by an operator; tests/test_corridors.py provokes it",
 }
 
 
@@ -98,6 +100,13 @@ def test_the_document_names_exactly_what_the_parser_accepts(document: dict[str, 
     assert documented(document, "send") == {message_type(model) for model in SERVER_FRAMES}
 
 
+def admin_post(url: str, body: dict[str, Any], key: str) -> None:
+    data = json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as answer:
+        assert answer.status == 200
+
+
 def test_every_message_has_examples_that_its_model_and_schema_accept(document: dict[str, Any]) -> None:
     for kind, message in document["components"]["messages"].items():
         examples = message.get("examples", [])
@@ -153,6 +162,11 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
         await client.send(
             {"type": "subscribe", "pairs": ["*"], "min_change_bps": 0, **({"batch": False} if batch else {})}
         )
+        if "corridor" in sends:
+            # An operator pauses a pair and resumes it: every client following it is told each time.
+            for action in ("pause", "resume"):
+                url = f"{live.url}/api/admin/corridors/USD/NGN/{action}"
+                await asyncio.to_thread(admin_post, url, {"reason": "asyncapi test"}, live.operator_key)
         await frames_until(client, sends - {"rates_update"}, seen, frozenset({"bad_request", "not_found"}))
     if batch:
         async with WsClient(live.ws_url) as client:

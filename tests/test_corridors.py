@@ -1,7 +1,6 @@
 """Corridor control end to end: two replicas sharing Redis on one database, real HTTP and WebSocket clients
 (docs/operations.md "Corridors", docs/rest.md "Admin")."""
 
-import asyncio
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +14,7 @@ from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.replicas import Replica
 from tests.support.waiting import eventually
 from tests.support.ws_client import WsClient, is_update_for
-from tests.test_keys import assert_error, audit_rows, bearer, create_key, start_service
+from tests.test_keys import assert_error, bearer, create_key, start_service
 
 pytestmark = pytest.mark.slow  # real servers
 
@@ -40,8 +39,19 @@ def replicas(
         first.stop()
 
 
-def post(client: httpx.Client, key: str, path: str, **body: Any) -> httpx.Response:
-    return client.post(path, json=body, headers=bearer(key))
+async def post(client: httpx.AsyncClient, key: str, path: str, **body: Any) -> httpx.Response:
+    return await client.post(path, json=body, headers=bearer(key))
+
+
+async def audit_rows(client: httpx.AsyncClient, key: str) -> list[dict[str, Any]]:
+    answer = await client.get("/api/admin/audit", headers=bearer(key))
+    assert answer.status_code == 200, answer.text
+    rows: list[dict[str, Any]] = answer.json()["data"]["rows"]
+    return rows
+
+
+async def meta(client: httpx.AsyncClient, path: str = "/api/rates?source_currency=USD&destination_currency=NGN") -> Any:
+    return (await client.get(path)).json()["meta"]
 
 
 async def polls_pass(fake: FakeFlutterwave, cycles: int = 2) -> None:
@@ -56,34 +66,37 @@ async def test_pause_withhold_resume_and_override(
     first, second = replicas
     key = create_key(database_url, "ops-alice", "operator")
     integrator = create_key(database_url, "mobile-app", "integrator")
-    with httpx.Client(base_url=first.url, timeout=10) as one, httpx.Client(base_url=second.url, timeout=10) as two:
+    async with (
+        httpx.AsyncClient(base_url=first.url, timeout=10) as one,
+        httpx.AsyncClient(base_url=second.url, timeout=10) as two,
+    ):
         async with WsClient(second.ws_url) as watcher:
             await watcher.recv_until(lambda m: m["type"] == "all_rates")
             await watcher.ask({"type": "subscribe", "pairs": ["USD/NGN"]}, "subscribed")
 
             # Rejected: nothing written, nothing changed.
-            before = audit_rows(one, key)
-            assert_error(one.post(f"{BASE}/pause", json={"reason": "x"}), 401)
-            assert_error(post(one, integrator, f"{BASE}/pause", reason="x"), 403)
-            assert_error(post(one, key, "/api/admin/corridors/USD/JPY/pause", reason="x"), 422)
-            assert_error(post(one, key, "/api/admin/corridors/USD/XYZ/pause", reason="x"), 422)
-            assert_error(post(one, key, f"{BASE}/pause"), 422)
-            assert_error(post(one, key, f"{BASE}/pause", reason="x" * 501), 422)
+            before = await audit_rows(one, key)
+            assert_error(await one.post(f"{BASE}/pause", json={"reason": "x"}), 401)
+            assert_error(await post(one, integrator, f"{BASE}/pause", reason="x"), 403)
+            assert_error(await post(one, key, "/api/admin/corridors/USD/JPY/pause", reason="x"), 422)
+            assert_error(await post(one, key, "/api/admin/corridors/USD/XYZ/pause", reason="x"), 422)
+            assert_error(await post(one, key, f"{BASE}/pause"), 422)
+            assert_error(await post(one, key, f"{BASE}/pause", reason="x" * 501), 422)
             for bad in (
                 {"expires_in_seconds": 86_401},
                 {"destination_per_source": "-1"},
                 {"destination_per_source": 1.5},
             ):
                 body = {"destination_per_source": "1530.25", "expires_in_seconds": 60, "reason": "x", **bad}
-                assert_error(post(one, key, f"{BASE}/override", **body), 422)
-            assert_error(one.delete(f"{BASE}/override", params={"reason": "x"}, headers=bearer(key)), 422)
-            assert audit_rows(one, key) == before
-            assert "corridor" not in two.get(RATE).json()["meta"]
+                assert_error(await post(one, key, f"{BASE}/override", **body), 422)
+            assert_error(await one.delete(f"{BASE}/override", params={"reason": "x"}, headers=bearer(key)), 422)
+            assert await audit_rows(one, key) == before
+            assert "corridor" not in (await meta(two))
 
             # Pause: not fetched, still served, marked; the other replica's client is told.
-            paused = post(one, key, f"{BASE}/pause", reason="Flutterwave suspended NGN payouts")
+            paused = await post(one, key, f"{BASE}/pause", reason="Flutterwave suspended NGN payouts")
             assert paused.status_code == 200, paused.text
-            assert one.get(RATE).json()["meta"]["corridor"]["state"] == "paused"
+            assert (await meta(one))["corridor"]["state"] == "paused"
             frame, _ = await watcher.recv_until(lambda m: m["type"] == "corridor")
             assert frame["pair"] == "USD/NGN" and frame["state"] == "paused"
             assert frame["reason"] == "Flutterwave suspended NGN payouts"
@@ -91,24 +104,30 @@ async def test_pause_withhold_resume_and_override(
             await polls_pass(fake)
             assert fake.calls[USD_NGN] == calls
             for client in (one, two):
-                answer = client.get(RATE)
+                answer = await client.get(RATE)
                 assert answer.status_code == 200
                 assert answer.json()["meta"]["corridor"]["state"] == "paused"
-            skipped = post(one, key, "/api/admin/refresh", pairs=["USD/NGN"], reason="try")
+            skipped = await post(one, key, "/api/admin/refresh", pairs=["USD/NGN"], reason="try")
             assert skipped.json()["data"]["outcomes"] == [{"pair": "USD/NGN", "outcome": "skipped"}]
             assert fake.calls[USD_NGN] == calls
 
             # Withhold: not served anywhere, history still answers.
-            assert post(two, key, f"{BASE}/withhold", reason="Wrong rates reported").status_code == 200
+            assert (await post(two, key, f"{BASE}/withhold", reason="Wrong rates reported")).status_code == 200
             frame, _ = await watcher.recv_until(lambda m: m["type"] == "corridor")
             assert frame["state"] == "withheld"
+
             # The replica that acted answers so at once; the other once the event reaches it.
-            await eventually(lambda: one.get(RATE).status_code == 503, what="the withhold to reach", timeout_s=10)
+            async def withheld_there() -> bool:
+                return (await one.get(RATE)).status_code == 503
+
+            await eventually(withheld_there, what="the withhold to reach", timeout_s=10)
             for client in (two, one):
-                refused = assert_error(client.get(RATE), 503)
+                refused = assert_error(await client.get(RATE), 503)
                 assert "withheld by the operator" in refused["message"]
-                assert "NGN" not in client.get("/api/rates/all?base_currency=USD").json()["data"]["rates"]
-                assert client.get("/api/rates/history?source_currency=USD&destination_currency=NGN").status_code == 200
+                assert "NGN" not in (await client.get("/api/rates/all?base_currency=USD")).json()["data"]["rates"]
+                assert (
+                    await client.get("/api/rates/history?source_currency=USD&destination_currency=NGN")
+                ).status_code == 200
             async with WsClient(first.ws_url) as newcomer:
                 snapshot, _ = await newcomer.recv_until(lambda m: m["type"] == "all_rates")
                 pairs = {(r["source_currency"], r["destination_currency"]) for r in snapshot["rates"]}
@@ -119,9 +138,9 @@ async def test_pause_withhold_resume_and_override(
                 assert refused_ws["type"] == "error" and refused_ws["code"] == "withheld"
 
             # Resume: fetched at once.
-            assert post(one, key, f"{BASE}/resume", reason="Upstream fixed").status_code == 200
+            assert (await post(one, key, f"{BASE}/resume", reason="Upstream fixed")).status_code == 200
             assert fake.calls[USD_NGN] > calls
-            assert "corridor" not in one.get(RATE).json()["meta"]
+            assert "corridor" not in (await meta(one))
             frame, _ = await watcher.recv_until(lambda m: m["type"] == "corridor")
             assert frame["state"] == "active"
 
@@ -137,30 +156,37 @@ async def test_pause_withhold_resume_and_override(
             assert isinstance(update["seq"], int)
             calls = fake.calls[USD_NGN]
             await polls_pass(fake)
-            meta = one.get(RATE).json()["meta"]
-            assert meta["provider"] == "manual" and meta["seq"] == update["seq"]
-            history = one.get(
-                "/api/rates/history", params={"source_currency": "USD", "destination_currency": "NGN", "limit": 1000}
+            served = await meta(one)
+            assert served["provider"] == "manual" and served["seq"] == update["seq"]
+            history = (
+                await one.get(
+                    "/api/rates/history",
+                    params={"source_currency": "USD", "destination_currency": "NGN", "limit": 1000},
+                )
             ).json()
             assert history["data"]["points"][-1]["provider"] == "manual"
             assert history["data"]["points"][-1]["actor"] == "ops-alice"
+
             # It expires: the next fetch replaces it.
-            await eventually(
-                lambda: two.get(RATE).json()["meta"]["provider"] == "flutterwave", what="expiry", timeout_s=20
-            )
+            async def fetched_again() -> bool:
+                return bool((await meta(two))["provider"] == "flutterwave")
+
+            await eventually(fetched_again, what="expiry", timeout_s=20)
             assert fake.calls[USD_NGN] > calls
 
             # DELETE ends one early, fetched at once.
-            post(one, key, f"{BASE}/override", destination_per_source="1500", expires_in_seconds=3600, reason="again")
-            assert one.get(RATE).json()["meta"]["provider"] == "manual"
-            listed = one.get("/api/admin/corridors", headers=bearer(key)).json()["data"]["corridors"]
+            await post(
+                one, key, f"{BASE}/override", destination_per_source="1500", expires_in_seconds=3600, reason="again"
+            )
+            assert (await meta(one))["provider"] == "manual"
+            listed = (await one.get("/api/admin/corridors", headers=bearer(key))).json()["data"]["corridors"]
             ngn = next(item for item in listed if item["pair"] == "USD/NGN")
             assert ngn["state"] == "active" and ngn["override"]["in_force"] and ngn["override"]["by"] == "ops-alice"
-            ended = one.delete(f"{BASE}/override", params={"reason": "Upstream back"}, headers=bearer(key))
+            ended = await one.delete(f"{BASE}/override", params={"reason": "Upstream back"}, headers=bearer(key))
             assert ended.status_code == 200, ended.text
-            assert one.get(RATE).json()["meta"]["provider"] == "flutterwave"
+            assert (await meta(one))["provider"] == "flutterwave"
 
-            actions = [row["action"] for row in audit_rows(one, key)]
+            actions = [row["action"] for row in await audit_rows(one, key)]
             assert actions[:7] == ["end_override", "override", "override", "resume", "withhold", "refresh", "pause"]
 
 
@@ -168,17 +194,19 @@ async def test_states_and_overrides_survive_a_restart(tmp_path: Path, fake: Fake
     replica = start_service(tmp_path, fake, database_url, "before", POLL_INTERVAL_SECONDS="1")
     key = create_key(database_url, "ops-bob", "operator")
     try:
-        with httpx.Client(base_url=replica.url, timeout=10) as client:
-            assert post(client, key, f"{BASE}/pause", reason="suspended").status_code == 200
+        async with httpx.AsyncClient(base_url=replica.url, timeout=10) as client:
+            assert (await post(client, key, f"{BASE}/pause", reason="suspended")).status_code == 200
             kes = "/api/admin/corridors/USD/KES/override"
-            assert post(client, key, kes, destination_per_source="130", expires_in_seconds=3600, reason="r").is_success
+            assert (
+                await post(client, key, kes, destination_per_source="130", expires_in_seconds=3600, reason="r")
+            ).is_success
     finally:
         replica.stop()
     again = start_service(tmp_path, fake, database_url, "after", POLL_INTERVAL_SECONDS="1")
     try:
-        with httpx.Client(base_url=again.url, timeout=10) as client:
-            assert client.get(RATE).json()["meta"]["corridor"]["reason"] == "suspended"
-            kes_meta = client.get("/api/rates?source_currency=USD&destination_currency=KES").json()["meta"]
+        async with httpx.AsyncClient(base_url=again.url, timeout=10) as client:
+            assert (await meta(client))["corridor"]["reason"] == "suspended"
+            kes_meta = (await client.get("/api/rates?source_currency=USD&destination_currency=KES")).json()["meta"]
             assert kes_meta["provider"] == "manual"
             calls = fake.calls[USD_NGN], fake.calls[USD_KES]
             other = Pair("USD", "GHS")
@@ -187,4 +215,3 @@ async def test_states_and_overrides_survive_a_restart(tmp_path: Path, fake: Fake
             assert (fake.calls[USD_NGN], fake.calls[USD_KES]) == calls
     finally:
         again.stop()
-    await asyncio.sleep(0)
