@@ -16,16 +16,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    SerializerFunctionWrapHandler,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
-    model_serializer,
 )
 
 from app.currencies import Pair, known_currencies, normalise_currency
 from app.rates.lookup import Layer
-from app.rates.wire import CorridorMark, Number
+from app.rates.wire import CorridorMark, Number, absent
 
 _THREE_LETTERS = re.compile(r"[A-Za-z]{3}")
 # Digits with at most one point: at most 11 before it and 4 after it (any ISO 4217 minor unit, 15 significant
@@ -249,16 +247,10 @@ class RateData(BaseModel):
 class _CorridorAbsentWhileActive(BaseModel):
     corridor: CorridorMark | None = Field(
         default=None,
+        exclude_if=absent,
         description="Present only while an operator has paused the pair: the last rate stored is served, not "
         "fetched any more (docs/operations.md, Corridors)",
     )
-
-    @model_serializer(mode="wrap")
-    def _without_absent_corridor(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("corridor", False) is None:
-            del data["corridor"]
-        return data
 
 
 class RateMeta(_CorridorAbsentWhileActive):

@@ -6,9 +6,9 @@ computed amounts at most 15, so a float prints them digit for digit.
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PlainSerializer, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field, PlainSerializer
 
 from app.currencies import Pair
 from app.rates.corridors import Corridor, Mark
@@ -21,6 +21,11 @@ def _json_number(value: Decimal) -> int | float:
 
 
 Number = Annotated[Decimal, PlainSerializer(_json_number, return_type=int | float, when_used="json")]
+
+
+def absent(value: object) -> bool:
+    """Left out of the JSON when None: a corridor mark is absent while the pair is active (not null)."""
+    return value is None
 
 
 class CorridorMark(BaseModel):
@@ -51,16 +56,10 @@ class RateItem(BaseModel):
     stale: bool
     provider: str
     corridor: CorridorMark | None = Field(
-        default=None, description="Present only while the pair is not `active`: `paused`, why and since when"
+        default=None,
+        exclude_if=absent,
+        description="Present only while the pair is not `active`: `paused`, why and since when",
     )
-
-    @model_serializer(mode="wrap")
-    def _without_absent_corridor(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Absent while active, not null: most pairs, most of the time.
-        data: dict[str, Any] = handler(self)
-        if data.get("corridor", False) is None:
-            del data["corridor"]
-        return data
 
     @classmethod
     def of(cls, rate: StoredRate, *, stale: bool, corridor: Mark | None = None) -> "RateItem":
