@@ -145,7 +145,7 @@ async def test_pause_withhold_resume_and_override(
             assert frame["state"] == "active"
 
             # Override: stored and pushed with provider manual and a seq; polls do not replace it.
-            answer = post(
+            answer = await post(
                 one, key, f"{BASE}/override", destination_per_source="1530.25", expires_in_seconds=4, reason="Treasury"
             )
             assert answer.status_code == 200, answer.text
