@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=1200, ge=0, le=100_000_000)
     # A request with a valid API key counts against its key's limit instead of its address's.
     rate_limit_per_key_per_minute: int = Field(default=6000, ge=0, le=100_000_000)
-    ws_max_clients: int = Field(default=20_000, ge=1, le=10_000_000)
+    ws_max_clients: int = Field(default=10_000, ge=1, le=10_000_000)
     ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
     ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)
     ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
