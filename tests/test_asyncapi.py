@@ -158,7 +158,12 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
         await client.send(
             {"type": "subscribe", "pairs": ["*"], "min_change_bps": 0, **({"batch": False} if batch else {})}
         )
-        await frames_until(client, sends - {"rates_update", "resumed", *FRAMES_NOT_PROVOKED}, seen, frozenset({"bad_request", "not_found"}))
+        await frames_until(
+            client,
+            sends - {"rates_update", "resumed", *FRAMES_NOT_PROVOKED},
+            seen,
+            frozenset({"bad_request", "not_found"}),
+        )
     if batch:
         async with WsClient(live.ws_url) as client:
             await client.send({"type": "subscribe", "pairs": ["*"], "batch": True})

@@ -289,8 +289,9 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
             "description": (
                 "Real-time exchange rates over one WebSocket, `/ws/rates` (also `/ws/rates/`). JSON text frames. "
                 "On connect the service sends `all_rates` at once (or, to `/ws/rates?epoch=E&seq=N`, `resumed`: "
-                "only what changed after N, or `all_rates` with `resumed: false` when N cannot be resumed from); then every stored rate is pushed as a "
-                "`rate_update` (or, after `subscribe` with `batch`, as `rates_update` frames), conflated per pair "
+                "only what changed after N, or `all_rates` with `resumed: false` when N cannot be resumed from); "
+                "then every stored rate is pushed as a `rate_update` (or, after `subscribe` with `batch`, as "
+                "`rates_update` frames), conflated per pair "
                 "so a client never falls behind. Errors are `error` frames and the connection stays open. "
                 "Close codes: 1008 a client that keeps sending past its message rate, 1009 a frame over 64 KiB, "
                 "1012 the service is restarting, 1013 too many clients or a client that stopped reading. "
