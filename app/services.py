@@ -196,6 +196,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             metrics=metrics,
             stall_timeout_s=settings.ws_stall_timeout_seconds,
             max_pairs_per_client=settings.ws_max_pairs_per_client,
+            heartbeat_s=settings.ws_heartbeat_seconds,
             on_rates=pacer.rates_moving,
             on_cycle_end=pacer.cycle_ended,
         )

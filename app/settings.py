@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
     # Each pair followed costs a client memory and its `subscribed` answers bytes: bounded, so both are.
     ws_max_pairs_per_client: int = Field(default=256, ge=1, le=100_000)
+    # A client sent nothing for this long gets a heartbeat; two missed tell it the connection is dead.
+    ws_heartbeat_seconds: float = Field(default=25, gt=0, le=3600)
     # Who may read /metrics (docs/operations.md): loopback and the private networks.
     metrics_allow_ips: Networks = Field(
         default="127.0.0.1,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7", validate_default=True

@@ -65,6 +65,37 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             "snapshot",
             "Sent at once on connect, and in answer to get_all_rates",
             {"type": "all_rates", "rates": [_RATE_ITEM], "as_of": _AS_OF, "epoch": _EPOCH, "seq": 4181},
+        ),
+        (
+            "not_resumed",
+            "Sent on connect to a client that asked to resume from a point that cannot be resumed from",
+            {
+                "type": "all_rates",
+                "rates": [_RATE_ITEM],
+                "as_of": _AS_OF,
+                "epoch": _EPOCH,
+                "seq": 4181,
+                "resumed": False,
+            },
+        ),
+    ],
+    "resumed": [
+        (
+            "resumed",
+            "Sent on connect to `/ws/rates?epoch=E&seq=N` in place of the snapshot: every pair stored after N",
+            {
+                "type": "resumed",
+                "epoch": _EPOCH,
+                "seq": 4190,
+                "rates": [{**_RATE_ITEM, "previous_rate": 0.00065412, "seq": 4188}],
+            },
+        )
+    ],
+    "heartbeat": [
+        (
+            "heartbeat",
+            "Sent to a client that was sent nothing for WS_HEARTBEAT_SECONDS",
+            {"type": "heartbeat", "epoch": _EPOCH, "seq": 4190},
         )
     ],
     "rate": [("rate", "The answer to get_rate", {"type": "rate", "rate": _RATE_ITEM})],
@@ -127,6 +158,8 @@ TITLES: dict[str, str] = {
     "rate_update": "One rate, pushed when stored",
     "rates_update": "Updates in batch mode",
     "all_rates_update": "A poll cycle ended",
+    "resumed": "What changed while the client was away (a resume)",
+    "heartbeat": "Nothing was sent for a while: the connection is alive",
     "error": "An error; the connection stays open",
 }
 
@@ -255,11 +288,15 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
             "version": version,
             "description": (
                 "Real-time exchange rates over one WebSocket, `/ws/rates` (also `/ws/rates/`). JSON text frames. "
-                "On connect the service sends `all_rates` at once; then every stored rate is pushed as a "
-                "`rate_update` (or, after `subscribe` with `batch`, as `rates_update` frames), conflated per pair "
+                "On connect the service sends `all_rates` at once (or, to `/ws/rates?epoch=E&seq=N`, `resumed`: "
+                "only what changed after N, or `all_rates` with `resumed: false` when N cannot be resumed from); "
+                "then every stored rate is pushed as a `rate_update` (or, after `subscribe` with `batch`, as "
+                "`rates_update` frames), conflated per pair "
                 "so a client never falls behind. Errors are `error` frames and the connection stays open. "
                 "Close codes: 1008 a client that keeps sending past its message rate, 1009 a frame over 64 KiB, "
                 "1012 the service is restarting, 1013 too many clients or a client that stopped reading. "
+                "A client sent nothing for WS_HEARTBEAT_SECONDS (25) gets a `heartbeat`; two missed mean the "
+                "connection is dead. "
                 "The reference is docs/websocket.md in the project."
             ),
         },
