@@ -17,6 +17,7 @@ from app.admin.keyring import KeyRing, database_reads
 from app.api.history_answers import HistoryAnswers
 from app.api.ops import PROBE_INTERVAL_S, Problems
 from app.currencies import Pair
+from app.errors import DatabaseUnavailable
 from app.ingest.poller import Poller
 from app.ingest.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.kit.metrics import Metrics
@@ -152,8 +153,12 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         else:
             writer = PostgresWriter(database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(writer.aclose)
-        # Read once: it changes only with the database (docs/design.md, "Sequence numbers").
-        epoch = await read_epoch(sessions, database)
+        # Read once: it changes only with the database (docs/design.md, "Sequence numbers"). While the database is
+        # away the service starts all the same (docs/outages.md), and the store reads it with its first rates.
+        try:
+            epoch = await read_epoch(sessions, database)
+        except DatabaseUnavailable:
+            epoch = ""
         store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)

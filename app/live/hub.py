@@ -88,7 +88,7 @@ class Hub:
         self._store = store
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
         self._latest_seq = 0
-        # The highest seq of each pair seen (in an event or a snapshot): an update below it is old news.
+        # The highest seq of each pair seen in an event: an update below it is old news.
         self._pair_seqs: dict[Pair, int] = {}
         self._seen_snapshot: Snapshot | None = None
         self._delivered = Delivered()
@@ -161,10 +161,8 @@ class Hub:
                 self._recent.seed(snapshot.rates, snapshot.seq, self._clock())
                 self._watermark_rose()
             self._latest_seq = max(self._latest_seq, snapshot.seq)
-            seqs = self._pair_seqs
-            for rate in snapshot.rates:
-                if rate.seq > seqs.get(rate.pair, 0):
-                    seqs[rate.pair] = rate.seq
+            # A snapshot's seqs are not taken as seen: its read may show a store before that store's event
+            # arrives, and the event must still reach every client connected before the snapshot was read.
         return snapshot
 
     async def resume(self, client: HubClient, epoch: str | None, seq: str | None) -> "Resumption | Snapshot":
@@ -176,7 +174,7 @@ class Hub:
         gets the shared snapshot. Updates that reached the client before its first frame are in it (or older).
         """
         asked = epoch is not None or seq is not None
-        point = _seq_of(seq) if epoch == self.epoch else None
+        point = _seq_of(seq) if epoch and epoch == self.epoch else None
         if point is not None and point > self._recent.watermark and self._recent.seeded:
             await self._await_watermark(point)  # a client may resume here from a store this process hears of late
         if point is not None and self._recent.answerable(point):

@@ -103,11 +103,13 @@ class RateStore:
         *,
         database: DatabaseHealth,
         writer: Writer,
-        epoch: str,
+        epoch: str = "",
     ) -> None:
         self._sessions = sessions
-        # The deployment's epoch (docs/design.md, "Sequence numbers"): read once at start-up (`read_epoch`); it
-        # changes only with the database, which a running process never swaps.
+        # The deployment's epoch (docs/design.md, "Sequence numbers"): read once, at start-up or, when the database
+        # was away then, with the first rates read from it; it changes only with the database, which a running
+        # process never swaps. Empty until read: nothing was read from the database either, and a client that
+        # resumes meanwhile gets the snapshot.
         self.epoch = epoch
         self._writer = writer
         self.database = database
@@ -220,6 +222,8 @@ class RateStore:
 
         async def read() -> list[StoredRate]:
             async with self._sessions() as session:
+                if not self.epoch:
+                    self.epoch = await repository.read_epoch(session)
                 return await repository.list_current(session, source)
 
         return await self.database.call(read)
