@@ -208,10 +208,11 @@ _EXAMPLE = (
 
 
 def _error(description: str, message: str, *, retry: bool = False) -> dict[str, Any]:
+    # The schema named here, not as `model`: FastAPI would file a model under the route's own media type.
+    schema = {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}
     response: dict[str, Any] = {
-        "model": ErrorResponse,
         "description": description,
-        "content": {"application/json": {"example": error_body(message)}},
+        "content": {"application/json": {"schema": schema, "example": error_body(message)}},
     }
     if retry:
         response["headers"] = {
@@ -223,6 +224,7 @@ def _error(description: str, message: str, *, retry: bool = False) -> dict[str, 
 @router.get(
     "/sse/rates",
     response_class=EventStream,
+    status_code=200,
     summary="Every change, as server-sent events",
     description=(
         "The WebSocket's stream (`/ws/rates`, described at [/asyncapi.json](/asyncapi.json)) for clients that "
