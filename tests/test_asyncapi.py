@@ -1,6 +1,7 @@
-"""The AsyncAPI document of `/ws/rates`: valid for the official parser, and true to what the endpoint
+"""The AsyncAPI document of `/ws/rates` and `/sse/rates`: valid for the official parser, and true to what the endpoint
 accepts and sends, checked on a live service."""
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -14,11 +15,12 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from app.api.docs.asyncapi import error_codes, message_type
+from app.api.docs.asyncapi import REPLY_ONLY, error_codes, message_type
 from app.api.ws import CLIENT_MESSAGES, ClientMessage
 from app.currencies import Pair
 from app.rates.wire import SERVER_FRAMES
 from tests.support.openapi_service import LiveService, live_service_on
+from tests.support.sse_client import SseClient
 from tests.support.ws_client import WsClient
 
 # Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
@@ -207,3 +209,32 @@ def test_the_page_renders_the_document_with_no_external_asset(live: LiveService,
         assert f"<code>{code}</code>" in page
     assert "http://" not in page.replace(live.url, "") and "https://" not in page and "<script" not in page
     assert fetch(f"{live.url}/static/docs.css")[0] == 200
+
+
+def test_the_events_channel_lists_every_pushed_frame_with_the_query_binding(document: dict[str, Any]) -> None:
+    events = document["channels"]["events"]
+    assert events["address"] == "/sse/rates"
+    assert document["servers"]["events"]["protocol"] == "http"
+    pushed = {message_type(model) for model in SERVER_FRAMES} - REPLY_ONLY
+    assert set(events["messages"]) == pushed
+    streamed = [op for op in document["operations"].values() if op["channel"]["$ref"] == "#/channels/events"]
+    assert {op["messages"][0]["$ref"].rsplit("/", 1)[-1] for op in streamed} == pushed
+    assert all(op["action"] == "send" and op["bindings"]["http"]["method"] == "GET" for op in streamed)
+    assert set(streamed[0]["bindings"]["http"]["query"]["properties"]) == {"pairs", "min_change_bps", "batch"}
+
+
+async def test_what_the_event_stream_sends_is_what_the_document_says(
+    live: LiveService, document: dict[str, Any]
+) -> None:
+    listed = set(document["channels"]["events"]["messages"])
+    seen: dict[str, dict[str, Any]] = {}
+    wanted = ({"all_rates", "rate_update", "all_rates_update"}, {"rates_update"})
+    for query, kinds in zip(({}, {"batch": "true"}), wanted, strict=True):
+        async with SseClient(f"{live.url}/sse/rates", query) as stream:
+            async with asyncio.timeout(30):
+                while not kinds <= set(seen):
+                    event = await stream.next()
+                    assert event.type in listed, f"undocumented event {event.type}"
+                    validator(document, event.type).validate(event.json())
+                    seen[event.type] = event.json()
+    assert set(seen) == listed

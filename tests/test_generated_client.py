@@ -74,7 +74,7 @@ def test_no_endpoint_is_dropped(generated: Path) -> None:
     operations = {operation["operationId"] for item in spec["paths"].values() for operation in item.values()}
     modules = {path.stem for path in (generated / PACKAGE / "api").glob("*/*.py") if path.stem != "__init__"}
     public = {"get_rate", "get_all_rates", "get_history", "healthz", "readyz", "metrics"}
-    assert operations == modules == public | {"refresh", "get_audit"}
+    assert operations == modules == public | {"refresh", "get_audit", "stream_rates"}
 
 
 def test_the_generated_client_calls_the_service(live: LiveService, client_package: Any) -> None:

@@ -193,3 +193,13 @@ def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
         assert status == 200 and json.loads(body)["meta"]["count"] >= 2, (name, body)
     status, headers, body = get(f"{live.url}/api/admin/audit")
     assert status == 401 and headers["www-authenticate"] == "Bearer" and headers["cache-control"] == "no-store"
+
+
+def test_the_event_stream_is_listed_with_its_query_and_refusals(spec: dict[str, Any]) -> None:
+    operation = spec["paths"]["/sse/rates"]["get"]
+    assert set(operation["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert {p["name"] for p in operation["parameters"]} == {"pairs", "min_change_bps", "batch", "last-event-id"}
+    for status in ("422", "503"):
+        content = operation["responses"][status]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "Retry-After" in operation["responses"]["503"]["headers"]
