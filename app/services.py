@@ -32,6 +32,7 @@ from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
+from app.rates.guard import RateGuard
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore, read_epoch, utc_now
 from app.rates.wire import RateUpdate
@@ -70,6 +71,8 @@ class Services:
     key_gate: KeyGate
     ws_admission: Admission
     probes: Throttle[Problems]
+    held_count: Throttle[int]
+    """How many values the rate guard holds, read from the database at most once a second (`/metrics`)."""
     history_answers: HistoryAnswers
 
 
@@ -159,7 +162,8 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             epoch = await read_epoch(sessions, database)
         except DatabaseUnavailable:
             epoch = ""
-        store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch)
+        guard = RateGuard(settings.rate_guard_bps, settings.rate_guard_confirmations)
+        store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch, guard=guard)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, redis_url, errors=metrics.limit_errors)
@@ -269,6 +273,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             key_limiter,
             key_gate,
             ws_admission,
+            Throttle(PROBE_INTERVAL_S),
             Throttle(PROBE_INTERVAL_S),
             HistoryAnswers(),
         )

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=1200, ge=0, le=100_000_000)
     # A request with a valid API key counts against its key's limit instead of its address's.
     rate_limit_per_key_per_minute: int = Field(default=6000, ge=0, le=100_000_000)
+    # The rate guard (docs/operations.md, "The rate guard"): a fetched value moving more than this many basis points
+    # from the stored one is held until confirmed; 0 turns it off.
+    rate_guard_bps: int = Field(default=1000, ge=0, le=1_000_000)
+    # Later answers in a row within the guard of a held value that store it; 0: only an operator's accept does.
+    rate_guard_confirmations: int = Field(default=2, ge=0, le=1000)
     ws_max_clients: int = Field(default=10_000, ge=1, le=10_000_000)
     ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
     ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)

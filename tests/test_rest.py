@@ -435,7 +435,9 @@ async def test_the_docs_document_every_endpoint_with_examples(make_settings: Cal
     assert docs.status_code == redoc.status_code == 200
     paths = spec["paths"]
     public = {"/api/rates", "/api/rates/all", "/api/rates/history", "/healthz", "/readyz", "/metrics"}
-    assert set(paths) == public | {"/api/admin/refresh", "/api/admin/audit"}
+    held = {"/api/admin/held", "/api/admin/held/{source}/{destination}/accept"}
+    held |= {"/api/admin/held/{source}/{destination}/reject"}
+    assert set(paths) == public | {"/api/admin/refresh", "/api/admin/audit"} | held
     for path in ("/api/rates", "/api/rates/all", "/api/rates/history"):
         operation = paths[path]["get"]
         assert "422" in operation["responses"]

@@ -19,6 +19,7 @@ from app.ingest.poller import Poller
 from app.kit.metrics import Metrics
 from app.live.hub import Hub
 from app.rates.lookup import RateLookup
+from app.rates.store import RateStore
 from app.settings import Settings
 from app.shutdown import GracefulShutdown
 from app.state import services_of, state_of
@@ -55,6 +56,10 @@ async def get_redis(connection: HTTPConnection) -> Redis | None:
     return services_of(connection.scope).redis
 
 
+async def get_store(connection: HTTPConnection) -> RateStore:
+    return services_of(connection.scope).store
+
+
 async def get_poller(connection: HTTPConnection) -> Poller:
     return services_of(connection.scope).poller
 
@@ -75,6 +80,7 @@ SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RedisDep = Annotated[Redis | None, Depends(get_redis)]
 PollerDep = Annotated[Poller, Depends(get_poller)]
+StoreDep = Annotated[RateStore, Depends(get_store)]
 ShutdownDep = Annotated[GracefulShutdown, Depends(get_shutdown)]
 HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LIMITS = ("per_client", "per_key", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
 
 AUTH_FAILURES = ("missing", "bad_key", "forbidden", "blocked")
-OPERATOR_ACTIONS = ("refresh",)
+OPERATOR_ACTIONS = ("refresh", "accept_held", "reject_held")
 
 
 @dataclass
@@ -145,6 +145,12 @@ class Metrics:
         )
         for action in OPERATOR_ACTIONS:
             self.operator_actions.labels(action=action)
+        # Set when /metrics is scraped (app.api.ops), from the database: the same on every replica.
+        self.rates_held = Gauge(
+            "fxrates_rates_held",
+            "Fetched values the rate guard holds for confirmation now, not stored (docs/operations.md).",
+            registry=r,
+        )
         self.limit_errors = Counter(
             "fxrates_limit_errors", "Limit counts that fell back to this process because Redis failed.", registry=r
         )

@@ -8,8 +8,9 @@ never holds them.
 
 from fastapi import APIRouter
 
-from app.api.admin import audit, refresh
+from app.api.admin import audit, held, refresh
 
 router = APIRouter()
 router.include_router(refresh.router)
 router.include_router(audit.router)
+router.include_router(held.router)

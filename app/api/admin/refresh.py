@@ -38,6 +38,8 @@ EXAMPLES: dict[str, Example] = {
 def _outcome(result: SaveResult | None) -> Outcome:
     if result is None:
         return "failed"
+    if not result.stored:
+        return "held"
     return "changed" if result.changed else "unchanged"
 
 
@@ -46,8 +48,9 @@ def _outcome(result: SaveResult | None) -> Outcome:
     response_model=RefreshResponse,
     summary="Fetch stored pairs from the upstream now",
     description="Fetches each pair now, outside the on-demand budget, and stores what the upstream answers as the "
-    "poller would: a changed value is stored, pushed to every client and kept in history. Answers each pair's "
-    "outcome. Writes one row of the audit trail.",
+    "poller would, the rate guard included: a changed value is stored, pushed to every client and kept in history; "
+    "a value out of the guard's bounds is held, not stored. Answers each pair's outcome. "
+    "Writes one row of the audit trail.",
     responses={
         **AUTH_ERRORS,
         400: error("The body cannot be read at all (not text)", "There was an error parsing the body"),
@@ -87,6 +90,8 @@ async def refresh(
             before[str(pair)] = {"destination_per_source": str(result.previous.destination_per_source)}
         value = str(result.rate.destination_per_source) if result is not None else None
         after[str(pair)] = {"destination_per_source": value, "outcome": _outcome(result)}
+        if result is not None and result.held is not None:
+            after[str(pair)]["held"] = str(result.held.quote.destination_per_source)
 
     async def write_row() -> None:
         async with sessions() as session:
