@@ -6,23 +6,24 @@ Retry-After, timeouts and hangs), a throw-away redis-server, two uvicorn
 replicas sharing a fresh PostgreSQL database behind a TCP proxy, WebSocket
 clients spread over both (a few of them slow readers; the others resume with
 `?epoch=E&seq=N` after a disconnection, on the reference client's board,
-clients/fxrates_client.py), and steady REST load from wrk. During the run Redis is restarted twice, the polling replica is
-killed with SIGKILL once and started again, and PostgreSQL is cut off for 20 s
-(scaled with --duration: connections aborted, new ones refused). Then the
-faults stop, the rates settle, and it checks:
+clients/fxrates_client.py), and steady REST load from wrk. During the run
+Redis is restarted twice, the polling replica is killed with SIGKILL once and
+started again, and PostgreSQL is cut off for 20 s (scaled with --duration:
+connections aborted, new ones refused). Then the faults stop, the rates
+settle, and it checks:
 
   no 5xx; every REST answer sampled carries a value the upstream really gave;
-  every client holds the final value of every pair; no client of a replica
-  that was never killed lost its connection, and every client of the killed
-  one did;
-  history holds every change a poll saw (but what was fetched while the
-  database was away, which is never stored nor shown), with no duplicate
-  points, and every value any client was shown; no stored rate lost; slow
-  readers closed, the others not; replica memory at the end within 10 % of
-  where it was after warm-up; the poller handed over within one lock TTL
-  (plus one interval); while the database was away, /readyz named it,
-  history answered 503 with Retry-After and a new client got its snapshot;
-  each replica said so in one line when it went and one when it came back.
+  every client holds the final value of every pair, the upstream's and
+  history's latest; no client of a replica that was never killed lost its
+  connection, and every client of the killed one did; history holds every
+  change a poll saw (but what was fetched while the database was away, which
+  is never stored nor shown), with no duplicate points, and every value any
+  client was shown; no stored rate lost; slow readers closed, the others not;
+  replica memory at the end within 10 % of where it was after warm-up; the
+  poller handed over within one lock TTL (plus one interval); while the
+  database was away, /readyz named it, history answered 503 with Retry-After
+  and a new client got its snapshot; each replica said so in one line when it
+  went and one when it came back.
 
 It reports, per replica, how many clients stayed connected, how many
 reconnections were answered with `resumed` and how many with the snapshot
@@ -423,6 +424,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             for i in range(clients_n)
         ]
         slow = [Client(replicas[i % 2], names[id(replicas[i % 2])], slow=True) for i in range(slow_n)]
+        figures.events.append((time.monotonic(), "the clients started"))
         readers = [asyncio.create_task(read_client(c)) for c in clients]
         tasks = [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
         await seconds_until(
@@ -525,7 +527,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         await asyncio.gather(*readers, *tasks, return_exceptions=True)
 
         check(figures, replicas, clients, slow, final, warm_rss, end_rss)
-        await check_history(figures, database_url, fake, final, shown)
+        await check_history(figures, database_url, fake, final, shown, clients)
         for output in wrk_outputs:
             served, non_2xx = wrk_figures(output)
             figures.wrk_requests += served
@@ -615,6 +617,7 @@ async def check_history(
     fake: FakeFlutterwave,
     final: dict[str, Decimal],
     shown: dict[str, set[Decimal]],
+    clients: list[Client],
 ) -> None:
     connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
@@ -636,6 +639,11 @@ async def check_history(
             figures.problems.append(f"history of {pair} holds values the upstream never gave")
         if pair in final and values[-1] != final[pair]:
             figures.problems.append(f"history of {pair} ends at {values[-1]}, not the final {final[pair]}")
+    # Each client, however often it reconnected and whether it resumed or took a snapshot, ends where history does.
+    latest = {pair: values[-1] for pair, values in history.items()}
+    off = [c for c in clients if any(c.state.get(pair) != value for pair, value in latest.items())]
+    if off:
+        figures.problems.append(f"{len(off)} clients do not hold history's latest value of every pair")
     # Whatever a client was shown, history can answer afterwards.
     for pair, values in shown.items():
         unrecorded = values - set(history.get(pair, []))
@@ -708,14 +716,14 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
 
 def summarise(ended: list[Disconnection], events: list[tuple[float, str]]) -> list[str]:
     """One line per replica, way and event: "12 x a: close 1012 (...), 0.1-0.4 s after the kill of a"."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
+    groups: dict[tuple[float, str, str, str], list[float]] = {}
     for disconnection in ended:
         before = [(t, what) for t, what in events if t <= disconnection.at]
-        t, what = before[-1] if before else (disconnection.at, "the start")
-        groups.setdefault((disconnection.replica, disconnection.how, what), []).append(disconnection.at - t)
+        t, what = before[-1] if before else (0.0, "nothing")
+        groups.setdefault((t, what, disconnection.replica, disconnection.how), []).append(disconnection.at - t)
     return [
         f"{len(offsets)} x {replica}: {how}, {min(offsets):.1f}-{max(offsets):.1f} s after {what}"
-        for (replica, how, what), offsets in sorted(groups.items(), key=lambda group: min(group[1]))
+        for (_, what, replica, how), offsets in sorted(groups.items())
     ]
 
 
