@@ -6,8 +6,9 @@
      ├── NotFound            404  nothing there (a pair with no rate yet at that moment, or one never fetched)
      ├── InvalidRequest      422  well-formed, but not possible now (refreshing a pair never stored); names fields
      ├── TooManyRequests     429  over a limit (docs/limits.md); says when to retry
-     └── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
-          └── DatabaseUnavailable  503  the answer needs the database, which cannot be reached now
+     ├── RateUnavailable     503  no rate stored and the upstream cannot give one now; says when to retry
+     │    └── DatabaseUnavailable  503  the answer needs the database, which cannot be reached now
+     └── TooManyClients      503  no room for another stream (`WS_MAX_CLIENTS`, per address), or shutting down
 
 Every error under `/api` has the body `{"status": "error", "message": "…", "data": null}`
 (docs/errors.md), validation errors add `errors`, a list naming each bad field. A database error
@@ -80,6 +81,13 @@ class RateUnavailable(_RetryLater):
 
 class Withheld(ServiceError):
     """An operator withheld the pair: it is not served until it is resumed (docs/operations.md, "Corridors")."""
+
+    status_code = 503
+
+
+class TooManyClients(_RetryLater):
+    """A stream refused before it started (`GET /sse/rates`, docs/sse.md): the process holds as many clients as it
+    may, in all or from this address, or it is shutting down; says when to retry."""
 
     status_code = 503
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from app.api import admin, board, ops, rates, ws
+from app.api import admin, board, ops, rates, sse, ws
 from app.api.docs import asyncapi_page
 from app.api.docs.openapi import install_openapi, operation_id
 from app.api.middleware.answer_cache import AnswerCache
@@ -49,7 +49,8 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Real-time exchange rates for remittance apps, in Flutterwave's own JSON shape.",
         description='Every error has the envelope `{"status": "error", "message": …, "data": null}`. '
         "The WebSocket `/ws/rates` is described by the AsyncAPI document at [/asyncapi.json](/asyncapi.json), "
-        "rendered at [/docs/websocket](/docs/websocket). The reference is in the project's `docs/` folder.\n\n"
+        "rendered at [/docs/websocket](/docs/websocket); `/sse/rates` is the same stream as server-sent events. "
+        "The reference is in the project's `docs/` folder.\n\n"
         "An API key is optional on the public `/api` endpoints: sent as `Authorization: Bearer <key>`, a valid one is "
         "counted against its own limit (`RATE_LIMIT_PER_KEY_PER_MINUTE`) instead of the address's; an unknown or "
         "revoked one is a 401. `/api/admin` needs an operator's key.",
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AnswerCache, paths=frozenset({"/api/rates", "/api/rates/all"}))
     app.add_middleware(ClientLimit)
     app.add_middleware(NoStore, prefix="/api/admin")
+    app.add_middleware(NoStore, prefix="/sse")  # a stream, and its refusals, are never kept
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_allow_origins,
@@ -89,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(ops.router)
     app.include_router(ws.router)
+    app.include_router(sse.router)
     app.include_router(board.router)
     app.include_router(asyncapi_page.router)
     app.mount("/static", StaticFiles(directory=board.WEB_DIR / "static"), name="static")

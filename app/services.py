@@ -19,6 +19,7 @@ from app.admin.keyring import KeyRing, database_reads
 from app.api.history_answers import HistoryAnswers
 from app.api.ops import PROBE_INTERVAL_S, Problems
 from app.currencies import Pair
+from app.errors import DatabaseUnavailable
 from app.ingest.poller import Poller
 from app.ingest.schedule import LocalSchedule, Schedule, SharedSchedule
 from app.kit.metrics import Metrics
@@ -34,6 +35,7 @@ from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
 from app.rates.corridors import Corridor, Corridors
+from app.rates.guard import RateGuard
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore, read_epoch, utc_now
 from app.rates.wire import RateUpdate
@@ -72,6 +74,8 @@ class Services:
     key_gate: KeyGate
     ws_admission: Admission
     probes: Throttle[Problems]
+    held_count: Throttle[int]
+    """How many values the rate guard holds, read from the database at most once a second (`/metrics`)."""
     history_answers: HistoryAnswers
 
 
@@ -157,9 +161,14 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
         else:
             writer = PostgresWriter(database_url, timeout_s=settings.db_timeout_seconds)
         stack.push_async_callback(writer.aclose)
-        # Read once: it changes only with the database (docs/design.md, "Sequence numbers").
-        epoch = await read_epoch(sessions, database)
-        store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch)
+        # Read once: it changes only with the database (docs/design.md, "Sequence numbers"). While the database is
+        # away the service starts all the same (docs/outages.md), and the store reads it with its first rates.
+        try:
+            epoch = await read_epoch(sessions, database)
+        except DatabaseUnavailable:
+            epoch = ""
+        guard = RateGuard(settings.rate_guard_bps, settings.rate_guard_confirmations)
+        store = RateStore(sessions, cache, fanout, database=database, writer=writer, epoch=epoch, guard=guard)
         # Closed before the broadcast and the engine: writes already handed over finish first.
         stack.push_async_callback(store.aclose)
         window = MovingWindow(redis, redis_url, errors=metrics.limit_errors)
@@ -210,6 +219,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             metrics=metrics,
             stall_timeout_s=settings.ws_stall_timeout_seconds,
             max_pairs_per_client=settings.ws_max_pairs_per_client,
+            heartbeat_s=settings.ws_heartbeat_seconds,
             on_rates=pacer.rates_moving,
             on_cycle_end=pacer.cycle_ended,
             corridors=corridors,
@@ -287,6 +297,7 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             key_limiter,
             key_gate,
             ws_admission,
+            Throttle(PROBE_INTERVAL_S),
             Throttle(PROBE_INTERVAL_S),
             HistoryAnswers(),
         )

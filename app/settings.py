@@ -83,12 +83,19 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=1200, ge=0, le=100_000_000)
     # A request with a valid API key counts against its key's limit instead of its address's.
     rate_limit_per_key_per_minute: int = Field(default=6000, ge=0, le=100_000_000)
-    ws_max_clients: int = Field(default=20_000, ge=1, le=10_000_000)
+    # The rate guard (docs/operations.md, "The rate guard"): a fetched value moving more than this many basis points
+    # from the stored one is held until confirmed; 0 turns it off.
+    rate_guard_bps: int = Field(default=1000, ge=0, le=1_000_000)
+    # Later answers in a row within the guard of a held value that store it; 0: only an operator's accept does.
+    rate_guard_confirmations: int = Field(default=2, ge=0, le=1000)
+    ws_max_clients: int = Field(default=10_000, ge=1, le=10_000_000)
     ws_max_clients_per_address: int = Field(default=100, ge=1, le=10_000_000)
     ws_messages_per_second: float = Field(default=10, gt=0, le=1_000_000)
     ws_message_burst: int = Field(default=50, ge=1, le=1_000_000)
     # Each pair followed costs a client memory and its `subscribed` answers bytes: bounded, so both are.
     ws_max_pairs_per_client: int = Field(default=256, ge=1, le=100_000)
+    # A client sent nothing for this long gets a heartbeat; two missed tell it the connection is dead.
+    ws_heartbeat_seconds: float = Field(default=25, gt=0, le=3600)
     # Who may read /metrics (docs/operations.md): loopback and the private networks.
     metrics_allow_ips: Networks = Field(
         default="127.0.0.1,::1,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7", validate_default=True

@@ -75,8 +75,8 @@ from bench.rest import Server, clean_environment, free_port, stop_server, wait_u
 from bench.ws_clients import client_processes, rss_kib
 from bench.ws_cycle import DOCKER_FLAGS, Case, Result, Worker, ms, ready, summarise
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
+from tests.support.raw_ws import CONT, PING, TEXT, deflated, flood, frame, raw_client
 from tests.support.replicas import Replica
-from tests.test_ws_hostile import CONT, PING, TEXT, deflated, flood, frame, raw_client
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kubernetes" / "deployment.yaml"

@@ -67,20 +67,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.settings import Settings
 from bench import pyspy
+from tests.support.replicas import ONE_ADDRESS_LIMITS
 from tests.support.waiting import eventually_sync
 
 MIN_RATIO = 0.2
 MIN_LIMIT_RATIO = 0.8
-# The benchmark's clients all come from one address: the service's limits are off, or sized above its load.
-LIMITS_OFF = {
-    "RATE_LIMIT_PER_MINUTE": "0",
-    "WS_MAX_CLIENTS": "1000000",
-    "WS_MAX_CLIENTS_PER_ADDRESS": "1000000",
-    "WS_MESSAGES_PER_SECOND": "1000000",
-    "WS_MESSAGE_BURST": "1000000",
-    "ON_DEMAND_CALLS_PER_MINUTE": "100000",
-    "ON_DEMAND_MAX_PAIRS": "100000",
-}
+# The benchmark's clients all come from one address: the service's limits are off, as in the tests.
+LIMITS_OFF = ONE_ADDRESS_LIMITS
 # Above what one wrk can send in a minute here (about 20,000 a second), so the limit counts and never refuses.
 LIMIT_ON = "50000000"
 ROOT = Path(__file__).resolve().parent.parent

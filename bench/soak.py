@@ -4,22 +4,34 @@ Everything runs on loopback and is stopped by its own PID: the project's fake
 Flutterwave (changing rates every few seconds; 20 % 5xx, bursts of 429 with
 Retry-After, timeouts and hangs), a throw-away redis-server, two uvicorn
 replicas sharing a fresh PostgreSQL database behind a TCP proxy, WebSocket
-clients spread over both (a few of them slow readers), and steady REST load
-from wrk. During the run Redis is restarted twice, the polling replica is
-killed with SIGKILL once and started again, and PostgreSQL is cut off for 20 s
-(scaled with --duration: connections aborted, new ones refused). Then the
-faults stop, the rates settle, and it checks:
+clients spread over both (a few of them slow readers; the others resume with
+`?epoch=E&seq=N` after a disconnection, on the reference client's board,
+clients/fxrates_client.py), and steady REST load from wrk. During the run
+Redis is restarted twice, the polling replica is killed with SIGKILL once and
+started again, and PostgreSQL is cut off for 20 s (scaled with --duration:
+connections aborted, new ones refused). Then the faults stop, the rates
+settle, and it checks:
 
   no 5xx; every REST answer sampled carries a value the upstream really gave;
-  every client that stayed connected holds the final value of every pair;
-  history holds every change a poll saw (but what was fetched while the
-  database was away, which is never stored nor shown), with no duplicate
-  points, and every value any client was shown; no stored rate lost; slow
-  readers closed, the others not; replica memory at the end within 10 % of
-  where it was after warm-up; the poller handed over within one lock TTL
-  (plus one interval); while the database was away, /readyz named it,
-  history answered 503 with Retry-After and a new client got its snapshot;
-  each replica said so in one line when it went and one when it came back.
+  every client holds the final value of every pair, the upstream's and
+  history's latest; no client of a replica that was never killed lost its
+  connection, and every client of the killed one did; history holds every
+  change a poll saw (but what was fetched while the database was away, which
+  is never stored nor shown), with no duplicate points, and every value any
+  client was shown; no stored rate lost; slow readers closed, the others not;
+  replica memory at the end within 10 % of where it was after warm-up; the
+  poller handed over within one lock TTL (plus one interval); while the
+  database was away, /readyz named it, history answered 503 with Retry-After
+  and a new client got its snapshot; each replica said so in one line when it
+  went and one when it came back.
+
+It reports, per replica, how many clients stayed connected, how many
+reconnections were answered with `resumed` and how many with the snapshot
+(`resumed: false`), and every disconnection and failed attempt, grouped by how
+it ended (the close code and which side sent it, or reset, EOF, silence, open
+timeout, refused) and when (seconds after the last of the scenario's events:
+the kill, a Redis restart, the database's cut-off or return, ...). An attempt
+that never had its first frame is not a disconnection.
 
 Run from the repository root (needs wrk: apt-get install wrk):
 
@@ -51,10 +63,11 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 from redis import Redis
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, WebSocketException
 
 from app.currencies import Pair
+from clients.fxrates_client import RatesClient
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.support.redis_server import RedisServer
 from tests.support.replicas import Replica, wait_for_rates
@@ -72,21 +85,44 @@ WRK_SCRIPT = "function delay() return 20 end\n"
 # The PostgreSQL outage in the 5-minute run; shorter runs scale it with their duration.
 DATABASE_OUTAGE_S = 20.0
 FULL_DURATION_S = 300.0
+# The reference client's rule (clients/fxrates_client.py): two heartbeat intervals (WS_HEARTBEAT_SECONDS, 25 s by
+# default) without a frame is a dead connection.
+SILENCE_S = 2 * 25.0
 LEASE_KEY = "fxrates:poller:lock"  # app.ingest.schedule.SharedSchedule's default prefix
+
+
+@dataclass
+class Disconnection:
+    """A connection that had its first frame and then ended, or an attempt that never got one."""
+
+    replica: str
+    at: float  # monotonic
+    how: str  # "close 1012 (...)" from the server, "client closed 1011 (...)", "reset", "EOF", "silence", ...
 
 
 @dataclass
 class Client:
     replica: Replica
+    name: str = ""  # the replica's name, "a" or "b"
     slow: bool = False
-    state: dict[str, Decimal] = field(default_factory=dict)
+    # The reference client's board and resume URL (clients/fxrates_client.py); the soak runs its own loop around
+    # them, to see how each connection ends.
+    follower: RatesClient | None = None
+    connections: int = 0  # connections that had their first frame
     snapshots: int = 0
     updates: int = 0
-    reconnects: int = 0
+    resumed: int = 0  # reconnections answered with `resumed`
+    not_resumed: int = 0  # reconnections answered with the snapshot (`resumed: false`)
+    disconnections: list[Disconnection] = field(default_factory=list)
+    failed_attempts: list[Disconnection] = field(default_factory=list)
     cut_off: bool = False
     closed_code: int | None = None
-    stayed_connected: bool = True
     shown: dict[str, set[Decimal]] = field(default_factory=dict)  # shared by every client: all values shown
+
+    @property
+    def state(self) -> dict[str, Decimal]:
+        board = self.follower.board.rates if self.follower is not None else {}
+        return {pair: Decimal(str(item["destination_per_source"])) for pair, item in board.items()}
 
 
 @dataclass
@@ -99,48 +135,79 @@ class Figures:
     wrk_requests: int = 0
     outage: tuple[float, float] | None = None  # monotonic start and end of the database outage
     outage_lines: dict[int, tuple[int, int]] = field(default_factory=dict)  # port: (went, returned) log lines
+    events: list[tuple[float, str]] = field(default_factory=list)  # (monotonic, what): the scenario's timeline
+    killed: str | None = None  # the name of the replica killed
     problems: list[str] = field(default_factory=list)
 
 
-async def read_client(client: Client, stop: asyncio.Event) -> None:
-    """Apply every frame to the client's picture of the rates; reconnect if its replica goes away."""
-    while not stop.is_set():
+async def read_client(client: Client) -> None:
+    """Follow the client's replica until cancelled, resuming after each disconnection as the reference client does.
+
+    Every way a connection ends is recorded (client.disconnections), and every attempt that never got its first
+    frame (client.failed_attempts): a client is "reconnected" only when a connection it had really ended.
+    """
+    assert client.follower is not None
+    while True:
+        connected = False
         try:
-            async with connect(client.replica.ws_url, open_timeout=10, max_queue=None) as connection:
-                await consume(client, connection, stop)
-                return
-        except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError):
-            if stop.is_set():
-                return
-            client.stayed_connected = False
-            client.reconnects += 1
-            await asyncio.sleep(0.5 + random.random())
+            async with connect(client.follower.resume_url(), open_timeout=10, max_queue=None) as connection:
+                while True:
+                    # The reference client's rule: two heartbeat intervals without a frame is a dead connection.
+                    async with asyncio.timeout(SILENCE_S):
+                        text = await connection.recv()
+                    frame = json.loads(text, parse_float=Decimal)
+                    client.follower.board.apply(frame)
+                    if not connected:
+                        connected = True
+                        client.connections += 1
+                        if client.connections > 1:
+                            if frame.get("type") == "resumed":
+                                client.resumed += 1
+                            else:
+                                client.not_resumed += 1
+                    apply(client, frame)
+        except (OSError, TimeoutError, WebSocketException) as error:
+            ended = Disconnection(client.name, time.monotonic(), how_it_ended(error, connected))
+            (client.disconnections if connected else client.failed_attempts).append(ended)
+        await asyncio.sleep(0.5 + random.random())
 
 
-async def consume(client: Client, connection: ClientConnection, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            # Not asyncio.wait_for: on Python 3.11 it can swallow the cancellation that ends the run (a soak that
-            # failed early then hung in asyncio.run's clean-up until its caller's timeout).
-            async with asyncio.timeout(0.5):
-                frame = await connection.recv()
-        except TimeoutError:
-            continue
-        message = json.loads(frame)
-        if message["type"] == "all_rates":
-            client.snapshots += 1
-            client.state = {
-                f"{r['source_currency']}/{r['destination_currency']}": Decimal(str(r["destination_per_source"]))
-                for r in message["rates"]
-            }
-            for pair, value in client.state.items():
-                client.shown.setdefault(pair, set()).add(value)
-        elif message["type"] == "rate_update":
-            client.updates += 1
-            rate = message["rate"]
-            pair, value = f"{rate['source_currency']}/{rate['destination_currency']}", rate["destination_per_source"]
-            client.state[pair] = Decimal(str(value))
-            client.shown.setdefault(pair, set()).add(client.state[pair])
+def apply(client: Client, frame: dict[str, Any]) -> None:
+    """Count the frame and note every value it shows."""
+    kind = frame.get("type")
+    items: list[dict[str, Any]] = []
+    if kind in ("all_rates", "resumed"):
+        client.snapshots += kind == "all_rates"
+        items = frame["rates"]
+    elif kind == "rate_update":
+        items = [frame["rate"]]
+    elif kind == "rates_update":
+        items = frame["rates"]
+    if kind in ("rate_update", "rates_update"):
+        client.updates += len(items)
+    for item in items:
+        pair = f"{item['source_currency']}/{item['destination_currency']}"
+        client.shown.setdefault(pair, set()).add(Decimal(str(item["destination_per_source"])))
+
+
+def how_it_ended(error: BaseException, connected: bool) -> str:
+    """The close code when there was one (and which side sent it first), else what the socket said."""
+    if isinstance(error, ConnectionClosed):
+        if error.rcvd is not None and (error.sent is None or error.rcvd_then_sent):
+            return f"close {error.rcvd.code} ({error.rcvd.reason or 'no reason'})"
+        if error.sent is not None:
+            return f"client closed {error.sent.code} ({error.sent.reason or 'no reason'})"
+        cause = error.__cause__
+        return "reset" if isinstance(cause, ConnectionResetError) else f"EOF{f' ({cause!r})' if cause else ''}"
+    if isinstance(error, InvalidStatus):
+        return f"handshake answered {error.response.status_code}"
+    if isinstance(error, TimeoutError):
+        return "silence" if connected else "open timeout"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, ConnectionResetError):
+        return "reset"
+    return type(error).__name__
 
 
 async def slow_reader(client: Client, stop: asyncio.Event) -> None:
@@ -205,6 +272,7 @@ async def database_outage(proxy: TcpProxy, replicas: list[Replica], outage_s: fl
     """Cut PostgreSQL off (connections aborted, new ones refused), check the outage rules, then restore it."""
     print(f"cutting PostgreSQL off for {outage_s:.0f}s")
     started = time.monotonic()
+    figures.events.append((started, "the database cut-off"))
     proxy.refuse()
     proxy.cut()
     problems = figures.problems
@@ -233,11 +301,13 @@ async def database_outage(proxy: TcpProxy, replicas: list[Replica], outage_s: fl
     await asyncio.sleep(max(0.0, started + outage_s - time.monotonic()))
     proxy.restore()
     figures.outage = (started, time.monotonic())
+    figures.events.append((figures.outage[1], "the database's return"))
     print("PostgreSQL back")
 
 
-async def restart(redis: RedisServer, which: str) -> None:
+async def restart(redis: RedisServer, which: str, figures: Figures) -> None:
     print(f"restarting Redis ({which})")
+    figures.events.append((time.monotonic(), f"Redis restart {which}"))
     redis.stop()
     await asyncio.sleep(2)
     redis.start()
@@ -346,10 +416,17 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
 
         stop_clients, stop_load, stop_market = asyncio.Event(), asyncio.Event(), asyncio.Event()
         shown: dict[str, set[Decimal]] = {}
-        clients = [Client(replicas[i % 2], shown=shown) for i in range(clients_n)]
-        slow = [Client(replicas[i % 2], slow=True) for i in range(slow_n)]
-        tasks = [asyncio.create_task(read_client(c, stop_clients)) for c in clients]
-        tasks += [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
+        names = {id(replica): name for replica, name in zip(replicas, "ab", strict=True)}
+        clients = [
+            Client(
+                replicas[i % 2], names[id(replicas[i % 2])], follower=RatesClient(replicas[i % 2].ws_url), shown=shown
+            )
+            for i in range(clients_n)
+        ]
+        slow = [Client(replicas[i % 2], names[id(replicas[i % 2])], slow=True) for i in range(slow_n)]
+        figures.events.append((time.monotonic(), "the clients started"))
+        readers = [asyncio.create_task(read_client(c)) for c in clients]
+        tasks = [asyncio.create_task(slow_reader(c, stop_clients)) for c in slow]
         await seconds_until(
             lambda: sum(c.snapshots > 0 for c in clients) >= clients_n, "clients to connect", 60, every_s=0.2
         )
@@ -363,6 +440,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         tasks.append(asyncio.create_task(market(fake, pairs, stop_market, seed)))
 
         started = time.monotonic()
+        figures.events.append((started, "the load started"))
         await asyncio.sleep(max(10.0, duration_s * 0.15))
         warm_rss = {id(r): rss_kib(r) for r in replicas}
         print(f"warm-up RSS: {', '.join(f'{rss_kib(r) / 1024:.0f} MiB' for r in replicas)}")
@@ -371,7 +449,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             await asyncio.sleep(max(0.0, started + duration_s * fraction - time.monotonic()))
 
         await at(0.25)
-        await restart(redis, "1 of 2")
+        await restart(redis, "1 of 2", figures)
 
         await at(0.45)
         leader = next((r for r in replicas if "leading" in r.poller_role()), None)
@@ -384,6 +462,8 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             calls_before = fake.calls[probe]
             holder = lease_holder(redis.url)
             leader.kill()
+            figures.killed = names[id(leader)]
+            figures.events.append((time.monotonic(), f"the kill of {names[id(leader)]}"))
             # The handover is the moment the lease changes hands, read from Redis itself: /readyz would add its
             # own answer time on a replica busy fanning out to hundreds of clients.
             handover = await seconds_until(
@@ -411,6 +491,7 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
                 figures.problems.append("the surviving replica's /readyz never said it was polling")
             await asyncio.sleep(3)
             leader.start()
+            figures.events.append((time.monotonic(), f"{names[id(leader)]} started again"))
             print("killed replica started again")
             # A new process: its memory after warm-up is measured once its clients are back and it has served,
             # and never taken as lower than its predecessor's, which served the same clients the same frames. A
@@ -420,13 +501,14 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
             warm_rss[id(leader)] = max(rss_kib(leader), warm_rss[id(leader)])
 
         await at(0.65)
-        await restart(redis, "2 of 2")
+        await restart(redis, "2 of 2", figures)
 
         await at(0.70)
         await database_outage(proxy, replicas, DATABASE_OUTAGE_S * duration_s / FULL_DURATION_S, figures)
 
         await at(0.85)
         print("faults off; letting the rates settle")
+        figures.events.append((time.monotonic(), "the faults stopped"))
         stop_market.set()
         fake.clear_faults()
         await asyncio.sleep(SETTLE_S)
@@ -440,10 +522,12 @@ async def soak(duration_s: float, clients_n: int, slow_n: int, seed: int) -> boo
         caught_up_s = await seconds_until(lambda: all(c.state == final for c in clients), "clients to catch up", 120)
         print(f"clients caught up with the final rates {caught_up_s}s after the settle")
         stop_clients.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, *tasks, return_exceptions=True)
 
         check(figures, replicas, clients, slow, final, warm_rss, end_rss)
-        await check_history(figures, database_url, fake, final, shown)
+        await check_history(figures, database_url, fake, final, shown, clients)
         for output in wrk_outputs:
             served, non_2xx = wrk_figures(output)
             figures.wrk_requests += served
@@ -497,9 +581,16 @@ def check(
                 f"{next(iter(wrong.items()))} vs {client.state.get(next(iter(wrong)))}"
             )
             break
-    stayed = [c for c in clients if c.stayed_connected]
-    if not stayed:
-        problems.append("no client stayed connected")
+    # A client of a replica that was never killed has no reason to lose its connection: not the Redis restarts,
+    # nor the database outage, nor the load. Each one that did is named with how and when.
+    unexplained = [d for c in clients if c.name != figures.killed for d in c.disconnections]
+    if unexplained:
+        problems.append(
+            f"{len(unexplained)} connections to a replica never killed ended: "
+            + "; ".join(summarise(unexplained, figures.events))
+        )
+    if figures.killed is not None and not all(c.disconnections for c in clients if c.name == figures.killed):
+        problems.append(f"clients of {figures.killed} were not disconnected by its kill")
     # Every slow reader is cut off (by the server, or by its replica's death); every reader on the replica that
     # lived through the run stayed connected.
     if not all(c.cut_off for c in slow):
@@ -526,6 +617,7 @@ async def check_history(
     fake: FakeFlutterwave,
     final: dict[str, Decimal],
     shown: dict[str, set[Decimal]],
+    clients: list[Client],
 ) -> None:
     connection = await asyncpg.connect(database_url.replace("postgresql+asyncpg://", "postgresql://", 1))
     try:
@@ -547,6 +639,11 @@ async def check_history(
             figures.problems.append(f"history of {pair} holds values the upstream never gave")
         if pair in final and values[-1] != final[pair]:
             figures.problems.append(f"history of {pair} ends at {values[-1]}, not the final {final[pair]}")
+    # Each client, however often it reconnected and whether it resumed or took a snapshot, ends where history does.
+    latest = {pair: values[-1] for pair, values in history.items()}
+    off = [c for c in clients if any(c.state.get(pair) != value for pair, value in latest.items())]
+    if off:
+        figures.problems.append(f"{len(off)} clients do not hold history's latest value of every pair")
     # Whatever a client was shown, history can answer afterwards.
     for pair, values in shown.items():
         unrecorded = values - set(history.get(pair, []))
@@ -579,10 +676,19 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
         f"snapshots per client: median {statistics.median(c.snapshots for c in clients)}, "
         f"max {max(c.snapshots for c in clients)}"
     )
-    print(
-        f"clients that stayed connected: {sum(c.stayed_connected for c in clients)}; that reconnected: "
-        f"{sum(c.reconnects > 0 for c in clients)} ({sum(c.reconnects for c in clients)} attempts)"
-    )
+    for name in sorted({c.name for c in clients}):
+        own = [c for c in clients if c.name == name]
+        killed = " (killed)" if name == figures.killed else ""
+        print(
+            f"replica {name}{killed}: {len(own)} clients, {sum(not c.disconnections for c in own)} stayed connected, "
+            f"{sum(bool(c.disconnections) for c in own)} reconnected; reconnections answered with resumed: "
+            f"{sum(c.resumed for c in own)}, with all_rates (resumed: false): {sum(c.not_resumed for c in own)}; "
+            f"failed attempts: {sum(len(c.failed_attempts) for c in own)}"
+        )
+        for line in summarise([d for c in own for d in c.disconnections], figures.events):
+            print(f"  disconnections: {line}")
+        for line in summarise([d for c in own for d in c.failed_attempts], figures.events):
+            print(f"  failed attempts: {line}")
     print(
         f"slow readers cut off: {sum(c.cut_off for c in slow)} of {len(slow)}, close codes "
         f"{sorted((c.closed_code or 0) for c in slow)}"
@@ -606,6 +712,19 @@ def report(figures: Figures, clients: list[Client], slow: list[Client], fake: Fa
     print("---- " + ("PASS" if not figures.problems else "FAIL"))
     for problem in figures.problems:
         print(f"problem: {problem}")
+
+
+def summarise(ended: list[Disconnection], events: list[tuple[float, str]]) -> list[str]:
+    """One line per replica, way and event: "12 x a: close 1012 (...), 0.1-0.4 s after the kill of a"."""
+    groups: dict[tuple[float, str, str, str], list[float]] = {}
+    for disconnection in ended:
+        before = [(t, what) for t, what in events if t <= disconnection.at]
+        t, what = before[-1] if before else (0.0, "nothing")
+        groups.setdefault((t, what, disconnection.replica, disconnection.how), []).append(disconnection.at - t)
+    return [
+        f"{len(offsets)} x {replica}: {how}, {min(offsets):.1f}-{max(offsets):.1f} s after {what}"
+        for (_, what, replica, how), offsets in sorted(groups.items())
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

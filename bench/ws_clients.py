@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 CLOSE_NORMAL = b"\x03\xe8"
 TOP_UP_CONCURRENCY = 100  # per client process, reconnecting those a burst lost
@@ -61,6 +61,7 @@ class RawClient(asyncio.Protocol):
     """A WebSocket client by hand: handshake, frames, inflate; timestamps each frame as its bytes arrive."""
 
     def __init__(self, host: str, port: int, deflate: bool, tracker: Tracker) -> None:
+        self.host, self.port = host, port
         self._request = (
             f"GET /ws/rates HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
@@ -180,15 +181,15 @@ class RawClient(asyncio.Protocol):
             self.transport.close()
 
 
-async def open_client(
-    host: str, port: int, deflate: bool, tracker: Tracker, deadline: float
-) -> tuple[RawClient, float, int] | str:
-    """A client that got its snapshot (with when, and how many rates it held), or why it did not."""
+Connected = TypeVar("Connected", bound="RawClient")
+
+
+async def connect(client: Connected, deadline: float) -> tuple[Connected, Any] | str:
+    """`client` connected and its snapshot's result, or why not (its connection then aborted)."""
     loop = asyncio.get_running_loop()
-    client = RawClient(host, port, deflate, tracker)
     try:
         async with asyncio.timeout_at(deadline):
-            await loop.create_connection(lambda: client, host, port)
+            await loop.create_connection(lambda: client, client.host, client.port)
             result = await client.snapshot
     except TimeoutError:
         result = "timeout"
@@ -198,6 +199,17 @@ async def open_client(
         if client.transport is not None:
             client.transport.abort()
         return result
+    return client, result
+
+
+async def open_client(
+    host: str, port: int, deflate: bool, tracker: Tracker, deadline: float
+) -> tuple[RawClient, float, int] | str:
+    """A client that got its snapshot (with when, and how many rates it held), or why it did not."""
+    opened = await connect(RawClient(host, port, deflate, tracker), deadline)
+    if isinstance(opened, str):
+        return opened
+    client, result = opened
     return client, *result
 
 

@@ -99,6 +99,7 @@ from bench.ws_clients import (
     Tracker,
     Workers,
     client_processes,
+    connect,
     cpu_sets,
     listen_counters,
     masked,
@@ -210,21 +211,8 @@ class Worker(CommandLoop):
         self.clients: list[CycleClient] = []
 
     async def _open(self, deflate: bool, batch: bool, sample: bool, deadline: float) -> CycleClient | str:
-        loop = asyncio.get_running_loop()
-        client = CycleClient(self.host, self.port, deflate, self.stats, batch, sample)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await loop.create_connection(lambda: client, self.host, self.port)
-                result = await client.snapshot
-        except TimeoutError:
-            result = "timeout"
-        except OSError as error:
-            result = f"connect: {error.strerror or type(error).__name__}"
-        if isinstance(result, str):
-            if client.transport is not None:
-                client.transport.abort()
-            return result
-        return client
+        opened = await connect(CycleClient(self.host, self.port, deflate, self.stats, batch, sample), deadline)
+        return opened if isinstance(opened, str) else opened[0]
 
     async def connect(
         self,

@@ -1,4 +1,4 @@
-"""The AsyncAPI document of `/ws/rates`: valid for the official parser, and true to what the endpoint
+"""The AsyncAPI document of `/ws/rates` and `/sse/rates`: valid for the official parser, and true to what the endpoint
 accepts and sends, checked on a live service."""
 
 import asyncio
@@ -15,11 +15,12 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 
-from app.api.docs.asyncapi import error_codes, message_type
+from app.api.docs.asyncapi import REPLY_ONLY, error_codes, message_type
 from app.api.ws import CLIENT_MESSAGES, ClientMessage
 from app.currencies import Pair
 from app.rates.wire import SERVER_FRAMES
 from tests.support.openapi_service import LiveService, live_service_on
+from tests.support.sse_client import SseClient
 from tests.support.ws_client import WsClient
 
 # Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
@@ -28,6 +29,11 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 NPM_TOOLS = ROOT / "tools" / "npm"
 # Error codes the model declares that this service has no way to make here, each with its reason.
+# Frames this test's service never sends, each with its reason.
+FRAMES_NOT_PROVOKED = {
+    "heartbeat": "it polls every half second and every client gets each all_rates_update: none is ever quiet; "
+    "tests/test_ws_resume.py gets heartbeats from a quiet service",
+}
 CODES_NOT_PROVOKED = {
     "too_large": "declared, but a frame over 64 KiB closes the connection with 1009 instead of an error frame",
     "try_again_later": "needs the deployment's on-demand budget spent; tests/test_limits_replicas.py provokes it",
@@ -167,11 +173,24 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
             for action in ("pause", "resume"):
                 url = f"{live.url}/api/admin/corridors/USD/NGN/{action}"
                 await asyncio.to_thread(admin_post, url, {"reason": "asyncapi test"}, live.operator_key)
-        await frames_until(client, sends - {"rates_update"}, seen, frozenset({"bad_request", "not_found"}))
+        await frames_until(
+            client,
+            sends - {"rates_update", "resumed", *FRAMES_NOT_PROVOKED},
+            seen,
+            frozenset({"bad_request", "not_found"}),
+        )
     if batch:
         async with WsClient(live.ws_url) as client:
             await client.send({"type": "subscribe", "pairs": ["*"], "batch": True})
             await frames_until(client, {"rates_update"}, seen)
+    if "resumed" in sends:
+        # A resume from the snapshot's seq (the service waits briefly for the events up to it to arrive).
+        async with WsClient(live.ws_url) as client:
+            first = await client.recv()
+        async with WsClient(f"{live.ws_url}?epoch={first['epoch']}&seq={first['seq']}") as client:
+            seen.append(await client.recv())
+        async with WsClient(f"{live.ws_url}?epoch=another&seq={first['seq']}") as client:
+            seen.append(await client.recv())
     if "too_many_pairs" in codes_documented:
         async with WsClient(live.ws_url) as client:
             await client.send({"type": "subscribe", "pairs": ["USD/NGN", "USD/KES", "USD/GHS"]})
@@ -187,7 +206,7 @@ async def test_what_the_endpoint_sends_is_what_the_document_says(live: LiveServi
     for frame in seen:
         assert frame["type"] in sends, f"undocumented frame {frame}"
         validator(document, frame["type"]).validate(frame)
-    assert {frame["type"] for frame in seen} == sends
+    assert {frame["type"] for frame in seen} == sends - set(FRAMES_NOT_PROVOKED)
     codes = {frame["code"] for frame in seen if frame["type"] == "error"}
     assert set(document["components"]["schemas"]["ErrorFrame"]["properties"]["code"]["enum"]) == codes_documented
     assert codes_documented - codes == set(CODES_NOT_PROVOKED) & codes_documented
@@ -203,3 +222,33 @@ def test_the_page_renders_the_document_with_no_external_asset(live: LiveService,
         assert f"<code>{code}</code>" in page
     assert "http://" not in page.replace(live.url, "") and "https://" not in page and "<script" not in page
     assert fetch(f"{live.url}/static/docs.css")[0] == 200
+
+
+def test_the_events_channel_lists_every_pushed_frame_with_the_query_binding(document: dict[str, Any]) -> None:
+    events = document["channels"]["events"]
+    assert events["address"] == "/sse/rates"
+    assert document["servers"]["events"]["protocol"] == "http"
+    pushed = {message_type(model) for model in SERVER_FRAMES} - REPLY_ONLY
+    assert set(events["messages"]) == pushed
+    streamed = [op for op in document["operations"].values() if op["channel"]["$ref"] == "#/channels/events"]
+    assert {op["messages"][0]["$ref"].rsplit("/", 1)[-1] for op in streamed} == pushed
+    assert all(op["action"] == "send" and op["bindings"]["http"]["method"] == "GET" for op in streamed)
+    assert set(streamed[0]["bindings"]["http"]["query"]["properties"]) == {"pairs", "min_change_bps", "batch"}
+
+
+async def test_what_the_event_stream_sends_is_what_the_document_says(
+    live: LiveService, document: dict[str, Any]
+) -> None:
+    listed = set(document["channels"]["events"]["messages"])
+    seen: dict[str, dict[str, Any]] = {}
+    wanted = ({"all_rates", "rate_update", "all_rates_update"}, {"rates_update"})
+    for query, kinds in zip(({}, {"batch": "true"}), wanted, strict=True):
+        async with SseClient(f"{live.url}/sse/rates", query) as stream:
+            async with asyncio.timeout(30):
+                while not kinds <= set(seen):
+                    event = await stream.next()
+                    assert event.type in listed, f"undocumented event {event.type}"
+                    validator(document, event.type).validate(event.json())
+                    seen[event.type] = event.json()
+    # Not provoked here: `resumed` needs a Last-Event-ID, `corridor` an operator (both checked over WebSocket above).
+    assert set(seen) == listed - {"resumed", "corridor", *FRAMES_NOT_PROVOKED}

@@ -19,6 +19,8 @@ from tests.support import audits
 from tests.support.fake_flutterwave import FakeFlutterwave
 from tests.support.history import record_history
 from tests.support.replicas import Replica, replica_on_sqlite
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import eventually
 
 # Starts real servers (uvicorn, a browser, tools): outside the fast `-m "not slow"` loop.
 pytestmark = pytest.mark.slow
@@ -28,6 +30,8 @@ ARTIFACTS = PROJECT_ROOT / "test-artifacts"
 POLL_INTERVAL_S = 1.0
 # 44 histories, four at a time, from a service that is also polling every second on a shared machine.
 HISTORY_WAIT_MS = 20_000
+# Live again after a cut or a refused WebSocket: a few attempts of the board's backoff (0.5 s, 1 s, 2 s, … jittered).
+LIVE_WAIT_MS = 20_000
 # No background traffic: this machine's network is closed, and the page must not need one.
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -87,9 +91,14 @@ document.addEventListener("securitypolicyviolation", (event) => {
 
 
 async def open_board(
-    browser: Browser, service: Replica, width: int = 1280, frames: list[dict[str, Any]] | None = None
+    browser: Browser,
+    service: Replica,
+    width: int = 1280,
+    frames: list[dict[str, Any]] | None = None,
+    via: str | None = None,
 ) -> tuple[Page, list[str]]:
-    """The board, loaded and live; every WebSocket frame it receives goes to `frames`, decoded."""
+    """The board, loaded and live; every WebSocket frame it receives goes to `frames`, decoded. `via`: the base
+    URL of a proxy in front of the service to load it through."""
     page = await browser.new_page(viewport={"width": width, "height": 900})
     if frames is not None:
         page.on(
@@ -100,11 +109,11 @@ async def open_board(
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
     await page.add_init_script(WATCH_CSP)
-    response = await page.goto(service.url + "/")
+    response = await page.goto((via or service.url) + "/")
     assert response is not None
     policy = response.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
-    await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+    await expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=LIVE_WAIT_MS)
     await expect(page.locator("tr[data-pair]")).to_have_count(44)
     return page, errors
 
@@ -229,6 +238,67 @@ async def test_the_connection_indicator_follows_the_service(browser: Browser, se
     await expect(indicator).to_have_attribute("data-state", "live", timeout=15000)
     # The fresh snapshot after reconnecting fills the board again.
     await expect(page.locator("tr[data-pair]")).to_have_count(44)
+
+
+def stored_value(service: Replica, pair: Pair) -> Decimal:
+    query = f"source_currency={pair.source}&destination_currency={pair.destination}"
+    return Decimal(str(service.get(f"/api/rates?{query}")[1]["meta"]["destination_per_source"]))
+
+
+async def test_the_board_resumes_after_its_connection_is_cut(
+    browser: Browser, service: Replica, fake: FakeFlutterwave
+) -> None:
+    frames: list[dict[str, Any]] = []
+    sockets: list[str] = []
+    with TcpProxy("127.0.0.1", service.port) as proxy:
+        page, _ = await open_board(browser, service, frames=frames, via=f"http://127.0.0.1:{proxy.port}")
+        page.on("websocket", lambda socket: sockets.append(socket.url))
+        indicator = page.locator("#connection")
+        pair = Pair("EUR", "GHS")
+        row = page.locator(f'tr[data-pair="{pair}"]')
+        promised = next(frame for frame in frames if frame["type"] == "all_rates")
+        # The service keeps running; the board's connection (and every new one, for now) is cut.
+        proxy.cut()
+        await expect(indicator).to_have_attribute("data-state", "reconnecting")
+        moved = fake.bump(pair, Decimal("0.97"))
+        await eventually(lambda: stored_value(service, pair) == moved, what=f"{pair} stored at {moved}")
+        seen = len(frames)
+        proxy.restore()
+        await expect(indicator).to_have_attribute("data-state", "live", timeout=LIVE_WAIT_MS)
+        await expect(indicator).to_have_text("live")
+        await expect(row.locator(".number")).to_have_attribute("data-value", str(float(moved)))
+        await expect(row).to_have_attribute("data-moved", "down")
+        # Back with what changed while away, not the whole snapshot again: the reconnect named the epoch and a
+        # promised seq (from all_rates, resumed or heartbeat frames, never a rate_update's own).
+        since = [frame["type"] for frame in frames[seen:]]
+        assert since[0] == "resumed" and "all_rates" not in since, since
+        resumed = frames[seen]
+        assert resumed["epoch"] == promised["epoch"] and resumed["seq"] >= promised["seq"]
+        assert f"epoch={promised['epoch']}&seq=" in sockets[-1], sockets
+        item = next(
+            i
+            for i in resumed["rates"]
+            if (i["source_currency"], i["destination_currency"]) == (pair.source, pair.destination)
+        )
+        assert Decimal(str(item["destination_per_source"])) == moved
+
+
+async def test_the_board_falls_back_to_events_when_websockets_are_refused(
+    browser: Browser, service: Replica, fake: FakeFlutterwave
+) -> None:
+    # A proxy in front of the service that answers every WebSocket upgrade with a 403, as some corporate ones do.
+    with TcpProxy("127.0.0.1", service.port, refuse_websockets=True) as proxy:
+        page, _ = await open_board(browser, service, via=f"http://127.0.0.1:{proxy.port}")
+        indicator = page.locator("#connection")
+        await expect(indicator).to_have_text("live (events)")
+        await expect(indicator).to_have_attribute("data-transport", "events")
+        assert proxy.refused_upgrades >= 2
+        pair = Pair("CAD", "ZAR")
+        row = page.locator(f'tr[data-pair="{pair}"]')
+        moved = fake.bump(pair, Decimal("1.03"))
+        await expect(row.locator(".number")).to_have_attribute("data-value", str(float(moved)), timeout=HISTORY_WAIT_MS)
+        await expect(row).to_have_attribute("data-moved", "up")
+        await expect(indicator).to_have_text("live (events)")
 
 
 # WCAG 2.0, 2.1 and 2.2, levels A and AA: the tags axe-core files those rules under.

@@ -305,7 +305,7 @@ def test_the_defaults_are_production_defaults() -> None:
     assert settings.on_demand_currencies == ["*"]
     assert (settings.on_demand_calls_per_minute, settings.on_demand_max_pairs) == (10, 200)
     assert settings.rate_limit_per_minute == 1200
-    assert (settings.ws_max_clients, settings.ws_max_clients_per_address) == (20000, 100)
+    assert (settings.ws_max_clients, settings.ws_max_clients_per_address) == (10000, 100)
     assert (settings.ws_messages_per_second, settings.ws_message_burst) == (10, 50)
     # What one message may name is the default cap (app.api.ws): a client reaches it in one subscribe.
     assert settings.ws_max_pairs_per_client == MAX_PAIRS_PER_MESSAGE == 256

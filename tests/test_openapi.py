@@ -172,12 +172,13 @@ def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
         "description": "",
     }
     admin = {path: item for path, item in spec["paths"].items() if path.startswith("/api/admin/")}
-    assert {"/api/admin/refresh", "/api/admin/audit", "/api/admin/corridors"} <= set(admin)
+    assert {"/api/admin/refresh", "/api/admin/audit", "/api/admin/held", "/api/admin/corridors"} <= set(admin)
     for item in admin.values():
         for operation in item.values():
             assert operation["security"] == [{"operatorKey": []}]
-            takes_input = "parameters" in operation or "requestBody" in operation
-            for status in ("401", "403", "422", "429", "503") if takes_input else ("401", "403", "429", "503"):
+            # An operation that takes nothing (the held list) cannot be given anything invalid: no 422.
+            takes = "parameters" in operation or "requestBody" in operation
+            for status in ("401", "403", *(["422"] if takes else []), "429", "503"):
                 example = operation["responses"][status]["content"]["application/json"]["example"]
                 assert example["status"] == "error" and example["data"] is None
     bodies = admin["/api/admin/refresh"]["post"]["requestBody"]["content"]["application/json"]["examples"]
@@ -212,5 +213,24 @@ def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
             f"{live.url}/api/admin/audit?{urllib.parse.urlencode(query)}", "GET", None, live.operator_key
         )
         assert status == 200 and json.loads(body)["meta"]["count"] >= 2, (name, body)
+    for action in ("accept", "reject"):
+        operation = admin[f"/api/admin/held/{{source}}/{{destination}}/{action}"]["post"]
+        assert "example" in operation["responses"]["404"]["content"]["application/json"]
+        (example,) = operation["requestBody"]["content"]["application/json"]["examples"].values()
+        # Nothing is held on the live service: its 404 in the envelope, as documented.
+        status, body = send(f"{live.url}/api/admin/held/USD/NGN/{action}", "POST", example["value"], live.operator_key)
+        assert status == 404 and json.loads(body)["status"] == "error", (action, body)
+    status, body = send(f"{live.url}/api/admin/held", "GET", None, live.operator_key)
+    assert status == 200 and json.loads(body)["data"]["held"] == [], body
     status, headers, body = get(f"{live.url}/api/admin/audit")
     assert status == 401 and headers["www-authenticate"] == "Bearer" and headers["cache-control"] == "no-store"
+
+
+def test_the_event_stream_is_listed_with_its_query_and_refusals(spec: dict[str, Any]) -> None:
+    operation = spec["paths"]["/sse/rates"]["get"]
+    assert set(operation["responses"]["200"]["content"]) == {"text/event-stream"}
+    assert {p["name"] for p in operation["parameters"]} == {"pairs", "min_change_bps", "batch", "last-event-id"}
+    for status in ("422", "503"):
+        content = operation["responses"][status]["content"]["application/json"]
+        assert content["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "Retry-After" in operation["responses"]["503"]["headers"]

@@ -1,13 +1,18 @@
 """Several uvicorn replicas sharing PostgreSQL and Redis: fan-out across them, one poller among them."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
 from app.currencies import Pair
+from clients.fxrates_client import Board
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 from tests.support.redis_server import RedisServer
 from tests.support.replicas import Replica, wait_for_rates
@@ -19,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 INTERVAL_S = 0.5
 LOCK_TTL_S = 2.0
+HEARTBEAT_S = 1.0
 
 
 class Cluster:
@@ -163,3 +169,98 @@ async def test_fan_out_resumes_after_redis_restarts_with_a_fresh_snapshot(
             break
         assert reached, f"A's changes did not reach B's client within {time.monotonic() - started:.0f}s"
         await eventually(lambda: b.get("/readyz")[0] == 200, what="readyz to recover")
+
+
+async def heartbeat(client: WsClient) -> dict[str, Any]:
+    frame, _ = await client.recv_until(lambda message: message["type"] == "heartbeat", timeout_s=HEARTBEAT_S * 10)
+    return frame
+
+
+def served_board(replica: Replica, bases: set[str]) -> dict[str, Decimal]:
+    board: dict[str, Decimal] = {}
+    for base in sorted(bases):
+        _, body = replica.get(f"/api/rates/all?base_currency={base}")
+        for destination, item in body["data"]["rates"].items():
+            board[f"{base}/{destination}"] = Decimal(str(item["destination_per_source"]))
+    return board
+
+
+def newest_in_history(replica: Replica, pair: str) -> dict[str, Any]:
+    source, destination = pair.split("/")
+    at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    status, body = replica.get(
+        f"/api/rates/history?source_currency={source}&destination_currency={destination}&at={at}"
+    )
+    assert status == 200, body
+    point: dict[str, Any] = body["data"]["points"][0]
+    return point
+
+
+async def test_a_client_of_a_killed_replica_resumes_on_the_other_and_holds_what_the_database_holds(
+    cluster: Cluster, fake: FakeFlutterwave
+) -> None:
+    # No polling after the first cycle (each cycle sends every client a frame, so no heartbeat would be due):
+    # a rate changes when the test reads a stale pair, and the replica it reads from fetches and stores it.
+    cluster.env.update(
+        POLL_INTERVAL_SECONDS="3600", RATE_STALE_AFTER_SECONDS="1", WS_HEARTBEAT_SECONDS=str(HEARTBEAT_S)
+    )
+    a = cluster.start("a")
+    wait_for_rates(a)
+    b = cluster.start("b")
+    wait_for_rates(b)
+    board = Board()
+    async with WsClient(a.ws_url) as on_a, WsClient(b.ws_url) as watching_b:
+        board.apply(await on_a.recv())
+        assert board.epoch is not None and len(board.rates) == 44
+        b_snapshot = await watching_b.recv()
+        # One deployment, one epoch: both replicas' heartbeats carry the one the database holds.
+        assert b_snapshot["epoch"] == board.epoch
+        beat_b = await heartbeat(watching_b)
+        assert beat_b["epoch"] == board.epoch
+        # The client holds a promise at least as recent as B's start (B's memory begins there), as any client
+        # connected a heartbeat's while does.
+        async with asyncio.timeout(15):
+            while board.seq is None or board.seq < b_snapshot["seq"]:
+                board.apply(await heartbeat(on_a))
+        assert board.seq is not None
+        beat_a = await heartbeat(on_a)
+        assert beat_a["epoch"] == beat_b["epoch"] == board.epoch
+        board.apply(beat_a)
+        epoch, seq = board.epoch, board.seq
+        held_before = dict(board.rates)
+
+    a.kill()
+    # Meanwhile B stores a moved rate (a read of the stale pair fetches it) and a pair nobody had.
+    moved = Decimal("21.125")
+    fake.set_rate(Pair("EUR", "ZAR"), moved)
+    await eventually(
+        lambda: asyncio.to_thread(b.get, "/api/rates?source_currency=EUR&destination_currency=ZAR"),
+        until=lambda answer: answer[0] == 200 and Decimal(str(answer[1]["meta"]["destination_per_source"])) == moved,
+        what=f"EUR/ZAR stored as {moved}",
+    )
+    status, body = b.get("/api/rates?source_currency=USD&destination_currency=JPY")
+    assert status == 200 and body["meta"]["served_from"] == "upstream"
+    stored_up_to = max(newest_in_history(b, pair)["seq"] for pair in ("EUR/ZAR", "USD/JPY"))
+    # B has heard of every store up to then (its heartbeats promise it): a resume now is answered in one frame.
+    async with WsClient(b.ws_url) as watching_b_again, asyncio.timeout(15):
+        while (await heartbeat(watching_b_again))["seq"] < stored_up_to:
+            pass
+
+    async with WsClient(f"{b.ws_url}?{urlencode({'epoch': epoch, 'seq': seq})}") as on_b:
+        frame = await on_b.recv()
+    assert frame["type"] == "resumed" and frame["epoch"] == epoch, frame
+    changed = {f"{item['source_currency']}/{item['destination_currency']}": item for item in frame["rates"]}
+    assert {"EUR/ZAR", "USD/JPY"} <= set(changed)
+    assert changed["EUR/ZAR"]["previous_rate"] == held_before["EUR/ZAR"]["rate"]
+    assert changed["USD/JPY"]["previous_rate"] is None
+    board.apply(frame)
+    assert board.seq is not None and board.seq >= stored_up_to
+
+    held = {pair: Decimal(str(item["destination_per_source"])) for pair, item in board.rates.items()}
+    # Exactly what B serves from the database, and each pair's newest point in history.
+    assert held == served_board(b, {pair.split("/")[0] for pair in held})
+    assert held["EUR/ZAR"] == moved
+    for pair in ("EUR/ZAR", "USD/JPY"):
+        point = newest_in_history(b, pair)
+        assert held[pair] == Decimal(str(point["destination_per_source"]))
+        assert point["seq"] <= frame["seq"]

@@ -30,6 +30,7 @@ from app.live.hub import Hub
 from app.rates.corridors import State
 from app.settings import Settings
 from app.state import services_of
+from app.storage import repository
 from app.storage.health import DatabaseHealth
 
 router = APIRouter(tags=["operations"])
@@ -173,8 +174,10 @@ async def metrics(
     if ip is None or not any(ip in network for network in settings.metrics_allow_ips):
         # As if there were nothing here: a public client learns nothing, not even that it was refused.
         raise NotFound("No such endpoint.")
-    (database_problem, redis_problem, _), _ = await asyncio.gather(
-        _problems(probes, settings, database, redis, poller), _read_rate_times(hub, registry)
+    (database_problem, redis_problem, _), _, _ = await asyncio.gather(
+        _problems(probes, settings, database, redis, poller),
+        _read_rate_times(hub, registry),
+        _count_held(request),
     )
     registry.dependency_up.labels(dependency="database").set(database_problem is None)
     if settings.redis_url is not None:
@@ -204,6 +207,25 @@ async def _problems(
         )
 
     return await probes(probe)
+
+
+async def _count_held(request: Request) -> None:
+    """Set `fxrates_rates_held` from the database (at most once a second per process), so every replica tells the
+    same; on a failure the last value read stays."""
+    services = services_of(request.scope)
+
+    async def count() -> int:
+        async def read() -> int:
+            async with services.sessions() as session:
+                return await repository.count_held(session)
+
+        return await services.database.call(read)
+
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            services.metrics.rates_held.set(await services.held_count(count))
+    except Exception:  # the database check beside this one reports the failure
+        return
 
 
 async def _read_rate_times(hub: Hub, registry: Metrics) -> None:

@@ -257,7 +257,9 @@ async def _serve(websocket: WebSocket, hub: Hub, lookup: RateLookup) -> None:
     if prepared is not None:
         client.attach(prepared.write_now, prepared.deflate)  # written to at once while idle, its sender asleep
     try:
-        client.send_snapshot(await hub.snapshot())
+        # `?epoch=E&seq=N`: resume (docs/websocket.md); anything else, or nothing, gets the snapshot.
+        query = websocket.query_params
+        await hub.resume(client, query.get("epoch"), query.get("seq"))
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(_receive(websocket, client, hub, lookup)),

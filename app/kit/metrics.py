@@ -13,7 +13,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LIMITS = ("per_client", "per_key", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
 
 AUTH_FAILURES = ("missing", "bad_key", "forbidden", "blocked")
-OPERATOR_ACTIONS = ("refresh", "pause", "withhold", "resume", "override", "end_override")
+OPERATOR_ACTIONS = (
+    "refresh",
+    "pause",
+    "withhold",
+    "resume",
+    "override",
+    "end_override",
+    "accept_held",
+    "reject_held",
+)
 CORRIDOR_STATES = ("active", "paused", "withheld")
 
 
@@ -154,6 +163,12 @@ class Metrics:
         )
         for state in CORRIDOR_STATES:
             self.corridors.labels(state=state)
+        # Set when /metrics is scraped (app.api.ops), from the database: the same on every replica.
+        self.rates_held = Gauge(
+            "fxrates_rates_held",
+            "Fetched values the rate guard holds for confirmation now, not stored (docs/operations.md).",
+            registry=r,
+        )
         self.limit_errors = Counter(
             "fxrates_limit_errors", "Limit counts that fell back to this process because Redis failed.", registry=r
         )

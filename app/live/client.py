@@ -35,6 +35,8 @@ from app.rates.wire import RatesUpdateItem, RateUpdate, rates_update_frame
 MAX_QUEUED_REPLIES = 256
 # The key under which a client's pending end-of-cycle event waits: only the newest one matters.
 _CYCLE = "all_rates_update"
+# Likewise its pending heartbeat.
+_HEARTBEAT = "heartbeat"
 
 # `rates_update` frames already built, shared by a hub's clients: those due the same updates share one.
 Batches = dict[tuple["Update", ...], Outgoing]
@@ -100,6 +102,7 @@ class HubClient:
         self._slow = False
         self._sending_since: float | None = None  # when the frame being sent now was handed over (see `sending`)
         self._frames_sent = 0  # since the hub last counted them
+        self._active_at = 0.0  # when the hub last found it had been sent a frame (see `count_sent`)
         # The connection's "write these bytes now if you can take them" (app.live.protocol), once attached, and how
         # its frames are compressed; None under a server without it: everything then goes through the queue and
         # the sender.
@@ -191,10 +194,31 @@ class HubClient:
         since = self._sending_since
         return since is not None and now - since >= timeout_s
 
-    def count_sent(self) -> int:
-        """The frames sent since it was last asked."""
+    def count_sent(self, now: float | None = None) -> int:
+        """The frames sent since it was last asked; with `now`, it was last sent one then if any."""
         sent, self._frames_sent = self._frames_sent, 0
+        if sent and now is not None:
+            self._active_at = now
         return sent
+
+    def joined(self, now: float) -> None:
+        """Connected at `now`: quiet from then on until it is sent something."""
+        self._active_at = now
+
+    def quiet_for(self, now: float) -> float:
+        """How long it has been sent nothing, as the hub last counted (to within its watchdog's period)."""
+        return now - self._active_at
+
+    def heartbeat(self, frame: Outgoing, now: float) -> None:
+        """Send a heartbeat (behind whatever waits: its `seq` promises what came before it); an older one still
+        waiting is replaced. Quiet again from `now`."""
+        self._active_at = now
+        if self._wrote_now(frame):
+            self._frames_sent += 1
+            return
+        self._queue.pop(_HEARTBEAT, None)
+        self._queue[_HEARTBEAT] = frame
+        self._ready.set()
 
     # Its end.
 
@@ -232,15 +256,27 @@ class HubClient:
     def last_sent(self, pair: Pair) -> Decimal | None:
         return self._sent.get(pair, self._sent_base.get(pair))
 
-    def send_snapshot(self, snapshot: Snapshot) -> None:
+    def send_snapshot(self, snapshot: Snapshot, *, resumed: bool | None = None) -> None:
+        """Send a snapshot (the first goes before anything waiting); `resumed=False` marks the answer to a resume
+        that could not be answered exactly."""
         self._sent_base, self._sent = snapshot.values, {}
-        reply = _Reply(snapshot.frame, None, None)
+        reply = _Reply(snapshot.not_resumed if resumed is False else snapshot.frame, None, None)
         if self._snapshot_sent:
             self._put_reply(reply)
             return
         # The first snapshot goes before any update that arrived while it was read.
         self._snapshot_sent = True
         self._queue = {next(self._reply_keys): reply, **self._queue}
+        self._replies += 1
+        self._ready.set()
+
+    def send_resumed(self, frame: Outgoing, values: dict[Pair, Decimal]) -> None:
+        """Send a `resumed` frame first, in place of the first snapshot. It holds every update that reached this
+        client before it (the hub answered a resume from what it knew, those included), so those are dropped."""
+        self._sent_base, self._sent = values, {}
+        self._forget(None)
+        self._snapshot_sent = True
+        self._queue = {next(self._reply_keys): _Reply(frame, None, None), **self._queue}
         self._replies += 1
         self._ready.set()
 

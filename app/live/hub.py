@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime
+from decimal import Decimal
 
 from broadcaster import Broadcast
 
@@ -29,9 +30,11 @@ from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.client import Batches, HubClient, Update
 from app.live.fanout import RATES_CHANNEL, CorridorEvent, CycleEnded, Delivered, Resynced, Stored, read_event
 from app.live.frames import Outgoing
+from app.live.recent import RecentStores
 from app.live.snapshots import Snapshot, Snapshots, StoredRates
 from app.rates.corridors import Corridor, Corridors, State
-from app.rates.wire import CorridorChanged
+from app.rates.store import utc_now
+from app.rates.wire import CorridorChanged, Heartbeat, RateItem, RatesUpdateItem, Resumed
 
 # What the database holds of every corridor and override (a replica that starts or resyncs reads them).
 CorridorLoader = Callable[[], Awaitable[tuple[dict[Pair, Corridor], dict[Pair, datetime]]]]
@@ -39,6 +42,25 @@ CorridorLoader = Callable[[], Awaitable[tuple[dict[Pair, Corridor], dict[Pair, d
 log = logging.getLogger(__name__)
 
 ALL = "*"
+
+
+class Resumption:
+    """A `resumed` frame, shared by every client resuming from the same seq at the same moment."""
+
+    __slots__ = ("count", "frame", "seq", "values")
+
+    def __init__(self, frame: Outgoing, values: dict[Pair, Decimal], seq: int, count: int) -> None:
+        self.frame = frame
+        self.values = values  # each pair's value as the client holds it after applying the frame; never written
+        self.seq = seq
+        self.count = count  # the pairs it tells
+
+
+def _seq_of(text: str | None) -> int | None:
+    """A resume point as sent: a non-negative integer in decimal, or None."""
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 19:
+        return None
+    return int(text)
 
 
 class Hub:
@@ -56,6 +78,11 @@ class Hub:
         on_cycle_end: Callable[[], None] = lambda: None,
         corridors: Corridors | None = None,
         load_corridors: CorridorLoader | None = None,
+        heartbeat_s: float = 25.0,
+        visible: Callable[[Pair], bool] | None = None,
+        resume_wait_s: float = 1.0,
+        gap_timeout_s: float = 2.0,
+        recent: RecentStores | None = None,
     ) -> None:
         self._broadcast = broadcast
         self._metrics = metrics
@@ -70,13 +97,21 @@ class Hub:
         self._load_corridors = load_corridors
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock, corridors=self.corridors)
         self._latest_seq = 0
-        # The highest seq of each pair seen (in an event or a snapshot): an update below it is old news.
+        # The highest seq of each pair seen in an event: an update below it is old news.
         self._pair_seqs: dict[Pair, int] = {}
         self._seen_snapshot: Snapshot | None = None
         self._delivered = Delivered()
         self._closing_code: int | None = None  # once shutting down, the code every connection is closed with
         # Shared by every client; emptied at each stored event, after which few clients are due the same as before.
         self._batches: Batches = {}
+        self._heartbeat_s = heartbeat_s
+        # Asked of every pair a resume would tell: a pair withheld by an operator is left out (docs/design.md).
+        self._visible = visible if visible is not None else self.corridors.served
+        self._resume_wait_s = resume_wait_s
+        self._gap_timeout_s = gap_timeout_s
+        self._recent = RecentStores() if recent is None else recent
+        self._advanced = asyncio.Event()  # set, and replaced, each time the watermark rises
+        self._resumes: tuple[tuple[int, int, int, int], Resumption] | None = None  # the last answered, shared
 
     @property
     def version(self) -> int:
@@ -97,12 +132,18 @@ class Hub:
         """
         return self._latest_seq
 
+    @property
+    def watermark(self) -> int:
+        """Every store numbered up to it has reached this process's clients (the contiguous prefix seen)."""
+        return self._recent.watermark
+
     def count_slow_closed(self) -> None:
         self._metrics.websocket_slow_closed.inc()
 
     def join(self) -> HubClient:
         """A new client; whatever arrives before its first snapshot waits behind that snapshot."""
         client = HubClient(self._batches, max_pairs=self._max_pairs_per_client)
+        client.joined(self._clock())
         self._clients.add(client)
         self._metrics.websocket_clients.set(len(self._clients))
         if self._closing_code is not None:
@@ -125,11 +166,12 @@ class Hub:
         snapshot = await self._snapshots.get()
         if snapshot is not self._seen_snapshot:
             self._seen_snapshot = snapshot
+            if not snapshot.held and (not self._recent.seeded or self._gap_overdue()):
+                self._recent.seed(snapshot.rates, snapshot.seq, self._clock())
+                self._watermark_rose()
             self._latest_seq = max(self._latest_seq, snapshot.seq)
-            seqs = self._pair_seqs
-            for rate in snapshot.rates:
-                if rate.seq > seqs.get(rate.pair, 0):
-                    seqs[rate.pair] = rate.seq
+            # A snapshot's seqs are not taken as seen: its read may show a store before that store's event
+            # arrives, and the event must still reach every client connected before the snapshot was read.
         return snapshot
 
     async def load_corridors(self) -> None:
@@ -174,6 +216,66 @@ class Hub:
                 failed.append((client, error))
         if failed:
             self._drop(failed)
+
+    async def resume(self, client: HubClient, epoch: str | None, seq: str | None) -> "Resumption | Snapshot":
+        """Hand a client that just joined its first frame, and return it: `resumed` when it asked to resume from
+        `epoch` and `seq` (as sent, unparsed) and that can be answered exactly from memory, otherwise the
+        snapshot (`resumed: false` in it when a resume was asked). docs/design.md, "Resume".
+
+        No database query per resuming client: a resume from memory reads none, and one that cannot be answered
+        gets the shared snapshot. Updates that reached the client before its first frame are in it (or older).
+        """
+        asked = epoch is not None or seq is not None
+        point = _seq_of(seq) if epoch and epoch == self.epoch else None
+        if point is not None and point > self._recent.watermark and self._recent.seeded:
+            await self._await_watermark(point)  # a client may resume here from a store this process hears of late
+        if point is not None and self._recent.answerable(point):
+            # From here to handing it over, nothing awaits: no update slips between the answer and the pushes.
+            resumption = self._resumption(point)
+            client.send_resumed(resumption.frame, resumption.values)
+            return resumption
+        snapshot = await self.snapshot()
+        client.send_snapshot(snapshot, resumed=False if asked else None)
+        return snapshot
+
+    async def _await_watermark(self, seq: int) -> None:
+        try:
+            async with asyncio.timeout(self._resume_wait_s):
+                while self._recent.watermark < seq:
+                    await self._advanced.wait()
+        except TimeoutError:
+            pass
+
+    def _watermark_rose(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+
+    def _resumption(self, seq: int) -> "Resumption":
+        recent = self._recent
+        # Shared while nothing changes, within a second (its items' `stale` flags, and what `visible` says, age).
+        key = (seq, recent.version, self.corridors.version, int(self._clock()))
+        if self._resumes is not None and self._resumes[0] == key:
+            return self._resumes[1]  # a storm of clients resuming from one seq share one frame
+        now = utc_now()
+        corridors = self.corridors
+        items = [
+            RatesUpdateItem(
+                **dict(
+                    RateItem.of(
+                        change.rate,
+                        stale=change.rate.age_s(now) > self._snapshots.stale_after_s,
+                        corridor=corridors.mark(change.rate.pair),
+                    )
+                ),
+                previous_rate=change.previous_rate,
+                seq=change.rate.seq,
+            )
+            for change in recent.changes_after(seq, self._visible)
+        ]
+        frame = Resumed(epoch=self.epoch, seq=recent.watermark, rates=items).model_dump_json()
+        resumption = Resumption(Outgoing(frame), recent.values(), recent.watermark, len(items))
+        self._resumes = (key, resumption)
+        return resumption
 
     async def stored_pairs(self) -> Collection[Pair]:
         """Every pair stored now, as the snapshot tells."""
@@ -220,12 +322,44 @@ class Hub:
                     log.exception("could not fan out an event")
 
     async def _watch(self) -> None:
-        """Once a second (or sooner for a short timeout): cut off stalled clients, count the frames sent."""
-        period_s = min(1.0, self._stall_timeout_s / 4)
+        """Once a second (or sooner for a short timeout or heartbeat): cut off stalled clients, count the frames
+        sent, send heartbeats, and close a gap in the stores heard of that stayed open too long."""
+        period_s = min(1.0, self._stall_timeout_s / 4, self._heartbeat_s / 4)
         while True:
             await asyncio.sleep(period_s)
             self.check_stalled()
-            self._count_frames(self._clients)
+            self.tick()
+            if self._gap_overdue():
+                await self._close_gap()
+
+    def tick(self) -> None:
+        """Count the frames sent, and send a heartbeat to every client sent nothing for the heartbeat interval:
+        one frame, built once, through each client's own path (written at once, or queued behind its frames)."""
+        now, interval_s = self._clock(), self._heartbeat_s
+        sent = 0
+        beat: Outgoing | None = None
+        for client in self._clients:
+            sent += client.count_sent(now)
+            if client.quiet_for(now) >= interval_s:
+                if beat is None:
+                    beat = Outgoing(Heartbeat(epoch=self.epoch, seq=self._recent.watermark).model_dump_json())
+                try:
+                    client.heartbeat(beat, now)
+                except Exception:
+                    log.exception("could not send a heartbeat")
+        if sent:
+            self._metrics.websocket_frames_sent.inc(sent)
+
+    def _gap_overdue(self) -> bool:
+        since = self._recent.gap_since
+        return since is not None and self._clock() - since >= self._gap_timeout_s
+
+    async def _close_gap(self) -> None:
+        """A store heard of by number only (its event lost, or far behind): start again from the database, which
+        holds it. Resumes from below the snapshot read then get a snapshot."""
+        log.warning("a store event did not arrive in %.0f s; reading every rate again", self._gap_timeout_s)
+        self._snapshots.resync()
+        await self.snapshot()
 
     def check_stalled(self) -> None:
         """Cut off every client whose send has been blocked for the stall timeout."""
@@ -263,6 +397,10 @@ class Hub:
 
     def _fan_out_updates(self, updates: list[Update]) -> None:
         self._snapshots.announce(update.stored for update in updates)
+        recent, watermark = self._recent, self._recent.watermark
+        recent.record((update.stored for update in updates), self._clock())
+        if recent.watermark != watermark:
+            self._watermark_rose()
         updates = self._newer(updates)
         if not updates:
             return

@@ -73,6 +73,14 @@ class Snapshot:
         self.built_at = built_at
         self.versions = versions  # (the store's, the announced changes') when the read began
         self.held = held  # True: the last snapshot read, served again because the database is away
+        self._not_resumed: Outgoing | None = None
+
+    @property
+    def not_resumed(self) -> Outgoing:
+        """The same frame with `"resumed": false`: the answer to a resume that could not be answered exactly."""
+        if self._not_resumed is None:
+            self._not_resumed = Outgoing(self.frame.text[:-1] + ',"resumed":false}')
+        return self._not_resumed
 
 
 class Snapshots:
@@ -90,6 +98,7 @@ class Snapshots:
         # Withheld pairs are left out of every snapshot, paused ones marked (docs/websocket.md, "Corridors").
         self._corridors = corridors if corridors is not None else Corridors()
         self._stale_after_s = stale_after_s
+        self.stale_after_s = stale_after_s
         self._clock = clock
         self._snapshot: Snapshot | None = None
         self._last_read: tuple[list[StoredRate], datetime, int] | None = None  # the database's last answer, when, seq

@@ -18,6 +18,10 @@ it: Redis, then the last rate this process held in memory, however old
 (served `stale` once it is); nothing is fetched from the upstream then, since
 a rate is shown only once stored (docs/outages.md).
 
+A value the rate guard holds (docs/operations.md, "The rate guard") is not
+stored, so it is never served: the reader gets the stored rate, marked stale
+if it is, as after a failed refresh, and the pair rests for the cool-down.
+
 A request waits one bound at most, whatever it does: the database read and,
 with a rate in hand, the wait for a refresh share one deadline, and a read
 that failed is not followed by a refresh that would meet the same database
@@ -52,6 +56,10 @@ Layer = Literal["memory", "redis", "database", "upstream"]
 
 # How long a pair the upstream refused (a 4xx other than 429) rests before readers may ask for it again.
 REJECTED_REST_S = 300.0
+
+
+class RateHeld(Exception):
+    """The upstream answered a value the rate guard held: nothing new was stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +216,7 @@ class RateLookup:
             fetch = self._fetch_and_store(pair) if self._budget.is_polled(pair) else self._fetch_on_demand(pair, new)
             # The upstream failing, the budget spent and the database away are answered for to the readers.
             task = self._tasks.spawn(
-                fetch, f"refresh {pair}", quiet=(UpstreamError, TooManyRequests, DatabaseUnavailable)
+                fetch, f"refresh {pair}", quiet=(UpstreamError, TooManyRequests, DatabaseUnavailable, RateHeld)
             )
             self._refreshing[pair] = task
             task.add_done_callback(lambda _: self._refreshing.pop(pair, None))
@@ -252,8 +260,13 @@ class RateLookup:
             self._resting_until[pair] = time.monotonic() + rest_s
             log.warning("on-demand refresh of %s failed, resting it %.0fs: %s", pair, rest_s, error)
             raise
+        result = await self._store.save(quote)
+        if not result.stored:
+            # Asked again at once, every reader of the pair would confirm the held value by itself.
+            self._resting_until[pair] = time.monotonic() + self._cooldown_s
+            raise RateHeld(pair)
         self._resting_until.pop(pair, None)
-        return (await self._store.save(quote)).rate
+        return result.rate
 
     async def __aenter__(self) -> Self:
         return self

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -32,10 +33,11 @@ from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.kit.tasks import TaskSet
 from app.rates.cache import TieredCache
+from app.rates.guard import OFF, Held, RateGuard, Verdict
 from app.rates.wire import AllRatesUpdate
 from app.storage import repository
 from app.storage.health import DatabaseHealth
-from app.storage.rate import StoredRate
+from app.storage.rate import HeldQuote, StoredRate
 from app.upstream.quote import Quote
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,24 @@ class Overridden(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SaveResult:
+    """What became of a quote: `rate` is the pair's stored rate after it (the quote's, unless the guard held it)."""
+
     rate: StoredRate
     previous: StoredRate | None
+    verdict: Verdict = Verdict.stored
+    held: HeldQuote | None = None
+    """What the guard holds for the pair after this quote, when it held the quote (docs/operations.md)."""
+    move_bps: Decimal | None = None
+    """From the stored value to the quote's, signed; None for a pair's first value."""
+
+    @property
+    def stored(self) -> bool:
+        return self.verdict.stores
 
     @property
     def changed(self) -> bool:
+        if not self.stored:
+            return False
         return self.previous is None or self.previous.destination_per_source != self.rate.destination_per_source
 
 
@@ -103,7 +118,7 @@ class Publisher(Protocol):
     async def publish_cycle(self, update: AllRatesUpdate) -> None: ...
 
 
-_Waiting = tuple[Quote, "asyncio.Future[SaveResult]"]
+_Waiting = tuple[Quote, bool, "asyncio.Future[SaveResult]"]  # a quote, whether the guard sees it, its saver
 
 
 class RateStore:
@@ -115,11 +130,15 @@ class RateStore:
         *,
         database: DatabaseHealth,
         writer: Writer,
-        epoch: str,
+        epoch: str = "",
+        guard: RateGuard = OFF,
     ) -> None:
         self._sessions = sessions
-        # The deployment's epoch (docs/design.md, "Sequence numbers"): read once at start-up (`read_epoch`); it
-        # changes only with the database, which a running process never swaps.
+        self.guard = guard
+        # The deployment's epoch (docs/design.md, "Sequence numbers"): read once, at start-up or, when the database
+        # was away then, with the first rates read from it; it changes only with the database, which a running
+        # process never swaps. Empty until read: nothing was read from the database either, and a client that
+        # resumes meanwhile gets the snapshot.
         self.epoch = epoch
         self._writer = writer
         self.database = database
@@ -131,24 +150,26 @@ class RateStore:
         self._outgoing: asyncio.Task[None] | None = None  # the last batch's round trips to Redis
         self.version = 0  # bumped by every save in this process, so derived views know they are out of date
 
-    def save(self, quote: Quote) -> "asyncio.Future[SaveResult]":
-        """Store `quote` as the pair's current rate, appending to history when the value changed.
+    def save(self, quote: Quote, *, guarded: bool = True) -> "asyncio.Future[SaveResult]":
+        """Store `quote` as the pair's current rate, appending to history when the value changed; unless the rate
+        guard holds it (`guarded`, for a fetched value: docs/operations.md, "The rate guard"). An unguarded quote
+        (an operator's accept) is stored whatever it is, and drops what was held for its pair.
 
         Its `received_at` becomes `last_updated` (never earlier than the pair's current one). Queued at once,
         before the caller next yields to the loop (a turn of a busy loop is a millisecond or more); the future is
         done once the rate is stored and announced, and cancelling it does not take the write back.
         """
-        (future,) = self._enqueue([quote])
+        (future,) = self._enqueue([quote], guarded=guarded)
         return asyncio.shield(future)
 
     async def save_many(self, quotes: Sequence[Quote]) -> list[SaveResult]:
         # Shielded: a caller that stops waiting does not take a write others share with it.
-        return list(await asyncio.shield(asyncio.gather(*self._enqueue(quotes))))
+        return list(await asyncio.shield(asyncio.gather(*self._enqueue(quotes, guarded=True))))
 
-    def _enqueue(self, quotes: Sequence[Quote]) -> "list[asyncio.Future[SaveResult]]":
+    def _enqueue(self, quotes: Sequence[Quote], *, guarded: bool) -> "list[asyncio.Future[SaveResult]]":
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[SaveResult]] = [loop.create_future() for _ in quotes]
-        self._waiting += zip(quotes, futures, strict=True)
+        self._waiting += ((quote, guarded, future) for quote, future in zip(quotes, futures, strict=True))
         if self._draining is None:
             self._draining = self._tasks.spawn(self._drain(), "rate-store-writer")
         return futures
@@ -167,15 +188,15 @@ class RateStore:
 
     async def _write_settling(self, batch: list[_Waiting]) -> None:
         try:
-            results, shared = await self._write([quote for quote, _ in batch])
+            results, shared = await self._write([(quote, guarded) for quote, guarded, _ in batch])
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, _, future in batch:
                 future.cancel()
             raise
         except Exception as error:
             if len(batch) == 1 or isinstance(error, DatabaseUnavailable):
                 # Alone, or the database is away for all of them alike: each waiting save gets the error.
-                for _, future in batch:
+                for _, _, future in batch:
                     _settle(future, error=error)
                 return
             # One bad write must not fail the others it was batched with: each goes again alone.
@@ -186,16 +207,34 @@ class RateStore:
 
         def settle(_: object) -> None:
             # Stored and announced, whatever became of the round trips to Redis (their failures are logged).
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, _, future), result in zip(batch, results, strict=True):
                 _settle(future, result=result)
 
         shared.add_done_callback(settle)
 
-    async def _write(self, quotes: list[Quote]) -> "tuple[list[SaveResult], asyncio.Task[None]]":
+    async def _write(self, quotes: list[tuple[Quote, bool]]) -> "tuple[list[SaveResult], asyncio.Future[None]]":
         """The batch stored, and the task of its round trips to Redis."""
         results = await self.database.call(lambda: self._transaction(quotes), write=True)
         self.version += 1
-        rates, event = [result.rate for result in results], self._fanout.rates_event(results)
+        for result in results:
+            if result.verdict in (Verdict.held, Verdict.replaced) and result.held is not None:
+                held = result.held.quote
+                log.warning(
+                    "rate guard: holding %s at %s, not stored: stored %s, move %+.2f bps; the stored rate is served "
+                    "until %d answers in a row confirm it or an operator accepts it",
+                    held.pair,
+                    held.destination_per_source,
+                    result.rate.destination_per_source,
+                    result.move_bps or 0,
+                    self.guard.confirmations,
+                )
+        stored = [result for result in results if result.stored]
+        if not stored:
+            # Nothing new anywhere: no cache to write, nothing to tell anyone.
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return results, done
+        rates, event = [result.rate for result in stored], self._fanout.rates_event(stored)
         # Publish after commit. This process first, with no round trip in between (under a cycle each one waits
         # for a turn of a loop busy sending to every client): its memory cache, then its own clients. Then Redis,
         # then the other processes, told only once Redis holds the rate: a client told of a rate finds it
@@ -216,10 +255,13 @@ class RateStore:
             # Both carry on without Redis by themselves; anything else must not keep the batch's savers waiting.
             log.exception("could not share a stored batch")
 
-    def _transaction(self, quotes: list[Quote]) -> Awaitable[list[SaveResult]]:
+    def _transaction(self, quotes: list[tuple[Quote, bool]]) -> Awaitable[list[SaveResult]]:
         # The batch is written in one go, as plain synchronous code, away from the event loop: one hand-off and
         # one result (awaited as it is, no task around it), however many statements and round trips it takes.
-        return self._writer.submit(partial(write_batch, quotes=quotes))
+        forced = frozenset(index for index, (_, guarded) in enumerate(quotes) if not guarded)
+        return self._writer.submit(
+            partial(write_batch, quotes=[quote for quote, _ in quotes], guard=self.guard, forced=forced)
+        )
 
     async def publish_cycle(self, update: AllRatesUpdate) -> None:
         """A poll cycle has ended: say so, then let the database tidy its log (SQLite) before the next one."""
@@ -232,6 +274,8 @@ class RateStore:
 
         async def read() -> list[StoredRate]:
             async with self._sessions() as session:
+                if not self.epoch:
+                    self.epoch = await repository.read_epoch(session)
                 return await repository.list_current(session, source)
 
         return await self.database.call(read)
@@ -256,28 +300,94 @@ async def read_epoch(sessions: async_sessionmaker[AsyncSession], database: Datab
     return await database.call(read)
 
 
-def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveResult]:
+def write_batch(
+    connection: Connection, quotes: Sequence[Quote], guard: RateGuard = OFF, forced: frozenset[int] = frozenset()
+) -> list[SaveResult]:
     """Store each quote as its pair's current rate, appending to history when the value changed; no commit.
 
-    Each quote is a store with a sequence number of its own, in the batch's order, taken first (docs/design.md,
-    "Sequence numbers"). Worked out in memory over the rows read (and locked) at the start, then written in two
-    statements: every current row updated, every history point appended. A pair twice in one batch is two changes
-    in a row.
+    Each quote (but those at the indexes in `forced`) first goes past the rate guard, which may hold it instead
+    (docs/operations.md, "The rate guard"): the values held are read in the statement that locks the rows, and
+    written only when one is held, confirmed or dropped, so a batch where nothing is out of bounds costs what it
+    did without the guard. A forced quote is stored whatever it is, and drops what was held.
+
+    Each stored quote is a store with a sequence number of its own, in the batch's order, taken first
+    (docs/design.md, "Sequence numbers"); those taken for quotes then held are handed back. Worked out in memory
+    over the rows read (and locked) at the start, then written in two statements: every current row updated, every
+    history point appended. A pair twice in one batch is two changes in a row.
     """
     pairs = {quote.pair for quote in quotes}
-    last, current = repository.lock_current_many(connection, pairs, taking=len(quotes))
-    # Read after the rate rows are locked: an override is written only under its rate row's lock.
+    last, current, held = repository.lock_current_many(connection, pairs, taking=len(quotes))
+    # Read after the rate rows are locked, in a statement of its own: an override is written only under its rate
+    # row's lock, and a statement begun before that lock was granted may not see one committed meanwhile.
     overrides = repository.overrides_of(connection, pairs)
+    had_held = set(held)
+    decisions: list[tuple[Verdict, HeldQuote | None, Decimal | None]] = []
+    # The guard's pass first, pair by pair in the batch's order, over the values as they become: how many quotes
+    # are stored decides the sequence numbers. It compares with the last *fetched* value stored, never a manual
+    # one: while a pair's override row stands (in force, or expired and not yet replaced), the value it replaced.
+    values = {pair: rate.destination_per_source for pair, (_, rate) in current.items()}
+    for pair, override in overrides.items():
+        if override.fetched_destination_per_source is None:
+            values.pop(pair, None)  # overridden before any value was fetched: the next fetched one is the first
+        else:
+            values[pair] = override.fetched_destination_per_source
+    for index, quote in enumerate(quotes):
+        pair, value = quote.pair, quote.destination_per_source
+        before = held.get(pair)
+        overridden = overrides.get(pair)
+        if isinstance(quote, repository.ManualQuote):
+            # An operator's decision, not a fetch: never held, not what the guard compares with, and what it
+            # holds stays held (confirmed or dropped by the fetches to come).
+            decisions.append((Verdict.stored, before, None))
+            continue
+        if overridden is not None and quote.received_at < overridden.expires_at:
+            raise Overridden(pair)  # before the guard writes anything
+        if index in forced:
+            verdict, now_held, move = Verdict.stored, None, None
+        else:
+            state = (
+                None
+                if before is None
+                else Held(before.quote.destination_per_source, before.confirmations, before.first_seen)
+            )
+            decision = guard.decide(values.get(pair), state, value, quote.received_at)
+            verdict, move = decision.verdict, decision.move_bps
+            now_held = (
+                None
+                if decision.held is None
+                else HeldQuote(quote, decision.held.first_seen, decision.held.confirmations)
+            )
+        if now_held is None:
+            held.pop(pair, None)
+        else:
+            held[pair] = now_held
+        if verdict.stores:
+            values[pair] = value
+        decisions.append((verdict, now_held, move))
+    kept = sum(not verdict.stores for verdict, _, _ in decisions)
+    repository.give_back(connection, kept)
+    # Rewritten only where the guard moved something: a pair that had a value held, or has one now.
+    touched = had_held | set(held)
+    if touched:
+        repository.replace_held(
+            connection, had_held - set(held), [value for pair, value in held.items() if pair in touched]
+        )
+
     results: list[SaveResult] = []
     updates: dict[int, repository.Stamped] = {}
     history: list[repository.Stamped] = []
-    for seq, quote in enumerate(quotes, start=last - len(quotes) + 1):
-        now, previous = quote.received_at, None
+    seq = last - len(quotes)  # the last number before this batch's
+    for quote, (verdict, now_held, move) in zip(quotes, decisions, strict=True):
         found = current.get(quote.pair)
+        if not verdict.stores and found is not None:
+            results.append(SaveResult(found[1], found[1], verdict, now_held, move))
+            continue
+        seq += 1
+        now, previous = quote.received_at, None
         row_id = repository.insert_if_absent(connection, quote, now, seq) if found is None else None
         if row_id is None:
             # Stored before, by an earlier batch, earlier in this one, or another writer just now.
-            row_id, previous = found or repository.lock_current(connection, quote.pair)
+            row_id, previous = found or repository.lock_current(connection, quote.pair)[0]
             # Two writers of one pair take turns on the row lock; the second never goes back in time.
             now = max(now, previous.last_updated)
             updates[row_id] = (quote, now, seq)
@@ -293,7 +403,7 @@ def write_batch(connection: Connection, quotes: Sequence[Quote]) -> list[SaveRes
             seq=seq,
         )
         current[quote.pair] = (row_id, rate)
-        result = SaveResult(rate=rate, previous=previous)
+        result = SaveResult(rate=rate, previous=previous, verdict=verdict, move_bps=move)
         # A manual value is always a point, even one equal to the value before: history records who set it.
         if result.changed or isinstance(quote, repository.ManualQuote):
             history.append((quote, now, seq))

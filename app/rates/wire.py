@@ -143,6 +143,28 @@ class AllRates(BaseModel):
     as_of: datetime
     epoch: str
     seq: int
+    # Only in the answer to a connection that asked to resume and could not be: false (docs/websocket.md).
+    resumed: Literal[False] | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class Resumed(BaseModel):
+    """The answer to a connection that resumed (`?epoch=E&seq=N`): every pair stored after N, its newest value
+    with its `rate` as of N; every store up to `seq` is in it, or was in what the client held (docs/websocket.md).
+    """
+
+    type: Literal["resumed"] = "resumed"
+    epoch: str
+    seq: int
+    rates: list[RatesUpdateItem]
+
+
+class Heartbeat(BaseModel):
+    """Sent to a client that was sent nothing for `WS_HEARTBEAT_SECONDS`: it holds every change up to `seq` that
+    it follows."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    epoch: str
+    seq: int
 
 
 class RateReply(BaseModel):
@@ -226,6 +248,8 @@ def rates_update_frame(items: list[str], as_of: str, seq: int) -> str:
 # Every frame the server sends a WebSocket client (docs/websocket.md), for schema generators.
 SERVER_FRAMES: tuple[type[BaseModel], ...] = (
     AllRates,
+    Resumed,
+    Heartbeat,
     RateUpdate,
     RatesUpdate,
     AllRatesUpdate,

@@ -74,6 +74,29 @@ class RateSequence(Base):
     seq: Mapped[int] = mapped_column(BigInteger())
 
 
+class HeldRate(Base):
+    """A fetched value the rate guard holds for confirmation, not stored (docs/operations.md, "The rate guard"): at
+    most one per pair, the latest answer out of bounds. Kept in the database so every replica's poller counts the
+    same confirmations, and a restart or a handover forgets none."""
+
+    __tablename__ = "held_rates"
+    __table_args__ = (Index("ix_held_rates_pair", "source_currency", "destination_currency", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    source_currency: Mapped[str] = mapped_column(String(3))
+    destination_currency: Mapped[str] = mapped_column(String(3))
+    rate: Mapped[Decimal] = mapped_column(ExactDecimal())
+    destination_per_source: Mapped[Decimal] = mapped_column(ExactDecimal())
+    source_amount: Mapped[Decimal] = mapped_column(ExactDecimal())
+    destination_amount: Mapped[Decimal] = mapped_column(ExactDecimal())
+    provider: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    """When the upstream gave the value held (the latest answer)."""
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime())
+    """When the first answer of this run out of bounds came."""
+    confirmations: Mapped[int] = mapped_column(Integer())
+
+
 class ApiKey(Base):
     """An operator's or integrator's API key: only its hash is kept (docs/operations.md, "Operators")."""
 

@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 from app.currencies import Pair
+from app.upstream.quote import Quote
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,3 +50,13 @@ class StoredRate:
             last_updated=datetime.fromisoformat(data["last_updated"]),
             seq=int(data["seq"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class HeldQuote:
+    """A fetched value the rate guard holds, not stored (docs/operations.md, "The rate guard"): the latest answer
+    out of bounds (its `received_at` is when it came), since when a run of them came, and how many agreed."""
+
+    quote: Quote
+    first_seen: datetime
+    confirmations: int

@@ -12,13 +12,27 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Connection, Row, Select, Table, bindparam, delete, insert, select, true, tuple_, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.currencies import Pair
-from app.storage.models import CorridorRow, ExchangeRate, ExchangeRateHistory, RateOverride, RateSequence
-from app.storage.rate import StoredRate
+from app.storage.models import CorridorRow, ExchangeRate, ExchangeRateHistory, HeldRate, RateOverride, RateSequence
+from app.storage.rate import HeldQuote, StoredRate
 from app.upstream.quote import Quote
 
 MANUAL = "manual"  # the provider of an operator's override
@@ -78,19 +92,36 @@ def _quote_values(quote: Quote) -> dict[str, object]:
 _CURRENT = cast(Table, ExchangeRate.__table__)
 _HISTORY = cast(Table, ExchangeRateHistory.__table__)
 _BY_PAIR = tuple_(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
+# The value the rate guard holds for a pair, if any (docs/operations.md, "The rate guard"), read in the same statement
+# that locks the pair's row: knowing that nothing is held costs no round trip. Its row is written only under the
+# pair's row lock, so that lock guards it too.
+_HELD = cast(Table, HeldRate.__table__)
+_HELD_BY_PAIR = tuple_(_HELD.c.source_currency, _HELD.c.destination_currency)
+_HELD_ON = and_(
+    _HELD.c.source_currency == _CURRENT.c.source_currency,
+    _HELD.c.destination_currency == _CURRENT.c.destination_currency,
+)
+_HELD_COLUMNS = [
+    column.label(f"held_{column.name}")
+    for column in _HELD.c
+    if column.name not in ("id", "source_currency", "destination_currency")
+]
+_WITH_HELD = _CURRENT.outerjoin(_HELD, _HELD_ON)
 # Locked in pair order, so two writers of overlapping batches take turns instead of deadlocking.
 _LOCK_MANY = (
-    select(_CURRENT)
+    select(_CURRENT, *_HELD_COLUMNS)
+    .select_from(_WITH_HELD)
     .where(_BY_PAIR.in_(bindparam("pairs", expanding=True)))
     .order_by(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
-    .with_for_update()
+    .with_for_update(of=_CURRENT)
 )
 _LOCK_ONE = (
-    select(_CURRENT)
+    select(_CURRENT, *_HELD_COLUMNS)
+    .select_from(_WITH_HELD)
     .where(
         _CURRENT.c.source_currency == bindparam("source"), _CURRENT.c.destination_currency == bindparam("destination")
     )
-    .with_for_update()
+    .with_for_update(of=_CURRENT)
 )
 _UPDATE = update(_CURRENT).where(_CURRENT.c.id == bindparam("row_id"))
 _APPEND = insert(_HISTORY)
@@ -106,13 +137,15 @@ _TAKE = (
     .returning(_SEQUENCE.c.seq)
 )
 _LAST_TAKEN = select(_SEQUENCE.c.seq).where(_SEQUENCE.c.id == SEQUENCE_ROW)
+# Numbers taken for quotes the guard then held: handed back under the counter's lock, so the numbers stay gapless.
+_GIVE_BACK = update(_SEQUENCE).where(_SEQUENCE.c.id == SEQUENCE_ROW).values(seq=_SEQUENCE.c.seq - bindparam("count"))
 # PostgreSQL: the numbers taken in the locking read itself, no round trip of their own. A row is locked only once
 # it is joined with the counter's updated row, so the counter is locked first, before any rate row: every writer
 # takes the counter before anything else, and two writers never hold one each of what the other waits for.
 _TAKEN = _TAKE.cte("taken")
 _LOCK_MANY_TAKING = (
-    select(_CURRENT, _TAKEN.c.seq.label("taken"))
-    .select_from(_CURRENT.join(_TAKEN, true()))
+    select(_CURRENT, _TAKEN.c.seq.label("taken"), *_HELD_COLUMNS)
+    .select_from(_CURRENT.join(_TAKEN, true()).outerjoin(_HELD, _HELD_ON))
     .where(_BY_PAIR.in_(bindparam("pairs", expanding=True)))
     .order_by(_CURRENT.c.source_currency, _CURRENT.c.destination_currency)
     .with_for_update(of=_CURRENT)
@@ -124,6 +157,35 @@ Stamped = tuple[Quote, datetime, int]  # a quote as stored: with its `last_updat
 
 def _current(row: Row[Any]) -> Current:
     return row.id, to_stored(row)
+
+
+def _held(row: Row[Any]) -> HeldQuote | None:
+    """The held value joined to a locked row, if there is one."""
+    if row.held_destination_per_source is None:
+        return None
+    quote = Quote(
+        pair=Pair(row.source_currency, row.destination_currency),
+        rate=row.held_rate,
+        destination_per_source=row.held_destination_per_source,
+        source_amount=row.held_source_amount,
+        destination_amount=row.held_destination_amount,
+        provider=row.held_provider,
+        received_at=row.held_received_at,
+    )
+    return HeldQuote(quote=quote, first_seen=row.held_first_seen, confirmations=row.held_confirmations)
+
+
+def _held_of(held: HeldRate) -> HeldQuote:
+    quote = Quote(
+        pair=Pair(held.source_currency, held.destination_currency),
+        rate=held.rate,
+        destination_per_source=held.destination_per_source,
+        source_amount=held.source_amount,
+        destination_amount=held.destination_amount,
+        provider=held.provider,
+        received_at=held.received_at,
+    )
+    return HeldQuote(quote=quote, first_seen=held.first_seen, confirmations=held.confirmations)
 
 
 def insert_if_absent(connection: Connection, quote: Quote, now: datetime, seq: int) -> int | None:
@@ -139,16 +201,17 @@ def insert_if_absent(connection: Connection, quote: Quote, now: datetime, seq: i
     return row_id
 
 
-def lock_current(connection: Connection, pair: Pair) -> Current:
-    """The pair's row, locked until the transaction ends, so two writers take turns."""
-    return _current(connection.execute(_LOCK_ONE, {"source": pair.source, "destination": pair.destination}).one())
+def lock_current(connection: Connection, pair: Pair) -> tuple[Current, HeldQuote | None]:
+    """The pair's row, locked until the transaction ends, so two writers take turns; and the value held for it."""
+    row = connection.execute(_LOCK_ONE, {"source": pair.source, "destination": pair.destination}).one()
+    return _current(row), _held(row)
 
 
 def lock_current_many(
     connection: Connection, pairs: Collection[Pair], *, taking: int
-) -> tuple[int, dict[Pair, Current]]:
+) -> tuple[int, dict[Pair, Current], dict[Pair, HeldQuote]]:
     """Take `taking` sequence numbers, then lock the rows of those of `pairs` already stored until the
-    transaction ends; the last number taken, and the rows.
+    transaction ends; the last number taken, the rows, and the values the guard holds for them (read alongside).
 
     The numbers come first: from then on no other writer can commit until this transaction has (docs/design.md,
     "Sequence numbers"). On PostgreSQL in the same statement as the rows, a second one only when none of `pairs`
@@ -162,8 +225,87 @@ def lock_current_many(
     else:
         last = connection.execute(_TAKE, parameters).scalar_one()
         rows = connection.execute(_LOCK_MANY, parameters).all()
-    found = (_current(row) for row in rows)
-    return last, {rate.pair: (row_id, rate) for row_id, rate in found}
+    found = [(_current(row), _held(row)) for row in rows]
+    held = {current[1].pair: value for current, value in found if value is not None}
+    return last, {rate.pair: (row_id, rate) for (row_id, rate), _ in found}, held
+
+
+def give_back(connection: Connection, count: int) -> None:
+    """Hand back the last `count` numbers this transaction took (it holds the counter's lock, so none was taken
+    since): quotes the guard held are not stores, and the numbers stay without gaps."""
+    if count:
+        connection.execute(_GIVE_BACK, {"count": count})
+
+
+def _held_values(held: HeldQuote) -> dict[str, object]:
+    return {
+        **_quote_values(held.quote),
+        "received_at": held.quote.received_at,
+        "first_seen": held.first_seen,
+        "confirmations": held.confirmations,
+    }
+
+
+def replace_held(connection: Connection, dropped: Collection[Pair], held: Collection[HeldQuote]) -> None:
+    """Drop what is held for `dropped` and for the pairs of `held`, then hold `held`: two statements at most, run
+    only when the guard holds, confirms or drops something (the pairs' rows are locked by the caller)."""
+    pairs = {*dropped, *(value.quote.pair for value in held)}
+    if pairs:
+        connection.execute(
+            delete(_HELD).where(_HELD_BY_PAIR.in_(bindparam("pairs", expanding=True))),
+            {"pairs": [(pair.source, pair.destination) for pair in pairs]},
+        )
+    if held:
+        connection.execute(insert(_HELD), [_held_values(value) for value in held])
+
+
+async def list_held(session: AsyncSession) -> list[tuple[HeldQuote, StoredRate | None]]:
+    """Every value held, by pair, with the pair's stored rate."""
+    statement = (
+        select(HeldRate, ExchangeRate)
+        .outerjoin(
+            ExchangeRate,
+            and_(
+                ExchangeRate.source_currency == HeldRate.source_currency,
+                ExchangeRate.destination_currency == HeldRate.destination_currency,
+            ),
+        )
+        .order_by(HeldRate.source_currency, HeldRate.destination_currency)
+    )
+    rows = await session.execute(statement)
+    return [(_held_of(held), None if stored is None else to_stored(stored)) for held, stored in rows]
+
+
+async def get_held(session: AsyncSession, pair: Pair) -> HeldQuote | None:
+    held = await session.scalar(
+        select(HeldRate).where(
+            HeldRate.source_currency == pair.source, HeldRate.destination_currency == pair.destination
+        )
+    )
+    return None if held is None else _held_of(held)
+
+
+async def drop_held(session: AsyncSession, pair: Pair) -> HeldQuote | None:
+    """Delete what is held for `pair` (under the pair's row lock, so a batch writing it takes turns with this) and
+    return it; None when nothing was. The caller commits."""
+    await session.execute(
+        select(ExchangeRate.id)
+        .where(ExchangeRate.source_currency == pair.source, ExchangeRate.destination_currency == pair.destination)
+        .with_for_update()
+    )
+    held = await get_held(session, pair)
+    if held is not None:
+        await session.execute(
+            delete(_HELD).where(
+                _HELD.c.source_currency == pair.source, _HELD.c.destination_currency == pair.destination
+            )
+        )
+    return held
+
+
+async def count_held(session: AsyncSession) -> int:
+    count: int = (await session.execute(select(func.count()).select_from(_HELD))).scalar_one()
+    return count
 
 
 def update_current_many(connection: Connection, updates: dict[int, Stamped]) -> None:

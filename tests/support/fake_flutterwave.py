@@ -8,6 +8,7 @@ switches for everything the real one does on a bad day:
     fake.set_rate(pair, Decimal("1530.25"))  the market value (destination per source)
     fake.bump(pair, Decimal("1.01"))         move a pair's value
     fake.drift = Decimal("0.0005")           every answer moves its pair this much, up and down in turn
+    fake.glitch(pair, Decimal("1.5"), times=1)  the next answers for a pair are off by a factor; the market is not
     fake.fail("503", pairs=[...], times=2)   inject a fault: see FAULTS
     fake.clear_faults()
 
@@ -142,6 +143,7 @@ class FakeFlutterwave:
         self.max_in_flight = 0
         self._in_flight = 0
         self._rates: dict[Pair, Decimal] = {}
+        self._glitches: dict[Pair, tuple[Decimal, int]] = {}
         self._faults: list[_Fault] = []
         self._chaos: tuple[float, tuple[str, ...], random.Random] | None = None
         self.served: dict[Pair, list[tuple[float, Decimal]]] = {}  # every value answered with success, and when
@@ -175,6 +177,15 @@ class FakeFlutterwave:
             context.prec = 10
             self.set_rate(pair, +(value * factor))
         return self.rate(pair)
+
+    def glitch(self, pair: Pair, factor: Decimal, *, times: int = 1) -> Decimal:
+        """The next `times` successful answers for `pair` say its value times `factor`; its value stays. Returns
+        the value they will say."""
+        with self._lock:
+            self._glitches[pair] = (factor, times)
+        with localcontext() as context:
+            context.prec = 10
+            return +(self.rate(pair) * factor)
 
     def fail(
         self,
@@ -275,9 +286,16 @@ class FakeFlutterwave:
         if self.drift:
             # Up on odd calls, down on even ones: every answer is a change, and the value stays near its start.
             self.bump(pair, 1 + self.drift if self.calls[pair] % 2 else 1 / (1 + self.drift))
-        body = self._body(pair, amount)
         with self._lock:
-            self.served.setdefault(pair, []).append((time.monotonic(), self._rates[pair]))
+            factor, times = self._glitches.pop(pair, (Decimal(1), 0))
+            if times > 1:
+                self._glitches[pair] = (factor, times - 1)
+        with localcontext() as context:
+            context.prec = 10
+            value = +(self.rate(pair) * factor)
+        body = self._body(pair, amount, value=value)
+        with self._lock:
+            self.served.setdefault(pair, []).append((time.monotonic(), value))
         return Response(body, media_type="application/json")
 
     def _body(
@@ -288,8 +306,9 @@ class FakeFlutterwave:
         rate: str | None = None,
         source_amount: str | None = None,
         destination: str | None = None,
+        value: Decimal | None = None,
     ) -> str:
-        value = self.rate(pair)
+        value = self.rate(pair) if value is None else value
         with localcontext() as context:
             context.prec = 17
             source_per_destination = Decimal(1) / value

@@ -7,9 +7,14 @@ It runs its own event loop in a thread, so tests that block (urllib, subprocesse
     proxy.hang()     accept and hold every connection, open or new, forwarding nothing either way
     proxy.restore()  forward again; connections held by `hang` are aborted, as a network that
                      comes back after a partition has lost them
+
+`TcpProxy(host, port, refuse_websockets=True)` answers every WebSocket upgrade with a 403 and forwards the rest,
+as a corporate proxy that blocks upgrades does (a browser opens each WebSocket on a connection of its own, so the
+first request of a connection is the one to look at).
 """
 
 import asyncio
+import re
 import socket
 import struct
 import threading
@@ -18,6 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 Mode = Literal["forward", "cut", "refused", "hang"]
+_UPGRADE = re.compile(rb"^upgrade:\s*websocket\s*$", re.IGNORECASE | re.MULTILINE)
 
 
 class _Link:
@@ -49,8 +55,10 @@ class _Link:
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, refuse_websockets: bool = False) -> None:
         self._target = (target_host, target_port)
+        self._refuse_websockets = refuse_websockets
+        self.refused_upgrades = 0
         self.mode: Mode = "forward"
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -115,11 +123,20 @@ class TcpProxy:
             if self.mode == "hang":
                 await self._swallow(reader)
                 return
+            first = b""
+            if self._refuse_websockets:
+                first = await reader.read(65536)
+                if _UPGRADE.search(first.split(b"\r\n\r\n", 1)[0]):
+                    self.refused_upgrades += 1
+                    writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    await writer.drain()
+                    return
             try:
                 upstream_reader, link.upstream = await asyncio.open_connection(*self._target)
             except OSError:
                 link.abort()
                 return
+            link.upstream.write(first)
             link.tasks = [
                 asyncio.ensure_future(self._pipe(reader, link.upstream, link)),
                 asyncio.ensure_future(self._pipe(upstream_reader, writer, link)),

@@ -41,6 +41,8 @@ def _outcome(result: SaveResult | Skipped | None) -> Outcome:
         return "failed"
     if isinstance(result, Skipped):
         return "skipped"
+    if not result.stored:
+        return "held"
     return "changed" if result.changed else "unchanged"
 
 
@@ -49,8 +51,9 @@ def _outcome(result: SaveResult | Skipped | None) -> Outcome:
     response_model=RefreshResponse,
     summary="Fetch stored pairs from the upstream now",
     description="Fetches each pair now, outside the on-demand budget, and stores what the upstream answers as the "
-    "poller would: a changed value is stored, pushed to every client and kept in history. Answers each pair's "
-    "outcome. Writes one row of the audit trail.",
+    "poller would, the rate guard included: a changed value is stored, pushed to every client and kept in history; "
+    "a value out of the guard's bounds is held, not stored. Answers each pair's outcome. "
+    "Writes one row of the audit trail.",
     responses={
         **AUTH_ERRORS,
         400: error("The body cannot be read at all (not text)", "There was an error parsing the body"),
@@ -91,6 +94,8 @@ async def refresh(
             before[str(pair)] = {"destination_per_source": str(saved.previous.destination_per_source)}
         value = str(saved.rate.destination_per_source) if saved is not None else None
         after[str(pair)] = {"destination_per_source": value, "outcome": _outcome(result)}
+        if saved is not None and saved.held is not None:
+            after[str(pair)]["held"] = str(saved.held.quote.destination_per_source)
 
     async def write_row() -> None:
         async with sessions() as session:

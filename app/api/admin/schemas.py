@@ -10,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from app.api.schemas import AuditLimit, ErrorResponse, Moment
 from app.currencies import Pair
 from app.errors import error_body
+from app.rates.wire import Number
 
 PAIR_PATTERN = "^[A-Za-z]{3}/[A-Za-z]{3}$"
 _PAIR = re.compile(PAIR_PATTERN)
@@ -57,15 +58,17 @@ class RefreshRequest(BaseModel):
     reason: Reason
 
 
-Outcome = Literal["changed", "unchanged", "failed", "skipped"]
+Outcome = Literal["changed", "unchanged", "held", "skipped", "failed"]
 
 
 class PairOutcome(BaseModel):
     pair: str = Field(description="`SOURCE/DESTINATION`", json_schema_extra={"pattern": "^[A-Z]{3}/[A-Z]{3}$"})
     outcome: Outcome = Field(
         description="`changed`: a new value was stored and pushed; `unchanged`: the upstream answered the stored "
-        "value; `failed`: the upstream (or the database) did not answer, and the stored rate stands; `skipped`: the "
-        'pair is paused, withheld or under an override, and is not fetched (docs/operations.md, "Corridors").'
+        "value; `held`: the rate guard held the answer, out of bounds of the stored value, for confirmation (see "
+        "`GET /api/admin/held`), and the stored rate stands; `skipped`: the pair is paused, withheld or under an "
+        'override, and is not fetched (docs/operations.md, "Corridors"); '
+        "`failed`: the upstream (or the database) did not answer, and the stored rate stands."
     )
 
 
@@ -242,3 +245,50 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
         {"Retry-After": {"description": "Seconds to wait before asking again", "schema": {"type": "integer"}}},
     ),
 }
+
+
+class HeldItem(BaseModel):
+    pair: str = Field(description="`SOURCE/DESTINATION`", json_schema_extra={"pattern": "^[A-Z]{3}/[A-Z]{3}$"})
+    held: Number = Field(description="The value held (`destination_per_source`): the latest answer out of bounds")
+    stored: Number | None = Field(description="The stored value (`destination_per_source`), still served")
+    move_bps: Number | None = Field(
+        description="From `stored` to `held`, in basis points, signed: positive when `destination_per_source` rose"
+    )
+    first_seen: datetime = Field(description="When the first answer of this run out of bounds came")
+    confirmations: int = Field(description="Later answers in a row that agreed with the value held", ge=0)
+
+
+class HeldData(BaseModel):
+    held: list[HeldItem]
+
+
+class HeldMeta(BaseModel):
+    count: int
+    guard_bps: int = Field(description="`RATE_GUARD_BPS`: 0 when the guard is off")
+    confirmations_needed: int = Field(description="`RATE_GUARD_CONFIRMATIONS`: 0 when only an operator stores one")
+
+
+class HeldResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Held values fetched"
+    data: HeldData
+    meta: HeldMeta
+
+
+class HeldDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+
+
+class HeldDecided(BaseModel):
+    pair: str = Field(description="`SOURCE/DESTINATION`", json_schema_extra={"pattern": "^[A-Z]{3}/[A-Z]{3}$"})
+    held: Number = Field(description="The value that was held (`destination_per_source`)")
+    stored: Number | None = Field(description="The stored value now (`destination_per_source`)")
+    seq: int | None = Field(description="The sequence number of the store, when the value was accepted")
+
+
+class HeldDecisionResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str
+    data: HeldDecided

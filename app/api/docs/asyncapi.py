@@ -1,10 +1,15 @@
-"""The AsyncAPI 3.0 document of `/ws/rates`, made from the models the endpoint parses and sends.
+"""The AsyncAPI 3.0 document of `/ws/rates` and `/sse/rates`, made from the models the endpoints parse and send.
 
 Client messages are `app.api.ws.CLIENT_MESSAGES`, server frames `app.rates.wire.SERVER_FRAMES`: a message
 added there is in the document at once, and tests/test_asyncapi.py holds the two to what the endpoint really
 accepts and sends. The document describes the service, so `receive` operations are what clients send and
 `send` operations what the service sends them. `GET /asyncapi.json` serves it, `GET /docs/websocket`
 renders it for people (app/api/docs/asyncapi_page.py).
+
+`/sse/rates` (app/api/sse.py) is a second channel on a second server (http or https): the service sends every
+pushed frame there as an event named by its `type`, and nothing is received; its query parameters are the
+operations' HTTP binding. Replies to a client's own messages (`REPLY_ONLY`) never go there; any other frame the
+hub sends is an event at once, so a frame added to `SERVER_FRAMES` is listed on both channels.
 """
 
 from typing import Any, Literal, get_args
@@ -16,6 +21,30 @@ from app.api.ws import CLIENT_MESSAGES
 from app.rates.wire import SERVER_FRAMES, ErrorFrame
 
 ADDRESS = "/ws/rates"
+SSE_ADDRESS = "/sse/rates"
+# Frames that only answer a client's own message: a stream of server-sent events has no messages to answer.
+REPLY_ONLY = frozenset({"rate", "subscribed", "pong", "error"})
+# The query of `GET /sse/rates` (app/api/sse.py), as the HTTP binding of each of its operations.
+SSE_QUERY: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "pairs": {
+            "type": "string",
+            "description": 'Comma-separated pairs like "USD/NGN,GBP/KES" (any case), or "*": the pairs whose updates '
+            "are sent (default: every pair; at most WS_MAX_PAIRS_PER_CLIENT)",
+        },
+        "min_change_bps": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1_000_000,
+            "description": "As subscribe's min_change_bps; default 0",
+        },
+        "batch": {
+            "type": "boolean",
+            "description": "true: rates_update events instead of rate_update; default false",
+        },
+    },
+}
 _RATE_ITEM = {
     "source_currency": "USD",
     "destination_currency": "NGN",
@@ -65,6 +94,37 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             "snapshot",
             "Sent at once on connect, and in answer to get_all_rates",
             {"type": "all_rates", "rates": [_RATE_ITEM], "as_of": _AS_OF, "epoch": _EPOCH, "seq": 4181},
+        ),
+        (
+            "not_resumed",
+            "Sent on connect to a client that asked to resume from a point that cannot be resumed from",
+            {
+                "type": "all_rates",
+                "rates": [_RATE_ITEM],
+                "as_of": _AS_OF,
+                "epoch": _EPOCH,
+                "seq": 4181,
+                "resumed": False,
+            },
+        ),
+    ],
+    "resumed": [
+        (
+            "resumed",
+            "Sent on connect to `/ws/rates?epoch=E&seq=N` in place of the snapshot: every pair stored after N",
+            {
+                "type": "resumed",
+                "epoch": _EPOCH,
+                "seq": 4190,
+                "rates": [{**_RATE_ITEM, "previous_rate": 0.00065412, "seq": 4188}],
+            },
+        )
+    ],
+    "heartbeat": [
+        (
+            "heartbeat",
+            "Sent to a client that was sent nothing for WS_HEARTBEAT_SECONDS",
+            {"type": "heartbeat", "epoch": _EPOCH, "seq": 4190},
         )
     ],
     "rate": [("rate", "The answer to get_rate", {"type": "rate", "rate": _RATE_ITEM})],
@@ -151,6 +211,8 @@ TITLES: dict[str, str] = {
     "rate_update": "One rate, pushed when stored",
     "rates_update": "Updates in batch mode",
     "all_rates_update": "A poll cycle ended",
+    "resumed": "What changed while the client was away (a resume)",
+    "heartbeat": "Nothing was sent for a while: the connection is alive",
     "error": "An error; the connection stays open",
     "corridor": "An operator changed a pair's corridor",
 }
@@ -278,6 +340,16 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
             "title": f"Service sends {kind}",
             "messages": [ref(kind)],
         }
+    streamed = [kind for kind in sent if kind not in REPLY_ONLY]
+    for kind in streamed:
+        operations[f"stream_{kind}"] = {
+            "action": "send",
+            "channel": {"$ref": "#/channels/events"},
+            "title": f"Service streams {kind}",
+            "summary": f"An event named {kind}, its data the frame's JSON",
+            "messages": [{"$ref": f"#/channels/events/messages/{kind}"}],
+            "bindings": {"http": {"method": "GET", "query": SSE_QUERY, "bindingVersion": "0.3.0"}},
+        }
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -285,12 +357,18 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
             "version": version,
             "description": (
                 "Real-time exchange rates over one WebSocket, `/ws/rates` (also `/ws/rates/`). JSON text frames. "
-                "On connect the service sends `all_rates` at once; then every stored rate is pushed as a "
-                "`rate_update` (or, after `subscribe` with `batch`, as `rates_update` frames), conflated per pair "
+                "On connect the service sends `all_rates` at once (or, to `/ws/rates?epoch=E&seq=N`, `resumed`: "
+                "only what changed after N, or `all_rates` with `resumed: false` when N cannot be resumed from); "
+                "then every stored rate is pushed as a `rate_update` (or, after `subscribe` with `batch`, as "
+                "`rates_update` frames), conflated per pair "
                 "so a client never falls behind. Errors are `error` frames and the connection stays open. "
                 "Close codes: 1008 a client that keeps sending past its message rate, 1009 a frame over 64 KiB, "
                 "1012 the service is restarting, 1013 too many clients or a client that stopped reading. "
-                "The reference is docs/websocket.md in the project."
+                "A client sent nothing for WS_HEARTBEAT_SECONDS (25) gets a `heartbeat`; two missed mean the "
+                "connection is dead. "
+                "The same stream is served as server-sent events at `/sse/rates` (the `events` channel) for "
+                "clients that cannot hold a WebSocket. The reference is docs/websocket.md and docs/sse.md in "
+                "the project."
             ),
         },
         "defaultContentType": "application/json",
@@ -299,7 +377,12 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
                 "host": host,
                 "protocol": protocol,
                 "description": "The service that served this document",
-            }
+            },
+            "events": {
+                "host": host,
+                "protocol": "https" if protocol == "wss" else "http",
+                "description": "The same service, for server-sent events",
+            },
         },
         "channels": {
             "rates": {
@@ -307,7 +390,22 @@ def build_asyncapi(version: str, host: str, protocol: str) -> dict[str, Any]:
                 "title": "Rates",
                 "description": "Every message of the protocol travels on this one socket.",
                 "messages": {kind: {"$ref": f"#/components/messages/{kind}"} for kind in messages},
-            }
+                "servers": [{"$ref": "#/servers/service"}],
+            },
+            "events": {
+                "address": SSE_ADDRESS,
+                "title": "Rates as server-sent events",
+                "description": (
+                    "`GET /sse/rates`, answered `text/event-stream`: one event per frame the WebSocket would push, "
+                    "its `event` the frame's `type`, its `data` the frame's JSON, and `id: <epoch>:<seq>` when the "
+                    'frame carries a `seq`. First `all_rates` (preceded by `retry: 3000`; with `"resumed": '
+                    "false` when the client sent `Last-Event-ID`), then the pushed frames. A bad query is a 422, "
+                    "no room for another client (the WebSocket's limits, one pool for both) a 503 with "
+                    "`Retry-After`, both in the REST error envelope, before any event."
+                ),
+                "messages": {kind: {"$ref": f"#/components/messages/{kind}"} for kind in streamed},
+                "servers": [{"$ref": "#/servers/events"}],
+            },
         },
         "operations": operations,
         "components": {"schemas": schemas, "messages": messages},

@@ -35,8 +35,8 @@ def _protocol(request: Request) -> str:
 
 def document_for(request: Request) -> dict[str, Any]:
     document, _ = _built(request.app.version, _protocol(request))
-    server = {**document["servers"]["service"], "host": request.url.netloc}
-    return {**document, "servers": {"service": server}}
+    servers = {name: {**server, "host": request.url.netloc} for name, server in document["servers"].items()}
+    return {**document, "servers": servers}
 
 
 # HEAD as well as GET, as everywhere in the service (docs/board.md).
@@ -138,6 +138,8 @@ def render(document: dict[str, Any]) -> str:
     received: list[str] = []
     sent: list[str] = []
     for operation in document["operations"].values():
+        if operation["channel"]["$ref"] != "#/channels/rates":
+            continue  # the same messages as server-sent events: said once, below
         kind = _ref_name(operation["messages"][0]["$ref"])
         replies = [_ref_name(reply["$ref"]) for reply in operation.get("reply", {}).get("messages", [])]
         section = received if operation["action"] == "receive" else sent
@@ -154,6 +156,12 @@ def render(document: dict[str, Any]) -> str:
         if name not in message_names
     )
     url = f"{server['protocol']}://{server['host']}{address}"
+    events_server = document["servers"]["events"]
+    events = document["channels"]["events"]
+    events_url = f"{events_server['protocol']}://{events_server['host']}{events['address']}"
+    streamed = ", ".join(
+        f'<a href="#message-{escape(kind)}"><code>{escape(kind)}</code></a>' for kind in events["messages"]
+    )
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -168,6 +176,8 @@ def render(document: dict[str, Any]) -> str:
 <p>{_text(info["description"])}</p>
 <p>Connect to <code>{escape(url)}</code>. The machine-readable document is
 <a href="/asyncapi.json">/asyncapi.json</a>; the REST API is at <a href="/docs">/docs</a>.</p>
+<p id="sse">The same stream as server-sent events: <code>GET {escape(events_url)}</code>. {_text(events["description"])}
+Events: {streamed}.</p>
 <nav aria-label="Contents"><ul>
 <li><a href="#client">What a client sends</a></li>
 <li><a href="#service">What the service sends</a></li>

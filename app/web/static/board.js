@@ -282,15 +282,19 @@ function showMove(row, direction) {
   }, MOVE_MARK_MS);
 }
 
-function upsert(item, { fromUpdate = false } = {}) {
+// `seq`: the store the item reflects. An update older than the row's value is dropped (two replicas' updates
+// may arrive out of order); a snapshot's items replace the rows whatever they held.
+function upsert(item, { fromUpdate = false, seq = null, snapshot = false } = {}) {
   const pair = `${item.source_currency}/${item.destination_currency}`;
   let row = rows.get(pair);
   if (!row) {
     // The row's element is made when it is first drawn.
-    row = { item, history: [], historyState: "loading", historyLoaded: null, element: null, cells: null };
+    row = { item, seq: null, history: [], historyState: "loading", historyLoaded: null, element: null, cells: null };
     rows.set(pair, row);
     choicesStale = true;
   }
+  if (!snapshot && seq !== null && row.seq !== null && seq < row.seq) return;
+  if (seq !== null) row.seq = seq;
   const before = row.item.destination_per_source;
   row.item = item;
   const last = row.history[row.history.length - 1];
@@ -398,26 +402,144 @@ setInterval(() => {
 }, 1000);
 
 // ---- the live connection ----------------------------------------------------------------------
+// A WebSocket on /ws/rates, resumed after a cut from the last promised seq; server-sent events on
+// /sse/rates when WebSockets cannot connect (a proxy that refuses the upgrade). docs/board.md, "Live".
+
+// The service's WS_HEARTBEAT_SECONDS default: a page cannot read the setting, and no frame says it.
+const HEARTBEAT_S = 25;
+// Nothing heard, not even a heartbeat, for two intervals: the connection is dead, whatever TCP says.
+const DEAD_AFTER_MS = 2 * HEARTBEAT_S * 1000;
+// A WebSocket still not open after this long failed: a proxy that holds the upgrade unanswered.
+const OPEN_TIMEOUT_MS = 10000;
+// WebSocket attempts in a row that failed while the service answered plain HTTP: then events are used.
+const REFUSALS_BEFORE_EVENTS = 2;
+// Every frame type the board reads, also the names of the events of /sse/rates.
+const FRAME_TYPES = ["all_rates", "resumed", "heartbeat", "rate_update", "rates_update"];
 
 let attempts = 0;
+let refusals = 0;
+let generation = 0; // bumped when a connection is given up: its late events are ignored
+let live = null; // the connection now open or opening: {close}
+let lastHeard = 0;
+// The last frame that promised "every change up to seq" (all_rates, resumed, heartbeat): where a resume
+// starts. A rate_update's own seq never counts: two replicas' updates may arrive out of their order.
+let promised = null; // {epoch, seq}
 
-function setConnection(state) {
+function setConnection(state, label = state) {
   connection.dataset.state = state;
-  connection.querySelector(".label").textContent = state;
+  connection.querySelector(".label").textContent = label;
 }
 
 function connect() {
+  if (refusals >= REFUSALS_BEFORE_EVENTS) connectEvents();
+  else connectSocket();
+}
+
+function resumeQuery() {
+  return promised ? `?epoch=${encodeURIComponent(promised.epoch)}&seq=${promised.seq}` : "";
+}
+
+function heard() {
+  lastHeard = Date.now();
+}
+
+function connectSocket() {
+  const id = ++generation;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const socket = new WebSocket(`${scheme}://${location.host}/ws/rates`);
+  const socket = new WebSocket(`${scheme}://${location.host}/ws/rates${resumeQuery()}`);
+  let opened = false;
+  // close() on a connecting socket fails it: its close event follows, as for a refused upgrade.
+  const openTimer = setTimeout(() => socket.close(), OPEN_TIMEOUT_MS);
+  live = { close: () => socket.close() };
+  heard();
   socket.addEventListener("open", () => {
+    if (id !== generation) return;
+    opened = true;
+    clearTimeout(openTimer);
     attempts = 0;
+    refusals = 0;
+    heard();
     setConnection("live");
+    connection.dataset.transport = "websocket";
     // Batch mode: one frame carries every pair that moved since the last, so a poll cycle is a few repaints.
+    // A new connection follows every pair, so this is asked again on each.
     socket.send(JSON.stringify({ type: "subscribe", pairs: ["*"], batch: true }));
   });
-  socket.addEventListener("message", (event) => receive(JSON.parse(event.data)));
-  socket.addEventListener("close", () => reconnectLater());
+  socket.addEventListener("message", (event) => {
+    if (id !== generation) return;
+    heard();
+    receive(JSON.parse(event.data));
+  });
+  socket.addEventListener("close", async () => {
+    clearTimeout(openTimer);
+    if (id !== generation) return;
+    live = null;
+    // A browser does not say why a WebSocket failed to open. If plain HTTP answers, the upgrade itself was
+    // refused (a proxy); if not, the service is away and a WebSocket is still what to try next.
+    if (!opened) refusals = (await serviceAnswers()) ? refusals + 1 : 0;
+    if (id === generation) reconnectLater();
+  });
 }
+
+async function serviceAnswers() {
+  try {
+    const response = await fetch("/healthz", { cache: "no-store", signal: AbortSignal.timeout(5000) });
+    return response.ok;
+  } catch {
+    return false;
+  }
+}
+
+function connectEvents() {
+  const id = ++generation;
+  // The first stream starts from the snapshot: EventSource cannot send Last-Event-ID on its first request.
+  // On its own reconnects the browser sends the id of the last event, and the service resumes from it.
+  const source = new EventSource("/sse/rates?batch=true");
+  let opened = false;
+  live = { close: () => source.close() };
+  heard();
+  source.addEventListener("open", () => {
+    if (id !== generation) return;
+    opened = true;
+    attempts = 0;
+    heard();
+    setConnection("live", "live (events)");
+    connection.dataset.transport = "events";
+  });
+  for (const type of FRAME_TYPES) {
+    source.addEventListener(type, (event) => {
+      if (id !== generation) return;
+      heard();
+      receive(JSON.parse(event.data));
+    });
+  }
+  source.addEventListener("error", () => {
+    if (id !== generation) return;
+    if (opened && source.readyState === EventSource.CONNECTING) {
+      setConnection("reconnecting"); // the browser reconnects by itself, after the stream's `retry`
+      return;
+    }
+    // An error answer (a 503 for want of room), or events could not connect at all: back to the loop, which
+    // tries a WebSocket first again (the service may have been away, not the WebSocket refused).
+    source.close();
+    live = null;
+    refusals = 0;
+    reconnectLater();
+  });
+}
+
+// Gives up a connection that went quiet: its socket may take a minute to say it closed, so it is left behind.
+function drop() {
+  generation += 1;
+  const dropped = live;
+  live = null;
+  dropped.close();
+  reconnectLater();
+}
+
+setInterval(() => {
+  if (live && Date.now() - lastHeard > DEAD_AFTER_MS) drop();
+}, 5000);
 
 function reconnectLater() {
   attempts += 1;
@@ -425,18 +547,35 @@ function reconnectLater() {
   const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** (attempts - 1));
   const delay = ceiling / 2 + Math.random() * (ceiling / 2);
   setConnection(!navigator.onLine || attempts > OFFLINE_AFTER_ATTEMPTS ? "offline" : "reconnecting");
+  delete connection.dataset.transport;
   setTimeout(connect, delay);
+}
+
+// Kept only when it promises more than the one held (or is of another epoch: the history was lost).
+function keepPromise({ epoch, seq }) {
+  if (typeof epoch !== "string" || !Number.isInteger(seq)) return;
+  if (promised && promised.epoch === epoch && promised.seq >= seq) return;
+  promised = { epoch, seq };
 }
 
 function receive(message) {
   if (message.type === "all_rates") {
-    for (const item of message.rates) upsert(item);
+    // The first snapshot, or one that answers a resume the service could not (`"resumed": false`): every
+    // stored pair as of its seq.
+    for (const item of message.rates) upsert(item, { seq: message.seq, snapshot: true });
+    keepPromise(message);
     board.setAttribute("aria-busy", "false");
     loadRemainingHistories();
+  } else if (message.type === "resumed") {
+    // Each pair that changed while away, with its own seq: an update like any other, its move marked.
+    for (const item of message.rates) upsert(item, { fromUpdate: true, seq: item.seq });
+    keepPromise(message);
+  } else if (message.type === "heartbeat") {
+    keepPromise(message);
   } else if (message.type === "rates_update") {
-    for (const item of message.rates) upsert(item, { fromUpdate: true });
+    for (const item of message.rates) upsert(item, { fromUpdate: true, seq: item.seq });
   } else if (message.type === "rate_update") {
-    upsert(message.rate, { fromUpdate: true });
+    upsert(message.rate, { fromUpdate: true, seq: message.seq });
   }
 }
 

@@ -1,8 +1,8 @@
 """corridors: corridor states, manual rate overrides, the actor of a manual history point
 
-Revision ID: 0004_corridors
-Revises: 0003_keys_audit
-Create Date: 2026-12-03 09:00:00.000000+00:00
+Revision ID: 0005_corridors
+Revises: 0004_rate_guard
+Create Date: 2026-12-04 09:00:00.000000+00:00
 """
 
 from collections.abc import Sequence
@@ -12,8 +12,8 @@ from alembic import op
 
 import app.storage.engine
 
-revision: str = "0004_corridors"
-down_revision: str | None = "0003_keys_audit"
+revision: str = "0005_corridors"
+down_revision: str | None = "0004_rate_guard"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
