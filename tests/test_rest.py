@@ -434,7 +434,7 @@ async def test_the_docs_document_every_endpoint_with_examples(make_settings: Cal
         redoc = await client.get("/redoc")
     assert docs.status_code == redoc.status_code == 200
     paths = spec["paths"]
-    public = {"/api/rates", "/api/rates/all", "/api/rates/history", "/healthz", "/readyz", "/metrics"}
+    public = {"/api/rates", "/api/rates/all", "/api/rates/history", "/healthz", "/readyz", "/metrics", "/sse/rates"}
     held = {"/api/admin/held", "/api/admin/held/{source}/{destination}/accept"}
     held |= {"/api/admin/held/{source}/{destination}/reject"}
     assert set(paths) == public | {"/api/admin/refresh", "/api/admin/audit"} | held
