@@ -79,6 +79,12 @@ class RateUnavailable(_RetryLater):
     status_code = 503
 
 
+class Withheld(ServiceError):
+    """An operator withheld the pair: it is not served until it is resumed (docs/operations.md, "Corridors")."""
+
+    status_code = 503
+
+
 class TooManyClients(_RetryLater):
     """A stream refused before it started (`GET /sse/rates`, docs/sse.md): the process holds as many clients as it
     may, in all or from this address, or it is shutting down; says when to retry."""

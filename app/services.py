@@ -9,10 +9,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.admin import corridors as corridor_rows
 from app.admin.keyring import KeyRing, database_reads
 from app.api.history_answers import HistoryAnswers
 from app.api.ops import PROBE_INTERVAL_S, Problems
@@ -32,6 +34,7 @@ from app.live.fanout import Fanout, create_broadcast, follow_rate_updates
 from app.live.gc_pacing import CollectionPacer
 from app.live.hub import Hub
 from app.rates.cache import MemoryCache, RedisCache, TieredCache
+from app.rates.corridors import Corridor, Corridors
 from app.rates.guard import RateGuard
 from app.rates.lookup import RateLookup
 from app.rates.store import RateStore, read_epoch, utc_now
@@ -149,7 +152,9 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             await stack.enter_async_context(running(follower, "cache-follower"))
 
         provider = await stack.enter_async_context(open_provider(settings, metrics))
-        fanout = Fanout(broadcast, metrics.publish_errors)
+        # This process's view of every corridor and override, shared by every fetcher and server of rates.
+        corridors = Corridors()
+        fanout = Fanout(broadcast, metrics.publish_errors, corridors)
         writer: SqliteWriter | PostgresWriter
         if is_sqlite(database_url):
             writer = SqliteWriter(database_url, busy_s=settings.db_timeout_seconds * WRITE_FACTOR)
@@ -194,8 +199,17 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
                 stale_after_s=settings.rate_stale_after_seconds,
                 amount=settings.upstream_quote_amount,
                 bound_s=settings.db_timeout_seconds,
+                corridors=corridors,
             )
         )
+
+        async def load_corridors() -> tuple[dict[Pair, Corridor], dict[Pair, datetime]]:
+            async def read() -> tuple[dict[Pair, Corridor], dict[Pair, datetime]]:
+                async with sessions() as session:
+                    return await corridor_rows.load(session)
+
+            return await database.call(read)
+
         pacer = await stack.enter_async_context(CollectionPacer(metrics.gc_full_collection_seconds))
         await stack.enter_async_context(running(pacer.run(), "gc-pacer"))
         hub = Hub(
@@ -208,8 +222,12 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             heartbeat_s=settings.ws_heartbeat_seconds,
             on_rates=pacer.rates_moving,
             on_cycle_end=pacer.cycle_ended,
+            corridors=corridors,
+            load_corridors=load_corridors,
         )
         fanout.deliver_here(hub.deliver)
+        # Before any rate is fetched or served: a replica that starts reads the corridors the database holds.
+        await hub.load_corridors()
         await stack.enter_async_context(running(hub.run(), "websocket-hub"))
         # Read once now, while the database is known to answer: should it go away, this process already holds
         # every stored rate, for its snapshots and, as last known rates, for its lookups (docs/outages.md).
@@ -221,7 +239,13 @@ async def open_services(settings: Settings, metrics: Metrics, *, start_poller: b
             else LocalSchedule(settings.poll_interval_seconds)
         )
         poller = Poller(
-            provider, store, settings.pairs, schedule, amount=settings.upstream_quote_amount, metrics=metrics
+            provider,
+            store,
+            settings.pairs,
+            schedule,
+            amount=settings.upstream_quote_amount,
+            metrics=metrics,
+            corridors=corridors,
         )
         # Its own window, keyed by client address: its memory forgets the least recently seen past MAX_CLIENTS.
         client_window = MovingWindow(redis, redis_url, errors=metrics.limit_errors, max_memory_keys=MAX_CLIENTS)

@@ -74,7 +74,9 @@ def test_no_endpoint_is_dropped(generated: Path) -> None:
     operations = {operation["operationId"] for item in spec["paths"].values() for operation in item.values()}
     modules = {path.stem for path in (generated / PACKAGE / "api").glob("*/*.py") if path.stem != "__init__"}
     public = {"get_rate", "get_all_rates", "get_history", "healthz", "readyz", "metrics"}
-    assert operations == modules == public | {"refresh", "get_audit", "stream_rates"}
+    corridors = {"pause", "withhold", "resume", "override", "end_override", "list_corridors"}
+    held = {"list_held", "accept", "reject"}
+    assert operations == modules == public | {"refresh", "get_audit", "stream_rates"} | corridors | held
 
 
 def test_the_generated_client_calls_the_service(live: LiveService, client_package: Any) -> None:

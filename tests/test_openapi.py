@@ -172,7 +172,7 @@ def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
         "description": "",
     }
     admin = {path: item for path, item in spec["paths"].items() if path.startswith("/api/admin/")}
-    assert {"/api/admin/refresh", "/api/admin/audit", "/api/admin/held"} <= set(admin)
+    assert {"/api/admin/refresh", "/api/admin/audit", "/api/admin/held", "/api/admin/corridors"} <= set(admin)
     for item in admin.values():
         for operation in item.values():
             assert operation["security"] == [{"operatorKey": []}]
@@ -186,6 +186,26 @@ def test_every_admin_operation_needs_an_operator_key_and_its_examples_succeed(
     for name, example in bodies.items():
         status, body = send(f"{live.url}/api/admin/refresh", "POST", example["value"], live.operator_key)
         assert status == 200, (name, body)
+    # Each corridor action's examples, on the path's own example pair, in an order where each succeeds.
+    corridor = "/api/admin/corridors/{source}/{destination}/"
+    for action in ("pause", "withhold", "resume", "override"):
+        operation = admin[corridor + action]["post"]
+        path = {parameter["name"]: parameter["schema"]["examples"][0] for parameter in operation["parameters"]}
+        url = f"{live.url}{corridor.format(**path)}{action}"
+        for name, example in operation["requestBody"]["content"]["application/json"]["examples"].items():
+            status, body = send(url, "POST", example["value"], live.operator_key)
+            assert status == 200, (action, name, body)
+    ending = admin[corridor + "override"]["delete"]
+    reason = next(p["schema"]["examples"][0] for p in ending["parameters"] if p["name"] == "reason")
+    status, body = send(
+        f"{live.url}/api/admin/corridors/USD/NGN/override?{urllib.parse.urlencode({'reason': reason})}",
+        "DELETE",
+        None,
+        live.operator_key,
+    )
+    assert status == 200, body
+    status, body = send(f"{live.url}/api/admin/corridors", "GET", None, live.operator_key)
+    assert status == 200 and json.loads(body)["data"]["corridors"], body
     queries = examples_of(admin["/api/admin/audit"]["get"])
     assert set(queries) == {"recent", "since"}
     for name, query in queries.items():

@@ -15,7 +15,7 @@ from app.kit.metrics import Metrics
 from app.live.fanout import RATES_CHANNEL, Fanout, create_broadcast
 from app.rates.cache import MemoryCache, TieredCache
 from app.rates.guard import Held, RateGuard, Verdict, move_bps
-from app.rates.store import RateStore, Writer
+from app.rates.store import Overridden, RateStore, Writer, utc_now
 from app.storage import repository
 from app.storage.engine import create_engine, create_sessionmaker, is_sqlite
 from app.storage.health import DatabaseHealth
@@ -249,3 +249,49 @@ async def test_an_unguarded_save_stores_the_held_value_and_drops_it(
     async with create_sessionmaker(engine)() as session:
         assert await repository.list_held(session) == []
         assert await repository.count_held(session) == 0
+
+
+def manual(value: str, expires_in: timedelta) -> repository.ManualQuote:
+    now = utc_now()
+    return repository.ManualQuote(
+        pair=USD_NGN,
+        rate=D(1) / D(value),
+        destination_per_source=D(value),
+        source_amount=D(1000) / D(value),
+        destination_amount=D(1000),
+        provider=repository.MANUAL,
+        received_at=now,
+        actor="ops-alice",
+        reason="Upstream down; rate agreed with treasury",
+        expires_at=now + expires_in,
+    )
+
+
+async def test_fetched_values_are_guarded_against_the_last_fetched_value_never_an_overrides(
+    engine: AsyncEngine, broadcast: Broadcast, writers: Callable[[], Writer]
+) -> None:
+    store = guarded_store(engine, broadcast, writers())
+    await store.save(quote("1500"))
+    assert (await store.save(quote("2250"))).verdict is Verdict.held
+    # An operator's value far from the fetched one: stored (not a fetch, never held), and what is held stays held.
+    override = await store.save(manual("15000", timedelta(hours=1)))
+    assert override.stored and override.rate.provider == repository.MANUAL
+    with pytest.raises(Overridden):
+        await store.save(quote("15010"))  # while it is in force, nothing fetched is stored (nor guarded)
+    async with create_sessionmaker(engine)() as session:
+        ((listed, stored),) = await repository.list_held(session)
+    assert listed.quote.destination_per_source == D("2250") and listed.confirmations == 0
+    assert stored is not None and stored.destination_per_source == D("15000")
+    # It expires (set again, already over): the next fetches are compared with 1500, the last fetched value.
+    await store.save(manual("15000", timedelta(seconds=-1)))
+    near_the_override = await store.save(quote("15010"))
+    assert near_the_override.verdict is Verdict.replaced and not near_the_override.stored
+    assert near_the_override.move_bps == D("90066.67"), "from the last fetched value, 1500, not the override's"
+    assert near_the_override.rate.destination_per_source == D("15000"), "the manual value is still served"
+    back = await store.save(quote("1510"))  # within the guard of 1500: stored over the override, the held dropped
+    assert back.verdict is Verdict.stored and back.changed and back.move_bps == D("66.67")
+    async with create_sessionmaker(engine)() as session:
+        assert await repository.list_held(session) == []
+        assert await repository.list_overrides(session) == []
+    # And from then on, the value just fetched is the one compared with.
+    assert (await store.save(quote("1520"))).verdict is Verdict.stored

@@ -435,9 +435,12 @@ async def test_the_docs_document_every_endpoint_with_examples(make_settings: Cal
     assert docs.status_code == redoc.status_code == 200
     paths = spec["paths"]
     public = {"/api/rates", "/api/rates/all", "/api/rates/history", "/healthz", "/readyz", "/metrics", "/sse/rates"}
+    corridor = "/api/admin/corridors/{source}/{destination}/"
+    corridors = {corridor + action for action in ("pause", "withhold", "resume", "override")}
     held = {"/api/admin/held", "/api/admin/held/{source}/{destination}/accept"}
     held |= {"/api/admin/held/{source}/{destination}/reject"}
-    assert set(paths) == public | {"/api/admin/refresh", "/api/admin/audit"} | held
+    admin = {"/api/admin/refresh", "/api/admin/audit", "/api/admin/corridors"} | corridors | held
+    assert set(paths) == public | admin
     for path in ("/api/rates", "/api/rates/all", "/api/rates/history"):
         operation = paths[path]["get"]
         assert "422" in operation["responses"]

@@ -40,6 +40,10 @@ async def get_hub(connection: HTTPConnection) -> Hub:
     return services_of(connection.scope).hub
 
 
+async def get_store(connection: HTTPConnection) -> RateStore:
+    return services_of(connection.scope).store
+
+
 async def get_database(connection: HTTPConnection) -> DatabaseHealth:
     return services_of(connection.scope).database
 
@@ -54,10 +58,6 @@ async def get_metrics(connection: HTTPConnection) -> Metrics:
 
 async def get_redis(connection: HTTPConnection) -> Redis | None:
     return services_of(connection.scope).redis
-
-
-async def get_store(connection: HTTPConnection) -> RateStore:
-    return services_of(connection.scope).store
 
 
 async def get_poller(connection: HTTPConnection) -> Poller:
@@ -75,12 +75,12 @@ async def get_history_answers(connection: HTTPConnection) -> HistoryAnswers:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 LookupDep = Annotated[RateLookup, Depends(get_lookup)]
 HubDep = Annotated[Hub, Depends(get_hub)]
+StoreDep = Annotated[RateStore, Depends(get_store)]
 DatabaseDep = Annotated[DatabaseHealth, Depends(get_database)]
 SessionsDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessions)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RedisDep = Annotated[Redis | None, Depends(get_redis)]
 PollerDep = Annotated[Poller, Depends(get_poller)]
-StoreDep = Annotated[RateStore, Depends(get_store)]
 ShutdownDep = Annotated[GracefulShutdown, Depends(get_shutdown)]
 HistoryAnswersDep = Annotated[HistoryAnswers, Depends(get_history_answers)]
 

@@ -27,6 +27,7 @@ from app.kit.metrics import Metrics
 from app.kit.throttle import Throttle
 from app.limits.addresses import client_ip
 from app.live.hub import Hub
+from app.rates.corridors import State
 from app.settings import Settings
 from app.state import services_of
 from app.storage import repository
@@ -237,3 +238,9 @@ async def _read_rate_times(hub: Hub, registry: Metrics) -> None:
         return
     for rate in snapshot.rates:
         registry.rate_received_at[str(rate.pair)] = rate.last_updated.timestamp()
+    # The snapshot leaves withheld pairs out; paused ones are in it.
+    counts = hub.corridors.counts()
+    registry.corridors.labels(state="active").set(len(snapshot.rates) - counts[State.paused])
+    for state, count in counts.items():
+        if state is not State.active:
+            registry.corridors.labels(state=state.value).set(count)

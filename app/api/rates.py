@@ -42,6 +42,7 @@ from app.api.schemas import (
 from app.errors import NotFound, error_body
 from app.rates.quoting import destination_for, source_for
 from app.rates.store import utc_now
+from app.rates.wire import CorridorMark
 from app.storage import repository
 from app.storage.models import ExchangeRateHistory
 
@@ -113,8 +114,8 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
         422: INVALID,
         429: LIMITED,
         503: _error(
-            "No rate is held for the pair and the upstream (or the database, to store it) cannot give one now; "
-            "see `Retry-After`",
+            "No rate is held for the pair and the upstream (or the database, to store it) cannot give one now "
+            "(see `Retry-After`); or an operator withheld the pair (docs/operations.md, Corridors)",
             "No rate for USD/NGN is stored yet and the upstream cannot give one now; try again shortly.",
             retry=True,
         ),
@@ -123,6 +124,7 @@ def _caching_headers(etag: str, max_age_s: float) -> dict[str, str]:
 async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, request: Request) -> Response:
     found = await lookup.get(query.pair)
     rate = found.rate
+    corridor = CorridorMark.of(lookup.corridors.mark(rate.pair))
     if query.source_amount is not None:
         source_amount, destination_amount = query.source_amount, destination_for(rate, query.source_amount)
     else:
@@ -130,7 +132,15 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
         source_amount = source_for(rate, destination_amount)
     age_s = rate.age_s(utc_now())
     tag = etag(
-        rate.pair, rate.seq, rate.last_updated.isoformat(), rate.rate, found.stale, query.amount, query.source_amount
+        rate.pair,
+        rate.seq,
+        rate.last_updated.isoformat(),
+        rate.rate,
+        found.stale,
+        query.amount,
+        query.source_amount,
+        # A corridor change alone changes the answer (docs/rest.md, ETags).
+        corridor.since.isoformat() if corridor is not None else "",
     )
     headers = _caching_headers(tag, 0 if found.stale else lookup.stale_after_s - age_s)
     if matches(request.headers.get("if-none-match"), tag):
@@ -149,6 +159,7 @@ async def get_rate(query: Annotated[RateQuery, Query()], lookup: LookupDep, requ
             served_from=found.served_from,
             provider=rate.provider,
             seq=rate.seq,
+            corridor=corridor,
         ),
     )
     # Serialised here, once: the declared response_model documents it, and validating it again would cost time.
@@ -193,6 +204,7 @@ async def get_all_rates(
     ]
     now = utc_now()
     stale_after_s = settings.rate_stale_after_seconds
+    corridors = hub.corridors
     entries = {
         rate.pair.destination: AllRatesEntry(
             rate=rate.rate,
@@ -202,6 +214,7 @@ async def get_all_rates(
             last_updated=rate.last_updated,
             stale=rate.age_s(now) > stale_after_s,
             provider=rate.provider,
+            corridor=CorridorMark.of(corridors.mark(rate.pair)),
         )
         for rate in rates
     }
@@ -218,7 +231,10 @@ async def get_all_rates(
 
 
 def _versions(entries: Iterable[tuple[str, AllRatesEntry]]) -> Iterable[str]:
-    return (f"{code}:{entry.last_updated.isoformat()}:{entry.stale}" for code, entry in entries)
+    return (
+        f"{code}:{entry.last_updated.isoformat()}:{entry.stale}:{entry.corridor.since if entry.corridor else ''}"
+        for code, entry in entries
+    )
 
 
 @get_with_and_without_slash(
@@ -294,6 +310,8 @@ async def get_history(
             source_amount=row.source_amount,
             destination_amount=row.destination_amount,
             seq=row.seq,
+            provider=row.provider,
+            actor=row.actor,
         )
         for row in rows[: query.limit]
     ]

@@ -23,7 +23,7 @@ from pydantic import (
 
 from app.currencies import Pair, known_currencies, normalise_currency
 from app.rates.lookup import Layer
-from app.rates.wire import Number
+from app.rates.wire import CorridorMark, Number, absent
 
 _THREE_LETTERS = re.compile(r"[A-Za-z]{3}")
 # Digits with at most one point: at most 11 before it and 4 after it (any ISO 4217 minor unit, 15 significant
@@ -227,7 +227,7 @@ class HistoryQuery(BaseModel):
 # Documented as what the service sends; the values come from its own store, so they are not validated again.
 ResponseCode = Annotated[str, Field(description="ISO 4217, upper-case", json_schema_extra={"pattern": "^[A-Z]{3}$"})]
 Provider = Annotated[
-    str, Field(description="Where the rate came from", json_schema_extra={"enum": ["flutterwave", "demo"]})
+    str, Field(description="Where the rate came from", json_schema_extra={"enum": ["flutterwave", "demo", "manual"]})
 ]
 
 
@@ -244,7 +244,16 @@ class RateData(BaseModel):
     destination: Money
 
 
-class RateMeta(BaseModel):
+class _CorridorAbsentWhileActive(BaseModel):
+    corridor: CorridorMark | None = Field(
+        default=None,
+        exclude_if=absent,
+        description="Present only while an operator has paused the pair: the last rate stored is served, not "
+        "fetched any more (docs/operations.md, Corridors)",
+    )
+
+
+class RateMeta(_CorridorAbsentWhileActive):
     destination_per_source: Number
     last_updated: datetime
     age_seconds: float
@@ -264,7 +273,7 @@ class RateResponse(BaseModel):
     meta: RateMeta
 
 
-class AllRatesEntry(RateData):
+class AllRatesEntry(_CorridorAbsentWhileActive, RateData):
     destination_per_source: Number
     last_updated: datetime
     stale: bool
@@ -295,6 +304,10 @@ class HistoryPoint(BaseModel):
     source_amount: Number
     destination_amount: Number
     seq: int = Field(description="Sequence number of the store that recorded this value")
+    provider: Provider
+    actor: str | None = Field(
+        default=None, description="For a manual value (an operator's override): the name of the key that set it"
+    )
 
 
 class HistoryData(BaseModel):

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketState
 
 from app.api.deps import HubDep, LookupDep
 from app.currencies import Pair
-from app.errors import NotFound, RateUnavailable, TooManyRequests, retry_after
+from app.errors import NotFound, RateUnavailable, TooManyRequests, Withheld, retry_after
 from app.limits.addresses import limit_key
 from app.limits.per_client import ClientLimiter
 from app.limits.websocket import (
@@ -155,6 +155,9 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup, li
         except RateUnavailable:
             client.send(ErrorFrame(code="not_found", message=f"No rate for {pair} is available.").model_dump_json())
             return
+        except Withheld as error:
+            client.send(ErrorFrame(code="withheld", message=error.message).model_dump_json())
+            return
         except NotFound as error:
             client.send(ErrorFrame(code="not_found", message=error.message).model_dump_json())
             return
@@ -162,7 +165,8 @@ async def _answer(text: str, client: HubClient, hub: Hub, lookup: RateLookup, li
             # Beyond the deployment's on-demand budget, as over REST (docs/limits.md).
             client.send(ErrorFrame(code="try_again_later", message=error.message).model_dump_json())
             return
-        frame = RateReply(rate=RateItem.of(found.rate, stale=found.stale)).model_dump_json()
+        item = RateItem.of(found.rate, stale=found.stale, corridor=lookup.corridors.mark(pair))
+        frame = RateReply(rate=item).model_dump_json()
         client.send(frame, pair, found.rate.destination_per_source)
     elif isinstance(message, Subscribe):
         try:

@@ -20,7 +20,8 @@ from app.errors import DatabaseUnavailable
 from app.ingest.schedule import Schedule
 from app.kit.metrics import Metrics
 from app.kit.tasks import TaskSet
-from app.rates.store import RateStore, SaveResult, utc_now
+from app.rates.corridors import Corridors
+from app.rates.store import Overridden, RateStore, SaveResult, utc_now
 from app.rates.wire import AllRatesUpdate
 from app.upstream.errors import UpstreamError
 from app.upstream.provider import Provider
@@ -40,6 +41,13 @@ class CycleReport:
         return self.failed == 0
 
 
+class Skipped:
+    """A pair an operator's corridor control keeps from being fetched now."""
+
+
+SKIPPED = Skipped()
+
+
 class Poller:
     """Runs cycles in a task of its own while entered as an async context manager.
 
@@ -56,7 +64,10 @@ class Poller:
         *,
         amount: Decimal,
         metrics: Metrics,
+        corridors: Corridors | None = None,
     ) -> None:
+        # Paused and withheld pairs, and those under an override, are not fetched (docs/operations.md, "Corridors").
+        self._corridors = corridors if corridors is not None else Corridors()
         self._provider = provider
         self._store = store
         self._pairs = pairs
@@ -76,7 +87,10 @@ class Poller:
             self._metrics.poll_pairs.labels(outcome="skipped").inc(len(self._pairs))
             return CycleReport(ok=0, failed=len(self._pairs), changed=0, duration_s=0.0)
         started = time.perf_counter()
-        outcomes = await asyncio.gather(*(self._refresh(pair) for pair in self._pairs))
+        pairs = self._corridors.fetchable(self._pairs, utc_now())
+        if len(pairs) < len(self._pairs):
+            self._metrics.poll_pairs.labels(outcome="skipped").inc(len(self._pairs) - len(pairs))
+        outcomes = await asyncio.gather(*(self._refresh(pair) for pair in pairs))
         report = CycleReport(
             ok=sum(outcome is not None for outcome in outcomes),
             failed=sum(outcome is None for outcome in outcomes),
@@ -97,13 +111,22 @@ class Poller:
         await self._store.publish_cycle(AllRatesUpdate(as_of=utc_now(), count=report.ok, changed=report.changed))
         return report
 
-    async def refresh(self, pairs: Sequence[Pair]) -> list[SaveResult | None]:
+    async def refresh(self, pairs: Sequence[Pair]) -> list[SaveResult | Skipped | None]:
         """Fetch and store `pairs` now, outside the schedule, as a cycle would (an operator's refresh): each
-        one's result, None where it failed. Skipped, all failed, while the database is away."""
+        one's result, `SKIPPED` for a pair that may not be fetched now (paused, withheld or under an override),
+        None where it failed. Skipped, all failed, while the database is away."""
         if not self._store.database.available:
             self._metrics.poll_pairs.labels(outcome="skipped").inc(len(pairs))
             return [None] * len(pairs)
-        return list(await asyncio.gather(*(self._refresh(pair) for pair in pairs)))
+        now = utc_now()
+
+        async def one(pair: Pair) -> SaveResult | Skipped | None:
+            if not self._corridors.may_fetch(pair, now):
+                self._metrics.poll_pairs.labels(outcome="skipped").inc()
+                return SKIPPED
+            return await self._refresh(pair)
+
+        return list(await asyncio.gather(*(one(pair) for pair in pairs)))
 
     async def _refresh(self, pair: Pair) -> SaveResult | None:
         """What was stored (`changed` says whether the value moved); None when the pair failed."""
@@ -117,6 +140,10 @@ class Poller:
         except UpstreamError as error:
             self._metrics.poll_pairs.labels(outcome="failed").inc()
             log.warning("poll %s failed, keeping its last good rate: %s", pair, error)
+            return None
+        except Overridden:
+            # Another replica set an override this one had not heard of yet; the database refused the value.
+            self._metrics.poll_pairs.labels(outcome="skipped").inc()
             return None
         except DatabaseUnavailable:
             # Said once for the whole outage by app.storage.health; the value is not shown, since it is not stored.

@@ -13,7 +13,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 LIMITS = ("per_client", "per_key", "on_demand_budget", "on_demand_pairs", "ws_clients", "ws_per_address", "ws_messages")
 
 AUTH_FAILURES = ("missing", "bad_key", "forbidden", "blocked")
-OPERATOR_ACTIONS = ("refresh", "accept_held", "reject_held")
+OPERATOR_ACTIONS = (
+    "refresh",
+    "pause",
+    "withhold",
+    "resume",
+    "override",
+    "end_override",
+    "accept_held",
+    "reject_held",
+)
+CORRIDOR_STATES = ("active", "paused", "withheld")
 
 
 @dataclass
@@ -145,6 +155,14 @@ class Metrics:
         )
         for action in OPERATOR_ACTIONS:
             self.operator_actions.labels(action=action)
+        self.corridors = Gauge(
+            "fxrates_corridors",
+            "Stored pairs by corridor state (active, paused, withheld), as of the last scrape.",
+            ["state"],
+            registry=r,
+        )
+        for state in CORRIDOR_STATES:
+            self.corridors.labels(state=state)
         # Set when /metrics is scraped (app.api.ops), from the database: the same on every replica.
         self.rates_held = Gauge(
             "fxrates_rates_held",

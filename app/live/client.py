@@ -302,6 +302,19 @@ class HubClient:
         self._queue[_CYCLE] = frame
         self._ready.set()
 
+    def tell(self, pair: Pair, frame: Outgoing) -> None:
+        """A `corridor` frame about `pair`, if this client follows it; a newer one for the pair replaces one
+        still queued, and goes behind the updates queued before it."""
+        if self._pairs is not None and pair not in self._pairs:
+            return
+        if self._wrote_now(frame):
+            self._frames_sent += 1
+            return
+        key = ("corridor", pair)
+        self._queue.pop(key, None)
+        self._queue[key] = frame
+        self._ready.set()
+
     def offer(self, updates: Iterable[Update]) -> int:
         """Send or queue the updates this client wants and whose move is big enough for it; how many replaced
         one queued."""

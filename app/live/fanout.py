@@ -13,6 +13,10 @@ the text):
 - `all_rates_update` (`AllRatesUpdate`): a poll cycle has ended. Read as
   `CycleEnded`, whose frame is the message's own text, sent to WebSocket
   clients as it is (it is the client frame of docs/websocket.md).
+- `corridor_changed` (`CorridorChanged`): an operator changed a pair's
+  corridor state or its override (docs/design.md, "Corridors and overrides").
+  Read as `CorridorEvent`: every process updates its corridor map, and, when
+  the state changed, tells its clients following the pair.
 - `resync` (`Resync`): never published. Once Redis is back after an outage,
   this process's backend hands it to its own listeners (`Resynced`): whatever
   they derived from the channel may have missed changes.
@@ -33,8 +37,9 @@ from pydantic import Field, TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
 from app.live.redis_backend import ResilientRedisBackend
+from app.rates.corridors import Corridors
 from app.rates.store import SaveResult
-from app.rates.wire import RESYNC, AllRatesUpdate, RateItem, RatesStored, RateUpdate, Resync
+from app.rates.wire import RESYNC, AllRatesUpdate, CorridorChanged, RateItem, RatesStored, RateUpdate, Resync
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +66,12 @@ class Fanout:
     is the same text, and listeners skip it (see `Delivered`).
     """
 
-    def __init__(self, broadcast: Broadcast, errors: Counter) -> None:
+    def __init__(self, broadcast: Broadcast, errors: Counter, corridors: Corridors | None = None) -> None:
         self._broadcast = broadcast
         self._errors = errors
         self._local: list[Callable[[str], None]] = []
+        # Each rate item carries its pair's corridor mark, built here once (a paused pair's override).
+        self._corridors = corridors if corridors is not None else Corridors()
 
     def deliver_here(self, listener: Callable[[str], None]) -> None:
         """Hand every event this process publishes to `listener` as well, before it goes out."""
@@ -75,7 +82,7 @@ class Fanout:
         # A rate is published the moment it is stored, so it is fresh by definition.
         updates = [
             RateUpdate(
-                rate=RateItem.of(result.rate, stale=False),
+                rate=RateItem.of(result.rate, stale=False, corridor=self._corridors.mark(result.rate.pair)),
                 previous_rate=result.previous.rate if result.previous else None,
                 seq=result.rate.seq,
             )
@@ -143,14 +150,21 @@ class CycleEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class CorridorEvent:
+    """An operator changed a pair's corridor or override."""
+
+    change: CorridorChanged
+
+
+@dataclass(frozen=True, slots=True)
 class Resynced:
     """The channel is back after an outage: whatever was derived from it may have missed changes."""
 
 
-Event = Stored | CycleEnded | Resynced
+Event = Stored | CycleEnded | CorridorEvent | Resynced
 
-_MESSAGE: TypeAdapter[RatesStored | AllRatesUpdate | Resync] = TypeAdapter(
-    Annotated[RatesStored | AllRatesUpdate | Resync, Field(discriminator="type")]
+_MESSAGE: TypeAdapter[RatesStored | AllRatesUpdate | CorridorChanged | Resync] = TypeAdapter(
+    Annotated[RatesStored | AllRatesUpdate | CorridorChanged | Resync, Field(discriminator="type")]
 )
 _RESYNCED = Resynced()
 
@@ -166,6 +180,8 @@ def read_event(message: str) -> Event | None:
         return Stored(parsed.updates)
     if isinstance(parsed, AllRatesUpdate):
         return CycleEnded(message)
+    if isinstance(parsed, CorridorChanged):
+        return CorridorEvent(parsed)
     return _RESYNCED
 
 

@@ -18,7 +18,8 @@ endpoint closes it with 1013).
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from datetime import datetime
 from decimal import Decimal
 
 from broadcaster import Broadcast
@@ -27,12 +28,16 @@ from app.currencies import Pair
 from app.kit.metrics import Metrics
 from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.client import Batches, HubClient, Update
-from app.live.fanout import RATES_CHANNEL, CycleEnded, Delivered, Resynced, Stored, read_event
+from app.live.fanout import RATES_CHANNEL, CorridorEvent, CycleEnded, Delivered, Resynced, Stored, read_event
 from app.live.frames import Outgoing
 from app.live.recent import RecentStores
 from app.live.snapshots import Snapshot, Snapshots, StoredRates
+from app.rates.corridors import Corridor, Corridors, State
 from app.rates.store import utc_now
-from app.rates.wire import Heartbeat, RateItem, RatesUpdateItem, Resumed
+from app.rates.wire import CorridorChanged, Heartbeat, RateItem, RatesUpdateItem, Resumed
+
+# What the database holds of every corridor and override (a replica that starts or resyncs reads them).
+CorridorLoader = Callable[[], Awaitable[tuple[dict[Pair, Corridor], dict[Pair, datetime]]]]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,10 @@ class Hub:
         clock: Callable[[], float] = time.monotonic,
         on_rates: Callable[[], None] = lambda: None,
         on_cycle_end: Callable[[], None] = lambda: None,
+        corridors: Corridors | None = None,
+        load_corridors: CorridorLoader | None = None,
         heartbeat_s: float = 25.0,
-        visible: Callable[[Pair], bool] = lambda pair: True,
+        visible: Callable[[Pair], bool] | None = None,
         resume_wait_s: float = 1.0,
         gap_timeout_s: float = 2.0,
         recent: RecentStores | None = None,
@@ -86,7 +93,9 @@ class Hub:
         # Told when rates are handed to clients, and once a poll cycle's end has been (app.live.gc_pacing).
         self._on_rates, self._on_cycle_end = on_rates, on_cycle_end
         self._store = store
-        self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock)
+        self.corridors = corridors if corridors is not None else Corridors()
+        self._load_corridors = load_corridors
+        self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock, corridors=self.corridors)
         self._latest_seq = 0
         # The highest seq of each pair seen in an event: an update below it is old news.
         self._pair_seqs: dict[Pair, int] = {}
@@ -97,12 +106,12 @@ class Hub:
         self._batches: Batches = {}
         self._heartbeat_s = heartbeat_s
         # Asked of every pair a resume would tell: a pair withheld by an operator is left out (docs/design.md).
-        self._visible = visible
+        self._visible = visible if visible is not None else self.corridors.served
         self._resume_wait_s = resume_wait_s
         self._gap_timeout_s = gap_timeout_s
         self._recent = RecentStores() if recent is None else recent
         self._advanced = asyncio.Event()  # set, and replaced, each time the watermark rises
-        self._resumes: tuple[tuple[int, int, int], Resumption] | None = None  # the last answered, shared
+        self._resumes: tuple[tuple[int, int, int, int], Resumption] | None = None  # the last answered, shared
 
     @property
     def version(self) -> int:
@@ -165,6 +174,49 @@ class Hub:
             # arrives, and the event must still reach every client connected before the snapshot was read.
         return snapshot
 
+    async def load_corridors(self) -> None:
+        """Every corridor and override, as the database holds them (start-up, and after a resync)."""
+        if self._load_corridors is not None:
+            corridors, overrides = await self._load_corridors()
+            self.corridors.load(corridors, overrides)
+            self._snapshots.invalidate()
+
+    def corridor_changed(self, message: str) -> None:
+        """A corridor event this process published: applied now, before the operator's answer goes out, so no
+        answer of this process shows the state before it (its copy from the channel is skipped)."""
+        self._delivered.add(message)
+        event = read_event(message)
+        if isinstance(event, CorridorEvent):
+            self._apply_corridor(event.change)
+
+    async def publish(self, message: str) -> None:
+        """A corridor event, to every other process (this one applied it already: `corridor_changed`)."""
+        try:
+            await self._broadcast.publish(RATES_CHANNEL, message)
+        except Exception as error:
+            # Stored already: the others read it from the database when they next start or resync.
+            self._metrics.publish_errors.inc()
+            log.warning("could not publish a corridor event: %s", error)
+
+    def _apply_corridor(self, change: CorridorChanged) -> None:
+        source, _, destination = change.pair.partition("/")
+        pair = Pair(source, destination)
+        corridor = Corridor(State(change.state), change.reason, change.since, change.by)
+        self.corridors.set(pair, corridor, change.override_until)
+        # Every answer and snapshot derived before is out of date (the answer cache reads `version`).
+        self._snapshots.invalidate()
+        if not change.notify:
+            return
+        frame = Outgoing(change.frame().model_dump_json())
+        failed: list[tuple[HubClient, Exception]] = []
+        for client in list(self._clients):
+            try:
+                client.tell(pair, frame)
+            except Exception as error:
+                failed.append((client, error))
+        if failed:
+            self._drop(failed)
+
     async def resume(self, client: HubClient, epoch: str | None, seq: str | None) -> "Resumption | Snapshot":
         """Hand a client that just joined its first frame, and return it: `resumed` when it asked to resume from
         `epoch` and `seq` (as sent, unparsed) and that can be answered exactly from memory, otherwise the
@@ -201,13 +253,20 @@ class Hub:
     def _resumption(self, seq: int) -> "Resumption":
         recent = self._recent
         # Shared while nothing changes, within a second (its items' `stale` flags, and what `visible` says, age).
-        key = (seq, recent.version, int(self._clock()))
+        key = (seq, recent.version, self.corridors.version, int(self._clock()))
         if self._resumes is not None and self._resumes[0] == key:
             return self._resumes[1]  # a storm of clients resuming from one seq share one frame
         now = utc_now()
+        corridors = self.corridors
         items = [
             RatesUpdateItem(
-                **dict(RateItem.of(change.rate, stale=change.rate.age_s(now) > self._snapshots.stale_after_s)),
+                **dict(
+                    RateItem.of(
+                        change.rate,
+                        stale=change.rate.age_s(now) > self._snapshots.stale_after_s,
+                        corridor=corridors.mark(change.rate.pair),
+                    )
+                ),
                 previous_rate=change.previous_rate,
                 seq=change.rate.seq,
             )
@@ -255,6 +314,8 @@ class Hub:
                     event = read_event(message)
                     if isinstance(event, Resynced):
                         await self.resync()
+                    elif isinstance(event, CorridorEvent):
+                        self._apply_corridor(event.change)
                     elif event is not None:
                         self.fan_out(event)
                 except Exception:
@@ -316,6 +377,11 @@ class Hub:
 
     async def resync(self) -> None:
         """The channel was away: whatever changed meanwhile reaches every client as a fresh snapshot."""
+        try:
+            await self.load_corridors()
+        except Exception:
+            # The database is away too: the corridors stay as this process last knew them.
+            log.warning("could not read the corridors again after a resync", exc_info=True)
         self._snapshots.resync()
         snapshot = await self.snapshot()
         for client in list(self._clients):

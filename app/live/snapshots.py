@@ -26,6 +26,7 @@ from typing import Protocol
 from app.currencies import Pair
 from app.errors import DatabaseUnavailable
 from app.live.frames import Outgoing
+from app.rates.corridors import Corridors
 from app.rates.store import utc_now
 from app.rates.wire import AllRates, RateItem
 from app.storage.rate import StoredRate
@@ -86,9 +87,16 @@ class Snapshots:
     """The current snapshot, read again once out of date."""
 
     def __init__(
-        self, store: StoredRates, *, stale_after_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        store: StoredRates,
+        *,
+        stale_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        corridors: Corridors | None = None,
     ) -> None:
         self._store = store
+        # Withheld pairs are left out of every snapshot, paused ones marked (docs/websocket.md, "Corridors").
+        self._corridors = corridors if corridors is not None else Corridors()
         self._stale_after_s = stale_after_s
         self.stale_after_s = stale_after_s
         self._clock = clock
@@ -105,6 +113,11 @@ class Snapshots:
         announced = self._announced
         for rate in rates:
             announced[rate.pair] = rate
+
+    def invalidate(self) -> None:
+        """Something a snapshot shows other than a rate changed (a corridor): the next one is built afresh."""
+        self._snapshot = None
+        self.version += 1
 
     def resync(self) -> None:
         """Changes may have been missed (the channel was away): the next snapshot is read afresh."""
@@ -143,11 +156,13 @@ class Snapshots:
             except DatabaseUnavailable:
                 # Served again for up to a second, then the database is asked again (at once, while it is down).
                 rates, read_at, seq = self._held(now)
+                rates = self._served(rates)
                 frame = self._frame(rates, read_at, now, seq)
                 self._snapshot = Snapshot(rates, frame, built_at, versions, seq=seq, held=True)
                 return self._snapshot
             seq = max((rate.seq for rate in rates), default=0)
             self._last_read = (rates, now, seq)
+            rates = self._served(rates)
             self._snapshot = Snapshot(rates, self._frame(rates, now, now, seq), built_at, versions, seq=seq)
             return self._snapshot
 
@@ -160,6 +175,14 @@ class Snapshots:
                 held[pair] = rate
         return sorted(held.values(), key=lambda rate: (rate.pair.source, rate.pair.destination)), read_at, seq
 
+    def _served(self, rates: list[StoredRate]) -> list[StoredRate]:
+        corridors = self._corridors
+        return [rate for rate in rates if corridors.served(rate.pair)]
+
     def _frame(self, rates: list[StoredRate], read_at: datetime, now: datetime, seq: int) -> str:
-        items = [RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s) for rate in rates]
+        corridors = self._corridors
+        items = [
+            RateItem.of(rate, stale=rate.age_s(now) > self._stale_after_s, corridor=corridors.mark(rate.pair))
+            for rate in rates
+        ]
         return AllRates(rates=items, as_of=read_at, epoch=self._store.epoch, seq=seq).model_dump_json()

@@ -44,6 +44,7 @@ from app.kit.metrics import Metrics
 from app.kit.tasks import TaskSet
 from app.limits.on_demand import OnDemandBudget
 from app.rates.cache import TieredCache
+from app.rates.corridors import Corridors
 from app.rates.store import RateStore, utc_now
 from app.storage.rate import StoredRate
 from app.upstream.errors import RateLimited, UpstreamError, UpstreamRejected
@@ -83,7 +84,9 @@ class RateLookup:
         cooldown_s: float = 5.0,
         on_demand_concurrency: int = 2,
         clock: Callable[[], datetime] = utc_now,
+        corridors: Corridors | None = None,
     ) -> None:
+        self._corridors = corridors if corridors is not None else Corridors()
         self._cache = cache
         self._store = store
         self._provider = provider
@@ -100,6 +103,10 @@ class RateLookup:
         self._resting_until: dict[Pair, float] = {}
 
     @property
+    def corridors(self) -> Corridors:
+        return self._corridors
+
+    @property
     def stale_after_s(self) -> float:
         return self._stale_after_s
 
@@ -109,9 +116,12 @@ class RateLookup:
     async def get(self, pair: Pair) -> Found:
         """The pair's current rate.
 
-        Raises `NotFound` for a pair this deployment does not serve, `TooManyRequests` when none is stored and
-        fetching it is beyond the on-demand budget, and `RateUnavailable` when none is stored and the upstream fails.
+        Raises `NotFound` for a pair this deployment does not serve, `Withheld` for one an operator withheld,
+        `TooManyRequests` when none is stored and fetching it is beyond the on-demand budget, and `RateUnavailable`
+        when none is stored and the upstream fails. A pair that is paused, or under an override, is never fetched:
+        its stored rate is served, stale once it is old (docs/operations.md, "Corridors").
         """
+        self._corridors.check_served(pair)
         self._budget.check_allowed(pair)
         # One deadline for the whole request: what the read took comes off the wait for a refresh.
         deadline = asyncio.get_running_loop().time() + self._bound_s
@@ -126,6 +136,9 @@ class RateLookup:
             self._metrics.cache_lookups.labels(layer=stored[1]).inc()
             return Found(stored[0], stored[1], stale=True)
 
+        if stored is not None and not self._corridors.may_fetch(pair, self._clock()):
+            self._metrics.cache_lookups.labels(layer=stored[1]).inc()
+            return Found(stored[0], stored[1], stale=self.is_stale(stored[0]))
         resting_s = self._resting_until.get(pair, 0.0) - time.monotonic()
         if resting_s <= 0:
             refresh = self._refresh(pair, new=stored is None)

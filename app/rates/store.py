@@ -49,6 +49,18 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+class Overridden(Exception):
+    """A fetched value for a pair whose manual override is in force: not stored (docs/operations.md, "Corridors").
+
+    The fetchers ask `Corridors.may_fetch` first; this is the database's word on it, for a replica that had not
+    heard of the override yet.
+    """
+
+    def __init__(self, pair: Pair) -> None:
+        super().__init__(f"{pair} has a manual override in force; the fetched value is not stored")
+        self.pair = pair
+
+
 @dataclass(frozen=True, slots=True)
 class SaveResult:
     """What became of a quote: `rate` is the pair's stored rate after it (the quote's, unless the guard held it)."""
@@ -303,15 +315,33 @@ def write_batch(
     over the rows read (and locked) at the start, then written in two statements: every current row updated, every
     history point appended. A pair twice in one batch is two changes in a row.
     """
-    last, current, held = repository.lock_current_many(connection, {quote.pair for quote in quotes}, taking=len(quotes))
+    pairs = {quote.pair for quote in quotes}
+    last, current, held = repository.lock_current_many(connection, pairs, taking=len(quotes))
+    # Read after the rate rows are locked, in a statement of its own: an override is written only under its rate
+    # row's lock, and a statement begun before that lock was granted may not see one committed meanwhile.
+    overrides = repository.overrides_of(connection, pairs)
     had_held = set(held)
     decisions: list[tuple[Verdict, HeldQuote | None, Decimal | None]] = []
     # The guard's pass first, pair by pair in the batch's order, over the values as they become: how many quotes
-    # are stored decides the sequence numbers.
+    # are stored decides the sequence numbers. It compares with the last *fetched* value stored, never a manual
+    # one: while a pair's override row stands (in force, or expired and not yet replaced), the value it replaced.
     values = {pair: rate.destination_per_source for pair, (_, rate) in current.items()}
+    for pair, override in overrides.items():
+        if override.fetched_destination_per_source is None:
+            values.pop(pair, None)  # overridden before any value was fetched: the next fetched one is the first
+        else:
+            values[pair] = override.fetched_destination_per_source
     for index, quote in enumerate(quotes):
         pair, value = quote.pair, quote.destination_per_source
         before = held.get(pair)
+        overridden = overrides.get(pair)
+        if isinstance(quote, repository.ManualQuote):
+            # An operator's decision, not a fetch: never held, not what the guard compares with, and what it
+            # holds stays held (confirmed or dropped by the fetches to come).
+            decisions.append((Verdict.stored, before, None))
+            continue
+        if overridden is not None and quote.received_at < overridden.expires_at:
+            raise Overridden(pair)  # before the guard writes anything
         if index in forced:
             verdict, now_held, move = Verdict.stored, None, None
         else:
@@ -361,6 +391,7 @@ def write_batch(
             # Two writers of one pair take turns on the row lock; the second never goes back in time.
             now = max(now, previous.last_updated)
             updates[row_id] = (quote, now, seq)
+        _override_terms(connection, quote, overrides, previous)
         rate = StoredRate(
             pair=quote.pair,
             rate=quote.rate,
@@ -373,12 +404,48 @@ def write_batch(
         )
         current[quote.pair] = (row_id, rate)
         result = SaveResult(rate=rate, previous=previous, verdict=verdict, move_bps=move)
-        if result.changed:
+        # A manual value is always a point, even one equal to the value before: history records who set it.
+        if result.changed or isinstance(quote, repository.ManualQuote):
             history.append((quote, now, seq))
         results.append(result)
     repository.update_current_many(connection, updates)
     repository.append_history_many(connection, history)
     return results
+
+
+def _override_terms(
+    connection: Connection,
+    quote: Quote,
+    overrides: dict[Pair, repository.OverrideRow],
+    previous: StoredRate | None,
+) -> None:
+    """An override's terms go with its manual value; a fetched value is refused while one is in force, and once
+    stored over an expired (or ended) one, its terms go (the row exists exactly while the manual value is stored).
+    """
+    pair, override = quote.pair, overrides.get(quote.pair)
+    if isinstance(quote, repository.ManualQuote):
+        if override is not None:
+            fetched = (override.fetched_destination_per_source, override.fetched_at)
+        elif previous is not None and previous.provider != repository.MANUAL:
+            fetched = (previous.destination_per_source, previous.last_updated)
+        else:
+            fetched = (None, None)
+        overrides[pair] = terms = repository.OverrideRow(
+            pair=pair,
+            destination_per_source=quote.destination_per_source,
+            reason=quote.reason,
+            actor=quote.actor,
+            set_at=quote.received_at,
+            expires_at=quote.expires_at,
+            fetched_destination_per_source=fetched[0],
+            fetched_at=fetched[1],
+        )
+        repository.put_override(connection, terms)
+    elif override is not None:
+        if quote.received_at < override.expires_at:
+            raise Overridden(pair)
+        del overrides[pair]
+        repository.delete_overrides(connection, [pair])
 
 
 def _settle(

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, PlainSerializer
 
 from app.currencies import Pair
+from app.rates.corridors import Corridor, Mark
 from app.storage.rate import StoredRate
 
 
@@ -20,6 +21,28 @@ def _json_number(value: Decimal) -> int | float:
 
 
 Number = Annotated[Decimal, PlainSerializer(_json_number, return_type=int | float, when_used="json")]
+
+
+def absent(value: object) -> bool:
+    """Left out of the JSON when None: a corridor mark is absent while the pair is active (not null)."""
+    return value is None
+
+
+class CorridorMark(BaseModel):
+    """A served rate's corridor while it is not `active` (docs/websocket.md, "Corridors")."""
+
+    state: Literal["paused"] = Field(description="`paused`: not fetched any more; this is the last rate stored")
+    reason: str
+    since: datetime
+
+    @classmethod
+    def of(cls, mark: Mark | None) -> "CorridorMark | None":
+        # Only a paused pair is served at all; a withheld one never reaches a rate item.
+        return (
+            None
+            if mark is None or mark.state != "paused"
+            else cls(state="paused", reason=mark.reason, since=mark.since)
+        )
 
 
 class RateItem(BaseModel):
@@ -32,9 +55,14 @@ class RateItem(BaseModel):
     last_updated: datetime
     stale: bool
     provider: str
+    corridor: CorridorMark | None = Field(
+        default=None,
+        exclude_if=absent,
+        description="Present only while the pair is not `active`: `paused`, why and since when",
+    )
 
     @classmethod
-    def of(cls, rate: StoredRate, *, stale: bool) -> "RateItem":
+    def of(cls, rate: StoredRate, *, stale: bool, corridor: Mark | None = None) -> "RateItem":
         return cls(
             source_currency=rate.pair.source,
             destination_currency=rate.pair.destination,
@@ -45,6 +73,7 @@ class RateItem(BaseModel):
             last_updated=rate.last_updated,
             stale=stale,
             provider=rate.provider,
+            corridor=CorridorMark.of(corridor),
         )
 
     def stored(self, seq: int) -> StoredRate:
@@ -155,8 +184,53 @@ class Pong(BaseModel):
 
 class ErrorFrame(BaseModel):
     type: Literal["error"] = "error"
-    code: Literal["bad_request", "not_found", "too_large", "rate_limited", "try_again_later", "too_many_pairs"]
+    code: Literal[
+        "bad_request", "not_found", "too_large", "rate_limited", "try_again_later", "too_many_pairs", "withheld"
+    ]
     message: str
+
+
+class CorridorFrame(BaseModel):
+    """Pushed to clients following the pair when an operator changes its corridor (docs/websocket.md)."""
+
+    type: Literal["corridor"] = "corridor"
+    pair: str
+    state: Literal["active", "paused", "withheld"]
+    reason: str
+    since: datetime
+
+
+class OverrideInForce(BaseModel):
+    until: datetime
+
+
+class CorridorChanged(BaseModel):
+    """Published between processes, never sent to a client as is: an operator changed a pair's corridor or its
+    override; `notify`: its state changed, so clients following the pair are told (a `corridor` frame)."""
+
+    type: Literal["corridor_changed"] = "corridor_changed"
+    pair: str
+    state: Literal["active", "paused", "withheld"]
+    reason: str
+    since: datetime
+    by: str
+    override_until: datetime | None
+    notify: bool
+
+    @classmethod
+    def of(cls, pair: Pair, corridor: Corridor, override_until: datetime | None, *, notify: bool) -> "CorridorChanged":
+        return cls(
+            pair=str(pair),
+            state=corridor.state.value,
+            reason=corridor.reason,
+            since=corridor.since,
+            by=corridor.by,
+            override_until=override_until,
+            notify=notify,
+        )
+
+    def frame(self) -> CorridorFrame:
+        return CorridorFrame(pair=self.pair, state=self.state, reason=self.reason, since=self.since)
 
 
 class RatesStored(BaseModel):
@@ -183,6 +257,7 @@ SERVER_FRAMES: tuple[type[BaseModel], ...] = (
     Subscribed,
     Pong,
     ErrorFrame,
+    CorridorFrame,
 )
 
 

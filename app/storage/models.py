@@ -55,6 +55,8 @@ class ExchangeRateHistory(Base):
     observed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # The sequence number of the store that recorded this value.
     seq: Mapped[int] = mapped_column(BigInteger())
+    # For a manual value (provider `manual`): the name of the operator key that set it; None for fetched ones.
+    actor: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class RateSequence(Base):
@@ -131,3 +133,43 @@ class AuditEntry(Base):
     reason: Mapped[str] = mapped_column(String(500))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON(), nullable=True)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON(), nullable=True)
+
+
+class CorridorRow(Base):
+    """A pair's corridor state, set by an operator (docs/operations.md, "Corridors"); no row: `active`."""
+
+    __tablename__ = "corridors"
+    __table_args__ = (Index("ix_corridors_pair", "source_currency", "destination_currency", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    source_currency: Mapped[str] = mapped_column(String(3))
+    destination_currency: Mapped[str] = mapped_column(String(3))
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(500))
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    """The key's name, never the key."""
+
+
+class RateOverride(Base):
+    """A manual rate's terms, one per pair, while `exchange_rates` holds that manual value.
+
+    Written by the store in the transaction that stores the manual value, and deleted in the one that stores the
+    next fetched value over it. `fetched_*` keep the last fetched value it replaced: what the rate guard compares
+    with (docs/design.md, "Corridors and overrides").
+    """
+
+    __tablename__ = "rate_overrides"
+    __table_args__ = (Index("ix_rate_overrides_pair", "source_currency", "destination_currency", unique=True),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    source_currency: Mapped[str] = mapped_column(String(3))
+    destination_currency: Mapped[str] = mapped_column(String(3))
+    destination_per_source: Mapped[Decimal] = mapped_column(ExactDecimal())
+    reason: Mapped[str] = mapped_column(String(500))
+    actor: Mapped[str] = mapped_column(String(64))
+    set_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    """Ended early (DELETE): set to the moment it was ended."""
+    fetched_destination_per_source: Mapped[Decimal | None] = mapped_column(ExactDecimal(), nullable=True)
+    fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

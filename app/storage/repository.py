@@ -7,7 +7,9 @@ that locks its rows (docs/design.md, "Sequence numbers").
 """
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -29,9 +31,34 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.currencies import Pair
-from app.storage.models import ExchangeRate, ExchangeRateHistory, HeldRate, RateSequence
+from app.storage.models import CorridorRow, ExchangeRate, ExchangeRateHistory, HeldRate, RateOverride, RateSequence
 from app.storage.rate import HeldQuote, StoredRate
 from app.upstream.quote import Quote
+
+MANUAL = "manual"  # the provider of an operator's override
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManualQuote(Quote):
+    """An operator's override: stored like a quote (provider `manual`), with its terms written beside it."""
+
+    actor: str
+    reason: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideRow:
+    """A stored override's terms, and the last fetched value it replaced (None: the pair's first value)."""
+
+    pair: Pair
+    destination_per_source: Decimal
+    reason: str
+    actor: str
+    set_at: datetime
+    expires_at: datetime
+    fetched_destination_per_source: Decimal | None
+    fetched_at: datetime | None
 
 
 def to_stored(row: ExchangeRate | Row[Any]) -> StoredRate:
@@ -297,8 +324,93 @@ def append_history_many(connection: Connection, points: list[Stamped]) -> None:
     if points:
         connection.execute(
             _APPEND,
-            [{**_quote_values(quote), "observed_at": observed_at, "seq": seq} for quote, observed_at, seq in points],
+            [
+                {
+                    **_quote_values(quote),
+                    "observed_at": observed_at,
+                    "seq": seq,
+                    "actor": quote.actor if isinstance(quote, ManualQuote) else None,
+                }
+                for quote, observed_at, seq in points
+            ],
         )
+
+
+_OVERRIDES = cast(Table, RateOverride.__table__)
+_OVERRIDE_BY_PAIR = tuple_(_OVERRIDES.c.source_currency, _OVERRIDES.c.destination_currency)
+_READ_OVERRIDES = select(_OVERRIDES).where(_OVERRIDE_BY_PAIR.in_(bindparam("pairs", expanding=True)))
+
+
+def _override(row: Row[Any] | RateOverride) -> OverrideRow:
+    return OverrideRow(
+        pair=Pair(row.source_currency, row.destination_currency),
+        destination_per_source=row.destination_per_source,
+        reason=row.reason,
+        actor=row.actor,
+        set_at=row.set_at,
+        expires_at=row.expires_at,
+        fetched_destination_per_source=row.fetched_destination_per_source,
+        fetched_at=row.fetched_at,
+    )
+
+
+def overrides_of(connection: Connection, pairs: Collection[Pair]) -> dict[Pair, OverrideRow]:
+    """The stored overrides of `pairs` (in force or not: a row stays until a fetched value replaces its value)."""
+    if not pairs:
+        return {}
+    rows = connection.execute(_READ_OVERRIDES, {"pairs": [(pair.source, pair.destination) for pair in pairs]})
+    return {override.pair: override for override in map(_override, rows)}
+
+
+def put_override(connection: Connection, override: OverrideRow) -> None:
+    """The pair's override, replacing any before it."""
+    delete_overrides(connection, [override.pair])
+    connection.execute(
+        insert(_OVERRIDES).values(
+            source_currency=override.pair.source,
+            destination_currency=override.pair.destination,
+            destination_per_source=override.destination_per_source,
+            reason=override.reason,
+            actor=override.actor,
+            set_at=override.set_at,
+            expires_at=override.expires_at,
+            fetched_destination_per_source=override.fetched_destination_per_source,
+            fetched_at=override.fetched_at,
+        )
+    )
+
+
+def delete_overrides(connection: Connection, pairs: Collection[Pair]) -> None:
+    if pairs:
+        connection.execute(
+            delete(_OVERRIDES).where(_OVERRIDE_BY_PAIR.in_([(pair.source, pair.destination) for pair in pairs]))
+        )
+
+
+async def list_overrides(session: AsyncSession) -> list[OverrideRow]:
+    return [_override(row) for row in await session.scalars(select(RateOverride))]
+
+
+async def get_override(session: AsyncSession, pair: Pair) -> RateOverride | None:
+    row: RateOverride | None = await session.scalar(
+        select(RateOverride).where(
+            RateOverride.source_currency == pair.source, RateOverride.destination_currency == pair.destination
+        )
+    )
+    return row
+
+
+async def list_corridors(session: AsyncSession) -> list[CorridorRow]:
+    return list(await session.scalars(select(CorridorRow)))
+
+
+async def get_corridor(session: AsyncSession, pair: Pair) -> CorridorRow | None:
+    row: CorridorRow | None = await session.scalar(
+        select(CorridorRow).where(
+            CorridorRow.source_currency == pair.source, CorridorRow.destination_currency == pair.destination
+        )
+    )
+    return row
 
 
 async def read_epoch(session: AsyncSession) -> str:

@@ -8,9 +8,10 @@ never holds them.
 
 from fastapi import APIRouter
 
-from app.api.admin import audit, held, refresh
+from app.api.admin import audit, corridors, held, refresh
 
 router = APIRouter()
 router.include_router(refresh.router)
 router.include_router(audit.router)
+router.include_router(corridors.router)
 router.include_router(held.router)

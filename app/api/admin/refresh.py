@@ -17,6 +17,7 @@ from app.api.admin.schemas import AUTH_ERRORS, Outcome, PairOutcome, RefreshData
 from app.api.deps import DatabaseDep, MetricsDep, PollerDep, SessionsDep
 from app.currencies import Pair
 from app.errors import InvalidRequest
+from app.ingest.poller import Skipped
 from app.rates.store import SaveResult, utc_now
 from app.storage import repository
 
@@ -35,9 +36,11 @@ EXAMPLES: dict[str, Example] = {
 }
 
 
-def _outcome(result: SaveResult | None) -> Outcome:
+def _outcome(result: SaveResult | Skipped | None) -> Outcome:
     if result is None:
         return "failed"
+    if isinstance(result, Skipped):
+        return "skipped"
     if not result.stored:
         return "held"
     return "changed" if result.changed else "unchanged"
@@ -86,12 +89,13 @@ async def refresh(
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     for pair, result in zip(pairs, results, strict=True):
-        if result is not None and result.previous is not None:
-            before[str(pair)] = {"destination_per_source": str(result.previous.destination_per_source)}
-        value = str(result.rate.destination_per_source) if result is not None else None
+        saved = result if isinstance(result, SaveResult) else None
+        if saved is not None and saved.previous is not None:
+            before[str(pair)] = {"destination_per_source": str(saved.previous.destination_per_source)}
+        value = str(saved.rate.destination_per_source) if saved is not None else None
         after[str(pair)] = {"destination_per_source": value, "outcome": _outcome(result)}
-        if result is not None and result.held is not None:
-            after[str(pair)]["held"] = str(result.held.quote.destination_per_source)
+        if saved is not None and saved.held is not None:
+            after[str(pair)]["held"] = str(saved.held.quote.destination_per_source)
 
     async def write_row() -> None:
         async with sessions() as session:

@@ -2,6 +2,7 @@
 
 import re
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
@@ -57,7 +58,7 @@ class RefreshRequest(BaseModel):
     reason: Reason
 
 
-Outcome = Literal["changed", "unchanged", "held", "failed"]
+Outcome = Literal["changed", "unchanged", "held", "skipped", "failed"]
 
 
 class PairOutcome(BaseModel):
@@ -65,7 +66,8 @@ class PairOutcome(BaseModel):
     outcome: Outcome = Field(
         description="`changed`: a new value was stored and pushed; `unchanged`: the upstream answered the stored "
         "value; `held`: the rate guard held the answer, out of bounds of the stored value, for confirmation (see "
-        "`GET /api/admin/held`), and the stored rate stands; "
+        "`GET /api/admin/held`), and the stored rate stands; `skipped`: the pair is paused, withheld or under an "
+        'override, and is not fetched (docs/operations.md, "Corridors"); '
         "`failed`: the upstream (or the database) did not answer, and the stored rate stands."
     )
 
@@ -78,6 +80,104 @@ class RefreshResponse(BaseModel):
     status: Literal["success"] = "success"
     message: str = "Refreshed"
     data: RefreshData
+
+
+class CorridorRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+
+
+MAX_OVERRIDE_S = 86_400
+# A positive decimal of at most 12 significant digits, as text: a manual rate is exact, never a float's reading.
+DECIMAL_PATTERN = "^(?=.*[1-9])[0-9]{1,12}(\\.[0-9]{1,12})?$"
+
+
+def _manual_value(value: Any) -> Decimal:
+    if not isinstance(value, str) or not re.fullmatch(DECIMAL_PATTERN, value):
+        raise ValueError('must be a positive decimal as a string, like "1530.25"')
+    parsed = Decimal(value)
+    if len(parsed.normalize().as_tuple().digits) > 12:
+        raise ValueError("must have at most 12 significant digits")
+    return parsed.normalize() if parsed == parsed.to_integral_value() else parsed
+
+
+ManualValue = Annotated[
+    Decimal,
+    PlainValidator(_manual_value),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": DECIMAL_PATTERN,
+            "description": "Destination units per source unit, a positive decimal as a string (at most 12 "
+            "significant digits)",
+            "examples": ["1530.25"],
+        }
+    ),
+]
+
+
+class OverrideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    destination_per_source: ManualValue
+    expires_in_seconds: int = Field(
+        ge=1, le=MAX_OVERRIDE_S, description="How long the manual rate stands: at most a day (86400)"
+    )
+    reason: Reason
+
+
+CorridorStateName = Literal["active", "paused", "withheld"]
+
+
+class CorridorView(BaseModel):
+    pair: str = Field(description="`SOURCE/DESTINATION`", json_schema_extra={"pattern": "^[A-Z]{3}/[A-Z]{3}$"})
+    state: CorridorStateName
+    reason: str | None = Field(default=None, description="Why, as the operator said (none: never changed)")
+    since: datetime | None = None
+    by: str | None = Field(default=None, description="The name of the key that set the state (never the key)")
+
+
+class CorridorAnswer(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Corridor updated"
+    data: CorridorView
+
+
+class StoredView(BaseModel):
+    destination_per_source: Decimal
+    provider: str
+    last_updated: datetime
+    seq: int
+
+
+class OverrideView(BaseModel):
+    destination_per_source: Decimal
+    reason: str
+    by: str
+    since: datetime
+    expires_at: datetime = Field(description="Ended early: when it was ended")
+    in_force: bool
+    fetched_destination_per_source: Decimal | None = Field(
+        description="The last fetched value stored before it (what the rate guard compares with)"
+    )
+
+
+class CorridorItem(CorridorView):
+    stored: StoredView
+    override: OverrideView | None = Field(
+        description="The manual value stored now, if the pair has one (in force, or expired and not replaced yet)"
+    )
+
+
+class CorridorsData(BaseModel):
+    corridors: list[CorridorItem]
+
+
+class CorridorsResponse(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Corridors fetched"
+    data: CorridorsData
 
 
 class AuditQuery(BaseModel):

@@ -162,6 +162,29 @@ EXAMPLES: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
             {"type": "all_rates_update", "as_of": _AS_OF, "count": 44, "changed": 12},
         )
     ],
+    "corridor": [
+        (
+            "paused",
+            "An operator paused a pair this client follows: its last rate is still served, not fetched any more",
+            {
+                "type": "corridor",
+                "pair": "USD/NGN",
+                "state": "paused",
+                "reason": "Flutterwave suspended NGN payouts",
+                "since": _AS_OF,
+            },
+        ),
+        (
+            "withheld",
+            "An operator withheld a pair: drop it, it is not served until resumed",
+            {"type": "corridor", "pair": "USD/NGN", "state": "withheld", "reason": "Wrong rates", "since": _AS_OF},
+        ),
+        (
+            "active",
+            "Resumed: fetched and served again",
+            {"type": "corridor", "pair": "USD/NGN", "state": "active", "reason": "Upstream fixed", "since": _AS_OF},
+        ),
+    ],
 }
 ERROR_MESSAGES: dict[str, str] = {
     "bad_request": "pairs: List should have at least 1 item after validation",
@@ -169,6 +192,7 @@ ERROR_MESSAGES: dict[str, str] = {
     "too_large": "The frame is larger than 64 KiB.",
     "rate_limited": "Too many messages; slow down.",
     "try_again_later": "Too many pairs outside the polled set were asked for; try again in 30 seconds.",
+    "withheld": "USD/NGN is withheld by the operator and not served now: Wrong rates reported",
     "too_many_pairs": (
         "A client may be subscribed to at most 256 pairs at once; this would make 300. "
         'Unsubscribe from some first, or subscribe to "*" (every pair).'
@@ -190,6 +214,7 @@ TITLES: dict[str, str] = {
     "resumed": "What changed while the client was away (a resume)",
     "heartbeat": "Nothing was sent for a while: the connection is alive",
     "error": "An error; the connection stays open",
+    "corridor": "An operator changed a pair's corridor",
 }
 
 # What each field means, added to the generated schemas (a field the models describe themselves keeps theirs).
@@ -209,7 +234,7 @@ FIELDS: dict[str, str] = {
     "destination_per_source": "Destination units per source unit: the figure people usually quote",
     "last_updated": "When the service received the upstream's answer for this rate",
     "stale": "True once the rate is older than RATE_STALE_AFTER_SECONDS",
-    "provider": "flutterwave, or demo for simulated rates",
+    "provider": "flutterwave, demo for simulated rates, or manual for an operator's override",
     "previous_rate": "The rate stored before this one (same orientation as rate); null for a first value",
     "as_of": "When the service made this frame",
     "count": "Pairs stored after the poll cycle",
@@ -220,6 +245,11 @@ FIELDS: dict[str, str] = {
     "epoch": "Names the deployment's history (changes only when it is lost, e.g. a new database); sequence numbers "
     "are compared only within one epoch. Never contains ':'",
     "code": "What went wrong, for programs",
+    "pair": "SOURCE/DESTINATION, upper-case",
+    "state": "active (fetched and served), paused (served, marked, not fetched) or withheld (not served)",
+    "reason": "Why, as the operator said",
+    "since": "When the operator set this state",
+    "corridor": "Present only while the pair is paused: state, reason, since",
     "message": "What went wrong, for people",
 }
 
