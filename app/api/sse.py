@@ -270,3 +270,9 @@ async def stream_rates(
 ) -> EventStream:
     chosen = _parse_pairs(pairs, settings.ws_max_pairs_per_client)
     return EventStream(chosen, min_change_bps, batch, ResumeRequest(last_event_id))
+
+
+@router.head("/sse/rates", include_in_schema=False)
+async def stream_rates_head() -> Response:
+    """HTTP asks HEAD wherever GET works (uptime checks send it): the stream's headers, and no stream held open."""
+    return Response(status_code=200, media_type="text/event-stream", headers={"Cache-Control": NO_STORE})

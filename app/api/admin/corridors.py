@@ -32,7 +32,16 @@ from app.api.admin.schemas import (
     StoredView,
     error,
 )
-from app.api.deps import DatabaseDep, HubDep, MetricsDep, PollerDep, SessionsDep, SettingsDep, StoreDep
+from app.api.deps import (
+    DatabaseDep,
+    HubDep,
+    MetricsDep,
+    PollerDep,
+    SessionsDep,
+    SettingsDep,
+    StoreDep,
+    get_with_and_without_slash,
+)
 from app.currencies import Pair
 from app.errors import InvalidRequest
 from app.kit.metrics import Metrics
@@ -309,7 +318,8 @@ async def end_override(
     return CorridorAnswer(data=_view(pair, corridor))
 
 
-@router.get(
+@get_with_and_without_slash(
+    router,
     "/corridors",
     response_model=CorridorsResponse,
     summary="Every stored pair's corridor",
