@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.live_clients import Follower, WsFollower, open_follower, proc_cpu_s, spread
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
-from bench.ws_clients import CommandLoop, client_processes, cpu_sets, quantile
+from bench.ws_clients import CommandLoop, client_processes, close_all, cpu_sets, quantile
 from bench.ws_cycle import DOCKER_FLAGS, change_ready
 
 CONNECT_IN_FLIGHT = 200  # per client process: connects are not what this measures
@@ -84,13 +84,8 @@ class IdleWorker(CommandLoop):
         return {"counts": counts, "gaps": gaps, "alive": alive}
 
     async def close(self) -> dict[str, Any]:
-        for client in self.clients:
-            client.close()
-        await asyncio.sleep(0.5)
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()
-        closed, self.clients, self.followers = len(self.clients), [], []
+        closed = await close_all(self.clients)
+        self.clients, self.followers = [], []
         return {"closed": closed}
 
 

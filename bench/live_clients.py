@@ -193,6 +193,11 @@ class SseFollower(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def close(self) -> None:
+        """An event stream has no close handshake: the connection is closed."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
 
 async def open_follower(
     make: Callable[[], asyncio.Protocol], follower: Follower, host: str, port: int, deadline: float

@@ -54,7 +54,7 @@ import httpx
 
 from bench.live_clients import Follower, WsFollower, open_follower, spread
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
-from bench.ws_clients import CommandLoop, client_processes, cpu_sets, quantile
+from bench.ws_clients import CommandLoop, client_processes, close_all, cpu_sets, quantile
 from bench.ws_cycle import BASES, DOCKER_FLAGS, PAIRS, POSTGRES_ADMIN_URL, flush_redis, reset_postgres
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
@@ -178,13 +178,7 @@ class StormWorker(CommandLoop):
 
     async def close(self) -> dict[str, Any]:
         self.closing = True
-        for client in self.clients:
-            client.close()
-        await asyncio.sleep(0.5)
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()
-        closed, self.clients = len(self.clients), []
+        closed, self.clients = await close_all(self.clients), []
         return {"closed": closed}
 
 

@@ -43,8 +43,8 @@ from typing import Any
 from bench.live_clients import Follower, SseFollower, WsFollower, open_follower, spread
 from bench.rest import LIMITS_OFF, Server, clean_environment, free_port, stop_server, wait_until
 from bench.resume_storm import all_stored
-from bench.ws_clients import CommandLoop, client_processes, cpu_sets, quantile
-from bench.ws_cycle import DOCKER_FLAGS, PAIRS, flush_redis
+from bench.ws_clients import CommandLoop, client_processes, close_all, cpu_sets, quantile
+from bench.ws_cycle import DOCKER_FLAGS, PAIRS, flush_redis, ms
 from tests.support.fake_flutterwave import SECRET_KEY, FakeFlutterwave
 
 CONNECT_IN_FLIGHT = 200  # per client process: connects are not what this measures
@@ -104,14 +104,8 @@ class CycleWorker(CommandLoop):
         return {"latencies": [value for follower in self.followers for value in follower.latencies]}
 
     async def close(self) -> dict[str, Any]:
-        for client in self.clients:
-            if isinstance(client, WsFollower):
-                client.close()
-        await asyncio.sleep(0.5)
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()
-        closed, self.clients, self.followers = len(self.clients), [], []
+        closed = await close_all(self.clients)
+        self.clients, self.followers = [], []
         return {"closed": closed}
 
 
@@ -171,10 +165,6 @@ def phase(transport: str, port: int, args: argparse.Namespace, client_cpus: set[
         f"p50 {ms(quantile(latencies, 0.5))}, p99 {ms(p99)}, max {ms(latencies[-1] if latencies else math.nan)}"
     )
     return {"p99": p99, "received": len(latencies), "due": due, "connected": connected, "short": short}
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.1f} ms" if math.isfinite(seconds) else "n/a"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

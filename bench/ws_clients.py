@@ -202,6 +202,17 @@ async def connect(client: Connected, deadline: float) -> tuple[Connected, Any] |
     return client, result
 
 
+async def close_all(clients: "list[Any]") -> int:
+    """Close every client (a close frame each), then abort what is still open half a second later; how many."""
+    for client in clients:
+        client.close()
+    await asyncio.sleep(0.5)
+    for client in clients:
+        if client.transport is not None:
+            client.transport.abort()
+    return len(clients)
+
+
 async def open_client(
     host: str, port: int, deflate: bool, tracker: Tracker, deadline: float
 ) -> tuple[RawClient, float, int] | str:

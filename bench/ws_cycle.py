@@ -99,6 +99,7 @@ from bench.ws_clients import (
     Tracker,
     Workers,
     client_processes,
+    close_all,
     connect,
     cpu_sets,
     listen_counters,
@@ -274,12 +275,7 @@ class Worker(CommandLoop):
         }
 
     async def close(self) -> dict[str, Any]:
-        for client in self.clients:
-            client.close()
-        await asyncio.sleep(0.5)
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()
+        await close_all(self.clients)
         self.clients = []
         gc.unfreeze()
         return {}
@@ -612,13 +608,7 @@ class ChangeWorker(CommandLoop):
         return {"times": tracker.receipts.pop(pair, []), "last_updated": tracker.last_updated.get(pair)}
 
     async def close(self) -> dict[str, Any]:
-        for client in self.clients:
-            client.close()
-        await asyncio.sleep(0.5)
-        for client in self.clients:
-            if client.transport is not None:
-                client.transport.abort()
-        closed, self.clients = len(self.clients), []
+        closed, self.clients = await close_all(self.clients), []
         gc.unfreeze()
         gc.collect()
         return {"closed": closed}
