@@ -509,14 +509,19 @@ def bench_limit(redis_url: str, args: argparse.Namespace) -> list[str]:
         worst = max(r.max_ms for r in results[kind])
         print(f"  median limit {kind}: {rps:10.1f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms; max {worst:.2f} ms")
     print(f"  ratio limit on/off throughput: {ratio:.3f} (at least {MIN_LIMIT_RATIO})")
+    return ratio_problems("per-client limit", "limit", results, ratio)
+
+
+def ratio_problems(name: str, label: str, results: dict[str, list[Any]], ratio: float) -> list[str]:
+    """Every run that saw errors, and a ratio under MIN_LIMIT_RATIO."""
     problems = [
-        f"limit {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"
+        f"{label} {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"
         for kind, runs in results.items()
         for number, r in enumerate(runs, 1)
         if r.non_2xx or r.socket_errors
     ]
     if ratio < MIN_LIMIT_RATIO:
-        problems.append(f"per-client limit: ratio {ratio:.3f} below {MIN_LIMIT_RATIO}")
+        problems.append(f"{name}: ratio {ratio:.3f} below {MIN_LIMIT_RATIO}")
     return problems
 
 
@@ -563,15 +568,7 @@ def bench_address_rules(args: argparse.Namespace) -> list[str]:
         r.requests_s for r in results["baseline"]
     )
     print(f"  ratio address rules / baseline throughput: {ratio:.3f} (at least {MIN_LIMIT_RATIO})")
-    problems = [
-        f"address rules {kind} run {number}: {r.non_2xx} non-2xx, {r.socket_errors} socket errors"
-        for kind, runs in results.items()
-        for number, r in enumerate(runs, 1)
-        if r.non_2xx or r.socket_errors
-    ]
-    if ratio < MIN_LIMIT_RATIO:
-        problems.append(f"address rules: ratio {ratio:.3f} below {MIN_LIMIT_RATIO}")
-    return problems
+    return ratio_problems("address rules", "address rules", results, ratio)
 
 
 def flush(redis_url: str) -> None:
