@@ -25,6 +25,7 @@ from decimal import Decimal
 from broadcaster import Broadcast
 
 from app.currencies import Pair
+from app.errors import DatabaseUnavailable
 from app.kit.metrics import Metrics
 from app.limits.websocket import MAX_PAIRS_PER_CLIENT
 from app.live.client import Batches, HubClient, Update
@@ -95,6 +96,7 @@ class Hub:
         self._store = store
         self.corridors = corridors if corridors is not None else Corridors()
         self._load_corridors = load_corridors
+        self._corridors_pending = False  # not read yet: the database was away when they were to be
         self._snapshots = Snapshots(store, stale_after_s=stale_after_s, clock=clock, corridors=self.corridors)
         self._latest_seq = 0
         # The highest seq of each pair seen in an event: an update below it is old news.
@@ -164,6 +166,9 @@ class Hub:
     async def snapshot(self) -> Snapshot:
         """Every stored rate, read from the database at most once a second while nothing changes."""
         snapshot = await self._snapshots.get()
+        if self._corridors_pending and not snapshot.held:
+            await self.load_corridors()  # the database answers again: the states first, then a snapshot by them
+            snapshot = await self._snapshots.get()
         if snapshot is not self._seen_snapshot:
             self._seen_snapshot = snapshot
             if not snapshot.held and (not self._recent.seeded or self._gap_overdue()):
@@ -175,11 +180,21 @@ class Hub:
         return snapshot
 
     async def load_corridors(self) -> None:
-        """Every corridor and override, as the database holds them (start-up, and after a resync)."""
-        if self._load_corridors is not None:
+        """Every corridor and override, as the database holds them (start-up, and after a resync).
+
+        While the database is away the process starts all the same (docs/outages.md): they are read with the
+        first snapshot the database answers."""
+        if self._load_corridors is None:
+            return
+        try:
             corridors, overrides = await self._load_corridors()
-            self.corridors.load(corridors, overrides)
-            self._snapshots.invalidate()
+        except DatabaseUnavailable:
+            self._corridors_pending = True
+            log.warning("corridor states not read: the database is away; read once it answers")
+            return
+        self._corridors_pending = False
+        self.corridors.load(corridors, overrides)
+        self._snapshots.invalidate()
 
     def corridor_changed(self, message: str) -> None:
         """A corridor event this process published: applied now, before the operator's answer goes out, so no
