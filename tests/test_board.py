@@ -155,9 +155,9 @@ async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
     await expect(row).to_have_attribute("data-moved", "up")
     await expect(row.locator(".move")).to_have_text("▲ up")
     assert errors == []
-    # The move came with the push of the first poll cycle that saw it: the first frame since the bump that
-    # names the pair carries the new value, over the same connection (no fresh snapshot, so no reconnect or
-    # reload), and the page asked the REST API nothing for it.
+    # The move came with a push of a poll cycle that saw it (one already under way at the bump may still carry
+    # the value before it), over the same connection (no fresh snapshot, so no reconnect or reload), and the
+    # page asked the REST API nothing for it.
     since = frames[seen:]
     carrying = [
         item
@@ -166,7 +166,7 @@ async def test_a_bumped_rate_moves_on_the_page_without_a_reload(
         for item in frame["rates"]
         if (item["source_currency"], item["destination_currency"]) == (pair.source, pair.destination)
     ]
-    assert carrying and Decimal(str(carrying[0]["destination_per_source"])) == moved, carrying
+    assert moved in [Decimal(str(item["destination_per_source"])) for item in carrying], carrying
     assert "all_rates" not in [frame["type"] for frame in since]
     assert not [url for url in rest_calls if "GBP" in url and "KES" in url], rest_calls
     frame_types = [frame["type"] for frame in frames]
